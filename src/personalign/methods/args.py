@@ -41,6 +41,7 @@ from personalign.eval.reward import (
 )
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.best_of_n import add_reward_arguments, bench_scorer, scorer_from_cli
+from personalign.methods.preference_prompting import require_preference
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, StepOutput, ViewSpec
 
@@ -105,6 +106,8 @@ class ARGSMethod(Method):
     def build_views(self, request: Request, config: ARGSConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None and self.reward_key is None:
             raise ValueError("method 'args' needs a reward model: pass scorer= or reward_key= (CLI: --reward-model or --persrm).")
+        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
+            require_preference(request, self.name)  # the PersRM scores with the request's preference
         ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
         views = [ViewSpec(prompt_ids=ids, role="base")]
         if self.reward_key is not None:

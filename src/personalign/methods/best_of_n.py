@@ -22,6 +22,7 @@ from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
 from personalign.eval.reward import PersRMScorer, RewardScorer, prompt_text
 from personalign.methods.api import METHODS, DecodeState, Method
+from personalign.methods.preference_prompting import require_preference
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, StepOutput, ViewSpec
 
@@ -76,6 +77,8 @@ class BestOfNMethod(Method):
     def build_views(self, request: Request, config: BestOfNConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None:
             raise ValueError("method 'best_of_n' needs a reward scorer: pass scorer= (CLI: --reward-model or --persrm).")
+        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
+            require_preference(request, self.name)  # the PersRM scores with the request's preference
         ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
         return [ViewSpec(prompt_ids=ids, role="base")]
 
@@ -169,9 +172,8 @@ def scorer_from_cli(args: Any, backend: Any) -> RewardScorer:
     if getattr(args, "persrm", None):
         from personalign.methods.pad import load_persrm_for
 
-        if not getattr(args, "preference", None):
-            raise ValueError("a PersRM reward needs `--preference TEXT`.")
-        return PersRMScorer(load_persrm_for(backend, args.persrm), args.preference)
+        # without `--preference`, each request's own preference (a server's case; checked per request)
+        return PersRMScorer(load_persrm_for(backend, args.persrm), getattr(args, "preference", None) or None)
     raise ValueError("this method needs a reward model: `--reward-model PATH` or `--persrm DIR`.")
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,10 +207,10 @@ class PADMethod(Method):
 
     @classmethod
     def from_cli(cls, args: Any, params: Any, backend: Any) -> Method:
+        # The preference comes with each request (`generate --preference`, a server request's
+        # `personalization.preference`); `build_views` refuses a request without one.
         if not getattr(args, "persrm", None):
             raise ValueError("method 'pad' needs `--persrm DIR` (a checkpoint from `personalign train pad`).")
-        if not getattr(args, "preference", None):
-            raise ValueError("method 'pad' needs `--preference TEXT`.")
         return cls(cls.from_params(params).config, persrm=load_persrm_for(backend, args.persrm))
 
     @classmethod
@@ -229,19 +231,35 @@ class PADMethod(Method):
         return method, be
 
 
+# PersRMs loaded per backend and checkpoint directory (pad, args and best_of_n of one server share one)
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def load_persrm_for(backend: Any, ckpt_dir: str) -> PersRM:
-    """Load a PersRM for ``backend``: onto its main model when that is the recorded backbone."""
+    """Load a PersRM for ``backend``: onto its main model when that is the recorded backbone.
+
+    Loaded once per (backend, directory): every method of one backend gets the same PersRM. When it
+    shares the main model's weights, the adapter-free view of main is installed right away
+    (``attach_persrm``), so views of main that other methods decode stay the base model.
+    """
+    where = str(Path(ckpt_dir).resolve())
+    loaded = _LOADED.setdefault(backend, {})
+    if where in loaded:
+        return loaded[where]
     cfg = PersRM.read_config(ckpt_dir)
     main, tok = backend.models["main"], backend.tokenizer()
     if isinstance(main, RowAdapterModel):
         main = main.peft_model.get_base_model()
     if backbone_fingerprint(main, tok) == cfg.fingerprint:
-        return PersRM.load(ckpt_dir, main, tok, device=str(backend.device()))
-    logger.info("the base model is not the PersRM's backbone: loading %s separately", cfg.backbone)
-    rm = PersRM.load(ckpt_dir, device=str(backend.device()))
-    from personalign.views.hf import check_same_tokenizer
+        rm = PersRM.load(ckpt_dir, main, tok, device=str(backend.device()))
+        attach_persrm(backend, rm)
+    else:
+        logger.info("the base model is not the PersRM's backbone: loading %s separately", cfg.backbone)
+        rm = PersRM.load(ckpt_dir, device=str(backend.device()))
+        from personalign.views.hf import check_same_tokenizer
 
-    check_same_tokenizer(tok, rm.tokenizer, "main", "persrm")
+        check_same_tokenizer(tok, rm.tokenizer, "main", "persrm")
+    loaded[where] = rm
     return rm
 
 
