@@ -14,6 +14,12 @@ once per id), optionally warmed up with their text ``u_t``. The user of a reques
 carries its own soft prompt through one batched, cached forward per step. Soft prompts are computed
 once per (row, text) and cached.
 
+Where one backend serves several methods (``personalign serve``: ``shared_backend`` is set), the
+adapter is merged into a second copy of the base model under the key ``"pdpo"`` (``extra_models``
+loads it), so the main model the other methods decode stays the base model.
+NOTE: the loop's end-of-sequence ids come from the main model; a checkpoint trained with its own
+``end_token_id`` (not the tokenizer's EOS) only stops there when it decodes on ``"main"``.
+
 Naive reference (tested): for each row, recompute ``pi_p`` on ``[e_u | x | y_<t]`` from scratch every
 step without a cache and take the argmax; greedy decoding through the loop yields the same tokens.
 """
@@ -82,8 +88,9 @@ class PDPOMethod(TokenMethod):
     Config = PDPOConfig
 
     def __init__(self, config: PDPOConfig | None = None, *, users: UserModel | None = None,
-                 index: UserIndex | None = None, **overrides: Any) -> None:
+                 index: UserIndex | None = None, model: str = "main", **overrides: Any) -> None:
         super().__init__(config, **overrides)
+        self.model = model  # the backend key of the personalized LLM
         if users is None:
             # the empty uniform user model: pi_p is the main model itself (vanilla DPO / no training)
             from personalign.training.user_model import UserModelConfig
@@ -96,15 +103,22 @@ class PDPOMethod(TokenMethod):
 
     @classmethod
     def from_checkpoint(cls, directory: str, backend: Any, *, name: str | None = None, merge: bool = True,
-                        **config: Any) -> PDPOMethod:
-        """Load ``directory`` onto ``backend.models["main"]`` (its base model) and build the method."""
+                        model: str = "main", **config: Any) -> PDPOMethod:
+        """Load ``directory`` onto ``backend.models[model]`` (its base model, modified in place) and build
+        the method, which then decodes that key."""
         from personalign.training.pdpo.checkpoint import load_checkpoint
 
         cfg = config_from_mapping(PDPOConfig, config)  # validate before touching the backend
-        ck = load_checkpoint(directory, backend.models["main"], name=name, merge=merge)
-        backend.models["main"] = ck.lm
-        _add_end_token(ck.lm, ck.config.get("train", {}).get("end_token_id", -1))
-        return cls(cfg, users=ck.users, index=ck.index)
+        if model not in backend.models:
+            raise ValueError(f"`model` {model!r} is not a model of the backend {sorted(backend.models)}.")
+        ck = load_checkpoint(directory, backend.models[model], name=name, merge=merge)
+        backend.models[model] = ck.lm
+        end_id = ck.config.get("train", {}).get("end_token_id", -1)
+        _add_end_token(ck.lm, end_id)
+        if model != "main" and end_id is not None and end_id >= 0 and end_id != backend.tokenizer(model).eos_token_id:
+            logger.warning("pdpo: the checkpoint's end token %d is not the tokenizer's EOS; on the model key %r "
+                           "generation stops at the main model's EOS ids only", end_id, model)
+        return cls(cfg, users=ck.users, index=ck.index, model=model)
 
     # -- command line ---------------------------------------------------------------
     @classmethod
@@ -125,6 +139,13 @@ class PDPOMethod(TokenMethod):
         return base.get("name"), base.get("gguf_file")
 
     @classmethod
+    def extra_models(cls, args: Any, load: Any) -> dict[str, Any]:
+        # a backend shared with other methods keeps its main model: the adapter goes into a second copy
+        if getattr(args, "checkpoint", None) and getattr(args, "shared_backend", False):
+            return {"pdpo": load(args.model, getattr(args, "gguf_file", None))}
+        return {}
+
+    @classmethod
     def from_cli(cls, args: Any, params: Any, backend: Any) -> PDPOMethod:
         if not getattr(args, "checkpoint", None):
             raise ValueError("method 'pdpo' needs `--checkpoint DIR` (from `personalign train pdpo`).")
@@ -133,7 +154,8 @@ class PDPOMethod(TokenMethod):
             cfg.setdefault("user", args.user)
         if getattr(args, "user_text", None) is not None:
             cfg.setdefault("user_text", args.user_text)
-        return cls.from_checkpoint(args.checkpoint, backend, name=args.model, **cfg)
+        model = "pdpo" if "pdpo" in backend.models else "main"
+        return cls.from_checkpoint(args.checkpoint, backend, name=args.model, model=model, **cfg)
 
     @classmethod
     def for_bench(cls, backend: Any, main: Any) -> tuple[PDPOMethod, Any]:
@@ -156,8 +178,7 @@ class PDPOMethod(TokenMethod):
         """The soft prompt e_u float [P, D] on the main model's device (cached), or None when empty."""
         key = (row, text_ids)
         if key not in self._cache:
-            model = backend.models["main"]
-            emb = model.get_input_embeddings()
+            emb = backend.models[self.model].get_input_embeddings()
             if self.users.config.user_tokens and self.users.config.hidden_size != emb.weight.shape[1]:
                 raise ValueError(
                     f"the user model has width {self.users.config.hidden_size}, the main model "
@@ -170,11 +191,14 @@ class PDPOMethod(TokenMethod):
         return self._cache[key]
 
     def build_views(self, request: Request, config: PDPOConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
-        tok = backend.tokenizer()
+        if self.model not in backend.models:
+            raise ValueError(f"method 'pdpo' decodes the model key {self.model!r}, which the backend lacks "
+                             f"({sorted(backend.models)}).")
+        tok = backend.tokenizer(self.model)
         ids = build_prompt_ids(tok, request.prompt, chat_template=chat_template)
         _, row = self.resolve_user(request, config)
         prefix = self.user_prefix(row, encode_user_text(tok, config.user_text), backend)
-        return [ViewSpec(prompt_ids=ids, prefix_embeds=prefix, role=f"user_row:{row}")]
+        return [ViewSpec(prompt_ids=ids, prefix_embeds=prefix, model=self.model, role=f"user_row:{row}")]
 
     def prepare(self, state: DecodeState, backend: Any) -> None:
         for b, (req, cfg) in enumerate(zip(state.requests, state.configs)):
