@@ -1,4 +1,12 @@
-"""``personalign serve``: the OpenAI-compatible personalized chat API over one model (see ``server``)."""
+"""``personalign serve``: the OpenAI-compatible personalized chat API over one model (see ``server``).
+
+Every registered method whose inputs are given is served from ONE backend: the method flags are
+``personalign generate``'s (``--persrm DIR`` for ``pad``; ``--reward-model PATH`` or ``--persrm DIR``
+for ``args`` and ``best_of_n``; ``--checkpoint DIR`` for ``pdpo``; ``--profile``/``--steer-model`` for
+``drift``), while the preference, the P-DPO user and the Drift profile come with each request or
+the user's profile. Methods are built with ``shared_backend`` set, so none changes the main model
+the others decode (``pdpo`` merges its adapter into its own copy of the base model).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.methods import METHODS
@@ -33,7 +42,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long a request may wait for others to start in its batch (default 20)")
     p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="largest max_tokens (default 1024)")
     p.add_argument("--no-chat-template", action="store_true", help="encode prompts without the chat template")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, shared_backend=True)
+
+
+def build_backend(args: argparse.Namespace) -> Any:
+    """The ``HFBackend`` of ``--model`` plus the extra models the served methods ask for."""
+    from personalign.views import HFBackend
+
+    main = load_from_args(args)
+    models, tokenizers = {"main": main.model}, {"main": main.tokenizer}
+    load = lambda m, g=None: load_from_args(args, m, g)  # noqa: E731
+    for name in METHODS.names():
+        try:
+            extra = METHODS.get(name).extra_models(args, load)
+        except ValueError as e:
+            logger.warning("method %s: %s", name, e)
+            continue
+        for key, lm in extra.items():
+            models.setdefault(key, lm.model)
+            tokenizers.setdefault(key, lm.tokenizer)
+    if args.steer_model and "steer" not in models:
+        steer = load(args.steer_model)
+        models["steer"], tokenizers["steer"] = steer.model, steer.tokenizer
+    return HFBackend(models, tokenizers)
 
 
 def build_methods(args: argparse.Namespace, backend: object) -> tuple[dict, dict[str, str]]:
@@ -51,27 +82,11 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from personalign.server import EngineWorker, Limits, Store, create_app
-    from personalign.views import HFBackend
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"`--port` must lie in [0, 65535], got {args.port}.")
     store = Store(args.db)  # fail on a bad URL before loading the model
-    main = load_from_args(args)
-    models, tokenizers = {"main": main.model}, {"main": main.tokenizer}
-    load = lambda m, g=None: load_from_args(args, m, g)  # noqa: E731
-    for name in METHODS.names():
-        try:
-            extra = METHODS.get(name).extra_models(args, load)
-        except ValueError as e:
-            logger.warning("method %s: %s", name, e)
-            continue
-        for key, lm in extra.items():
-            models.setdefault(key, lm.model)
-            tokenizers.setdefault(key, lm.tokenizer)
-    if args.steer_model and "steer" not in models:
-        steer = load(args.steer_model)
-        models["steer"], tokenizers["steer"] = steer.model, steer.tokenizer
-    backend = HFBackend(models, tokenizers)
+    backend = build_backend(args)
     methods, unavailable = build_methods(args, backend)
     for name, why in unavailable.items():
         print(f"personalign serve: method {name} not served: {why}")

@@ -7,7 +7,9 @@ server default (``base``; ``preference_prompting`` when only a preference is kno
   the OpenAI ``user`` field (a user without a profile simply gets the defaults);
 * stored parameters apply only when the request decodes with the profile's own method;
 * per-user state a method reads from the profile (the Drift weights, the P-DPO user id) is put
-  into the request's parameters by ``profile_params``.
+  into the request's parameters by ``profile_params``; a ``pdpo`` request of a profile without a
+  ``pdpo_user_id`` decodes as the user of the same id (the ``user`` field or ``profile_id``), a user
+  the checkpoint never saw getting the generic user embedding.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def profile_params(method: str, profile: dict[str, Any] | None, served: Any = No
 
     ``drift`` decodes with the user's stored Drift profile (kept up to date by feedback); a user
     without one falls back to the server's default profile (``serve --profile``) if there is one.
+    ``pdpo`` decodes as the profile's ``pdpo_user_id`` when it has one.
     """
+    if method == "pdpo" and profile is not None and profile.get("pdpo_user_id"):
+        return {"user": profile["pdpo_user_id"]}
     if method != "drift" or profile is None:
         return {}
     if profile.get("drift_profile") is None:
