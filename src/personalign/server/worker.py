@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -146,15 +147,25 @@ class EngineWorker:
         chat_template: encode prompts with the tokenizer's chat template when it has one.
         seed: seed of the worker's generator (rows with their own ``seed`` use their own).
         batch_wait: seconds the oldest waiting job may wait for others to start with it.
+        switch_interval: the interpreter's thread switch interval while the worker runs (restored
+            at ``stop``), or None to leave it. The engine thread runs Python between tensor ops and
+            the HTTP thread must get the GIL to ship each token; at Python's default (5 ms) a
+            single-row decode waits on that hand-off at every token (measured: 28 vs 330 tokens/s
+            at concurrency 1 on stories260k, ``benchmarks/server_throughput.py``).
     """
 
     def __init__(self, backend: Any, methods: dict[str, Method], *, max_pending: int = 64, max_batch: int = 16,
-                 chat_template: bool = True, seed: int = 0, batch_wait: float = 0.02) -> None:
+                 chat_template: bool = True, seed: int = 0, batch_wait: float = 0.02,
+                 switch_interval: float | None = 0.0005) -> None:
         if max_pending < 1 or max_batch < 1:
             raise ValueError(f"`max_pending` and `max_batch` must be >= 1, got {max_pending}, {max_batch}.")
         if not 0 <= batch_wait <= 10:
             raise ValueError(f"`batch_wait` must lie in [0, 10] seconds, got {batch_wait}.")
+        if switch_interval is not None and not 0 < switch_interval <= 1:
+            raise ValueError(f"`switch_interval` must lie in (0, 1] seconds or be None, got {switch_interval}.")
         self.batch_wait = batch_wait
+        self.switch_interval = switch_interval
+        self._saved_interval: float | None = None
         self.backend = backend
         self.methods = dict(methods)
         self.max_pending = max_pending
@@ -173,6 +184,9 @@ class EngineWorker:
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> None:
         if self._thread is None:
+            if self.switch_interval is not None:
+                self._saved_interval = sys.getswitchinterval()
+                sys.setswitchinterval(self.switch_interval)
             self._thread = threading.Thread(target=self._run, name="personalign-engine", daemon=True)
             self._thread.start()
 
@@ -183,6 +197,9 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._saved_interval is not None:
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
 
     @property
     def alive(self) -> bool:
