@@ -2,10 +2,12 @@
 
 Starts the server in this process (uvicorn on a thread, a free port on 127.0.0.1) over one model,
 then for each concurrency C runs C clients that together send ``--requests`` chat completions
-(greedy, ``--max-tokens`` each) and reports requests/s, generated tokens/s, mean latency and how many
-rows the engine decoded together.
+(greedy, ``--max-tokens`` each; request i uses the i-th of ``--method``'s comma-separated methods,
+cycling) and reports requests/s, generated tokens/s, mean latency, how many rows and how many
+different methods the engine ran in one forward.
 
-    python benchmarks/server_throughput.py --model smollm2 --requests 32 --concurrency 1,16 --max-tokens 32
+    python benchmarks/server_throughput.py --model smollm2 --requests 32 --concurrency 1,16 --max-tokens 32 \
+        --method base,preference_prompting,amulet,linear_alignment
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _run(url: str, key: str, n: int, conc: int, max_tokens: int, method: str) -> dict:
+async def _run(url: str, key: str, n: int, conc: int, max_tokens: int, methods: list[str]) -> dict:
     lat: list[float] = []
     tokens = 0
     queue: asyncio.Queue = asyncio.Queue()
@@ -51,7 +53,7 @@ async def _run(url: str, key: str, n: int, conc: int, max_tokens: int, method: s
                 i = queue.get_nowait()
                 body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0,
                         "messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}],
-                        "personalization": {"method": method, "preference": "vivid and concise"}}
+                        "personalization": {"method": methods[i % len(methods)], "preference": "vivid and concise"}}
                 t0 = time.perf_counter()
                 r = await c.post("/v1/chat/completions", json=body)
                 r.raise_for_status()
@@ -71,8 +73,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--method", default="base")
+    p.add_argument("--method", default="base", help="one method, or several separated by commas (requests cycle)")
     a = p.parse_args()
+    names = [m.strip() for m in a.method.split(",") if m.strip()]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -97,10 +100,13 @@ def main() -> None:
             time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         key = httpx.post(f"{url}/v1/keys", json={}, headers={"Authorization": f"Bearer {admin}"}).json()["key"]
-        row = asyncio.run(_run(url, key, a.requests, conc, a.max_tokens, a.method))
+        f0 = backend.forward_count
+        row = asyncio.run(_run(url, key, a.requests, conc, a.max_tokens, names))
         row["max_rows_in_step"] = engine.stats.max_cohort_rows
+        row["methods_in_forward"] = engine.stats.max_methods_in_forward
         row["batches"] = engine.stats.cohorts
         row["engine_steps"] = engine.stats.steps
+        row["forwards"] = backend.forward_count - f0
         rows.append(row)
         server.should_exit = True
         th.join()
@@ -112,22 +118,27 @@ def main() -> None:
 
     lib = {}
     for conc in [int(c) for c in a.concurrency.split(",")]:
-        reqs = [Request(prompt=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}],
-                        preference="vivid and concise") for i in range(conc)]
-        t0 = time.perf_counter()
-        outs = generate(methods[a.method], reqs, backend, max_new_tokens=a.max_tokens,
-                        sampling=SamplingConfig(temperature=0.0))
-        lib[conc] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+        t0, n_tok = time.perf_counter(), 0
+        for name in names:  # one batch per method (the library has no cross-method batch)
+            k = len(range(names.index(name), conc, len(names)))
+            if k == 0:
+                continue
+            reqs = [Request(prompt=[{"role": "user", "content": f"Write a short story about {TOPICS[i % 8]}."}],
+                            preference="vivid and concise") for i in range(k)]
+            outs = generate(methods[name], reqs, backend, max_new_tokens=a.max_tokens,
+                            sampling=SamplingConfig(temperature=0.0))
+            n_tok += sum(len(o.token_ids) for o in outs)
+        lib[conc] = n_tok / (time.perf_counter() - t0)
     env = environment_record(lm.model)
-    print(f"model {a.model}, method {a.method}, {a.requests} requests x max_tokens {a.max_tokens} (greedy); "
+    print(f"model {a.model}, methods {','.join(names)}, {a.requests} requests x max_tokens {a.max_tokens} (greedy); "
           f"{env['device']}, torch threads {env['threads']}, commit {env['commit']}, {env['date']}\n")
-    print("| concurrency | wall s | requests/s | tokens/s | mean latency s | batches | largest batch | batch steps "
-          "| library `generate`, one batch of C: tokens/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| concurrency | wall s | requests/s | tokens/s | mean latency s | batches | most requests in one forward "
+          "| most methods in one forward | rounds | model forwards | library `generate`, C requests: tokens/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['wall_s']:.1f} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
-              f"{r['mean_latency_s']:.2f} | {r['batches']} | {r['max_rows_in_step']} | {r['engine_steps']} | "
-              f"{lib[r['concurrency']]:.1f} |")
+              f"{r['mean_latency_s']:.2f} | {r['batches']} | {r['max_rows_in_step']} | {r['methods_in_forward']} | "
+              f"{r['engine_steps']} | {r['forwards']} | {lib[r['concurrency']]:.1f} |")
     if len(rows) >= 2:
         print(f"\nthroughput ratio (tokens/s) concurrency {rows[-1]['concurrency']} vs {rows[0]['concurrency']}: "
               f"{rows[-1]['tok_per_s'] / rows[0]['tok_per_s']:.2f}x")

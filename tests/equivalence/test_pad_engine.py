@@ -164,3 +164,55 @@ def test_row_scaled_lora_equals_peft_mixed_batch(tiny_tokenizer):
     assert torch.equal(fast[0], base[0]) and torch.equal(fast[2], base[2])  # exactly the base model
     assert not torch.allclose(fast[1], base[1])
     assert all(not isinstance(layer.scaling["default"], torch.Tensor) for layer in router._lora_layers)  # restored
+
+
+def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
+    """Two PAD requests started at different times (two batches) and a base request, decoded by the
+    server's worker: the PersRM rows of both batches run in one forward, whose hidden states PAD
+    reads back per batch; every text equals its own decoding."""
+    import asyncio
+
+    from personalign.methods.base import BaseMethod
+    from personalign.server.worker import EngineWorker, Job
+
+    tok = tiny_tokenizer
+    rm = _persrm(tok)
+    method = PADMethod(PADConfig(k=5, beta=1.5), persrm=rm)
+    backend = HFBackend(rm.base_lm, tok, share_prefix=False)
+    w = EngineWorker(backend, {"pad": method, "base": BaseMethod()}, batch_wait=0.0, chat_template=False)
+    greedy = SamplingConfig(temperature=0.0)
+
+    async def collect(job):
+        parts = []
+        while True:
+            ev = await asyncio.wait_for(job.events.get(), 60)
+            if ev[0] == "done":
+                return "".join(parts)
+            assert ev[0] == "delta", ev
+            parts.append(ev[1])
+
+    async def run():
+        loop = asyncio.get_running_loop()
+
+        def job(m, p, q):
+            return Job(method=m, request=Request(prompt=p, preference=q), max_tokens=8, sampling=greedy, stop=[],
+                       loop=loop, events=asyncio.Queue())
+        first = job("pad", PROMPTS[0], PREFS[0])
+        w.submit(first)
+        head = await asyncio.wait_for(first.events.get(), 60)
+        later = [job("pad", PROMPTS[1], PREFS[1]), job("base", PROMPTS[1], None)]
+        for j in later:
+            w.submit(j)
+        texts = await asyncio.gather(*(collect(j) for j in [first] + later))
+        return [head[1] + texts[0]] + texts[1:], [first] + later
+
+    w.start()
+    try:
+        texts, jobs = asyncio.run(run())
+    finally:
+        w.stop()
+    assert w.stats.cohorts == 3 and w.stats.max_cohort_rows == 3
+    for j, text in zip(jobs, texts):
+        m = method if j.method == "pad" else BaseMethod()
+        alone = generate(m, [j.request], backend, max_new_tokens=8, chat_template=False, sampling=greedy)[0]
+        assert text == alone.text

@@ -113,6 +113,8 @@ def decode(
     n_steps = 0
     forwards0 = getattr(backend, "forward_count", 0)
     done = [False] * B
+    released = [False] * B
+    release = getattr(backend, "release", None)
     while not all(done):
         out = method.step(state, backend, generator)
         n_steps += 1
@@ -145,6 +147,11 @@ def decode(
                 events.append(StepEvent(row=b, tokens=new))
         if any(done):
             state.finished = torch.tensor(done)
+            ended = [b for b in range(B) if done[b] and not released[b]]
+            if ended and release is not None and not all(done):
+                release(state.views, ended)  # their cache rows leave the batch
+                for b in ended:
+                    released[b] = True
         yield from events
     forwards = getattr(backend, "forward_count", 0) - forwards0
     outputs = []

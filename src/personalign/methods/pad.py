@@ -176,14 +176,11 @@ class PADMethod(Method):
 
     # ---------------------------------------------------------------- step
     def _delta_hidden(self, state: DecodeState, backend: Any) -> torch.Tensor:
-        """h_θ − h_ref of the current position, float [B, D], from the PersRM group's last forward."""
+        """h_θ − h_ref of the current position, float [B, D], from the PersRM views' last forward."""
         roles = [s.role for s in state.views.specs[0]]
-        kr, kt = roles.index("ref"), roles.index("theta")
-        (gi, sr), (_, st) = state.views.view_group[kr], state.views.view_group[kt]
-        group = state.views.groups[gi]
-        hidden = backend.models[group.model].last_hidden  # [R, keep, D]
-        h = hidden[:, -1].float().view(state.batch_size, len(group.views), -1)
-        return (h[:, st] - h[:, sr]).to(state.views.last_logprobs.device)
+        h_ref = state.views.last_hidden(roles.index("ref")).float()
+        h_theta = state.views.last_hidden(roles.index("theta")).float()
+        return (h_theta - h_ref).to(state.views.last_logprobs.device)
 
     def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
         lp = state.next_logprobs(backend)  # [B, K, V]

@@ -1,24 +1,25 @@
 """The engine worker: one thread that owns the backend and decodes every user's request.
 
-Scheduling, one *tick* at a time:
+Scheduling, one *round* at a time; a round is ONE forward per model over the rows of every running
+request, whatever their methods:
 
-1. run queued engine calls (feedback folding needs model forwards too; they run between steps);
+1. run queued engine calls (feedback folding needs model forwards too; they run between rounds);
 2. admit waiting jobs while fewer than ``max_batch`` rows are running, once the oldest has waited
    ``batch_wait`` seconds (or enough wait to fill the free rows), so that requests arriving
    together, but parsed one by one by the HTTP front end, start together: each job is validated
    (method config, views, context length); valid jobs that arrived together and share a method and
-   view layout form one *cohort*, decoded as one batch by ``decoding.loop.decode``;
-3. advance every running cohort by exactly one decoding step.
+   view layout form one *cohort*, decoded by ``decoding.loop.decode`` (its prefill runs at once);
+3. resume every cohort until it asks for its next forward, then serve all those forwards with
+   ``HFBackend.step_many``: one forward per model, the caches of all cohorts joined row-wise.
 
-So a request that arrives while others run joins at the next step (as a new cohort, interleaved
-step by step with the running ones) instead of waiting for them to finish, and a row leaves its
-batch the step it ends: EOS, its budget, one of its own stop strings, or its client gone
-(``decode``'s ``on_row`` hook ends it there; its batch neighbours decode on).
-
-NOTE: rows join a running cohort's KV cache only at the cohort's start: merging caches and the
-method's per-row state mid-decode is method-specific, so a late row gets its own cohort (its own
-forward per step) rather than a row in an existing one. Rows of different methods never share a
-forward: their view layouts differ.
+Each cohort's ``decode`` runs in a greenlet on the engine thread, with the backend seen through
+``_RoundBackend``, whose ``step`` parks the greenlet until the round's joined forward is done. So
+methods stay plain sequential code, yet a ``base`` row, a Drift row with its nine views and a
+Persona-judge row drafting its tokens advance in the same forward; a method that needs several
+forwards per token (Persona-judge drafts, ARGS candidates, best-of-N's inner decode) simply takes
+part in several rounds. A request that arrives while others run joins at the next round, and a row
+leaves the step it ends (EOS, its budget, one of its own stop strings, or its client gone):
+``decode`` releases its cache rows, so later rounds neither compute nor store them.
 
 Waiting jobs are bounded by ``max_pending``; ``submit`` raises ``QueueFull`` beyond it (HTTP 429).
 Every result leaves the thread through ``loop.call_soon_threadsafe`` into the job's asyncio queue.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import greenlet
 import torch
 
 from personalign.decoding.loop import decode
@@ -82,29 +85,52 @@ class Job:
             self.cancelled = True
 
 
+class _RoundBackend:
+    """The backend as a cohort's ``decode`` sees it: ``step`` waits for the round's joined forward.
+
+    Everything else (prefill, truncate, release, tokenizers) goes straight to the real backend.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def step(self, state: Any, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
+             views: Any = None) -> torch.Tensor:
+        me = greenlet.getcurrent()
+        if me.parent is None:  # not inside a cohort: a plain call
+            return self._backend.step(state, tokens, lengths, views)
+        return me.parent.switch(_StepCall((state, tokens, lengths, views)))
+
+
+@dataclass
+class _StepCall:
+    args: tuple
+
+
 @dataclass(eq=False)
 class _Cohort:
-    """Jobs decoded as one batch. ``decode`` calls ``on_row`` once per running row after each step
-    (interleaved with its yields); ``seen``/``expected`` count those calls, so the worker knows when
-    a step's rows are all handled and stops pulling before the next step's forward."""
+    """Jobs decoded as one ``decode`` batch, running in their own greenlet."""
 
     jobs: list[Job]
-    gen: Any = None
-    stepped: bool = False
-    steps: int = 0
-    last_row: int = 1 << 30
-    seen: int = 0
-    expected: int = 0
+    method: str
+    glet: Any = None
+    call: _StepCall | None = None  # the forward it waits for
+    result: Any = None  # what that forward returned, handed back at the next switch
 
 
 @dataclass
 class EngineStats:
-    ticks: int = 0
-    steps: int = 0
+    ticks: int = 0  # scheduler rounds
+    steps: int = 0  # rounds that served forwards
+    forwards: int = 0  # model forwards those rounds ran (one per model and round)
     cohorts: int = 0
     rows: int = 0
-    max_rows_in_tick: int = 0  # rows advanced in one tick, over all cohorts
-    max_cohort_rows: int = 0  # rows decoded in one batch (one forward per model per step)
+    max_rows_in_tick: int = 0  # requests advanced in one round, over all cohorts
+    max_cohort_rows: int = 0  # requests in one round's joined forward
+    max_methods_in_forward: int = 0  # distinct methods whose rows shared one forward
     rejected: int = 0
     cancelled: int = 0
     per_method: dict[str, int] = field(default_factory=dict)
@@ -121,15 +147,25 @@ class EngineWorker:
         chat_template: encode prompts with the tokenizer's chat template when it has one.
         seed: seed of the worker's generator (rows with their own ``seed`` use their own).
         batch_wait: seconds the oldest waiting job may wait for others to start with it.
+        switch_interval: the interpreter's thread switch interval while the worker runs (restored
+            at ``stop``), or None to leave it. The engine thread runs Python between tensor ops and
+            the HTTP thread must get the GIL to ship each token; at Python's default (5 ms) a
+            single-row decode waits on that hand-off at every token (measured: 28 vs 330 tokens/s
+            at concurrency 1 on stories260k, ``benchmarks/server_throughput.py``).
     """
 
     def __init__(self, backend: Any, methods: dict[str, Method], *, max_pending: int = 64, max_batch: int = 16,
-                 chat_template: bool = True, seed: int = 0, batch_wait: float = 0.02) -> None:
+                 chat_template: bool = True, seed: int = 0, batch_wait: float = 0.02,
+                 switch_interval: float | None = 0.0005) -> None:
         if max_pending < 1 or max_batch < 1:
             raise ValueError(f"`max_pending` and `max_batch` must be >= 1, got {max_pending}, {max_batch}.")
         if not 0 <= batch_wait <= 10:
             raise ValueError(f"`batch_wait` must lie in [0, 10] seconds, got {batch_wait}.")
+        if switch_interval is not None and not 0 < switch_interval <= 1:
+            raise ValueError(f"`switch_interval` must lie in (0, 1] seconds or be None, got {switch_interval}.")
         self.batch_wait = batch_wait
+        self.switch_interval = switch_interval
+        self._saved_interval: float | None = None
         self.backend = backend
         self.methods = dict(methods)
         self.max_pending = max_pending
@@ -148,6 +184,9 @@ class EngineWorker:
     # ------------------------------------------------------------------ public, any thread
     def start(self) -> None:
         if self._thread is None:
+            if self.switch_interval is not None:
+                self._saved_interval = sys.getswitchinterval()
+                sys.setswitchinterval(self.switch_interval)
             self._thread = threading.Thread(target=self._run, name="personalign-engine", daemon=True)
             self._thread.start()
 
@@ -158,6 +197,9 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self._saved_interval is not None:
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
 
     @property
     def alive(self) -> bool:
@@ -183,12 +225,12 @@ class EngineWorker:
 
     def load(self) -> dict[str, int]:
         with self._cv:
-            return {"waiting": len(self._pending), "running": sum(len(c.jobs) for c in self._cohorts),
+            return {"waiting": len(self._pending), "running": self._running_rows(),
                     "max_pending": self.max_pending, "max_batch": self.max_batch}
 
     # ------------------------------------------------------------------ engine thread
     def _running_rows(self) -> int:
-        return sum(len(c.jobs) for c in self._cohorts)
+        return sum(not j.done for c in self._cohorts for j in c.jobs)
 
     def _admission_delay(self) -> float | None:
         """Seconds until waiting jobs should start (0 = now); None when nothing waits. Holds ``_cv``."""
@@ -199,6 +241,7 @@ class EngineWorker:
         return max(0.0, self._pending[0].submitted + self.batch_wait - time.monotonic())
 
     def _run(self) -> None:
+        self._round_backend = _RoundBackend(self.backend)
         while True:
             with self._cv:
                 while not self._stop and not self._calls and not self._cohorts:
@@ -219,12 +262,68 @@ class EngineWorker:
             self._admit()
             self.stats.ticks += 1
             self.stats.max_rows_in_tick = max(self.stats.max_rows_in_tick, self._running_rows())
-            for c in list(self._cohorts):
-                self._advance(c)
+            self._round()
         for c in self._cohorts:
             self._fail(c.jobs, 503, "the server is shutting down.")
+            if c.glet is not None and not c.glet.dead:
+                c.glet.throw(greenlet.GreenletExit)
         with self._cv:
             self._fail(list(self._pending), 503, "the server is shutting down.")
+
+    def _round(self) -> None:
+        """Resume every cohort up to its next forward, then serve them all with one forward per model."""
+        for c in list(self._cohorts):
+            self._resume(c)
+        waiting = [c for c in self._cohorts if c.call is not None]
+        if not waiting:
+            return
+        f0 = getattr(self.backend, "forward_count", 0)
+        try:
+            results = self.backend.step_many([c.call.args for c in waiting])
+        except ValueError:  # a call is invalid (checked before anything runs): serve each alone
+            results = []
+            for c in waiting:
+                try:
+                    results.append(self.backend.step(*c.call.args))
+                except ValueError as e:  # this cohort's rows fail, the others run on
+                    results.append(e)
+        except Exception as e:  # noqa: BLE001 - the forward itself failed: its caches are not to be trusted
+            logger.exception("a joined forward failed")
+            results = [e] * len(waiting)
+        self.stats.steps += 1
+        self.stats.forwards += getattr(self.backend, "forward_count", 0) - f0
+        live = sum(int(c.call.args[0].live.sum()) for c in waiting)
+        self.stats.max_cohort_rows = max(self.stats.max_cohort_rows, live)
+        self.stats.max_methods_in_forward = max(self.stats.max_methods_in_forward, len({c.method for c in waiting}))
+        for c, r in zip(waiting, results):
+            c.call, c.result = None, r
+
+    def _resume(self, c: _Cohort) -> None:
+        """Run cohort ``c`` until it asks for a forward (``c.call``) or ends (removed)."""
+        try:
+            if isinstance(c.result, Exception):
+                err, c.result = c.result, None
+                out = c.glet.throw(err)
+            else:
+                value, c.result = c.result, None
+                out = c.glet.switch(value)
+        except ValueError as e:
+            self._end(c)
+            self._fail(c.jobs, 400, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - one broken batch must not stop the server
+            logger.exception("decoding a %s batch failed", c.method)
+            self._end(c)
+            self._fail(c.jobs, 500, f"decoding failed: {type(e).__name__}: {e}")
+            return
+        if isinstance(out, _StepCall):
+            c.call = out
+        else:  # decode returned: every row ended
+            self._end(c)
+
+    def _end(self, c: _Cohort) -> None:
+        if c in self._cohorts:
+            self._cohorts.remove(c)
 
     def _admit(self) -> None:
         running = self._running_rows()
@@ -268,16 +367,10 @@ class EngineWorker:
         return True
 
     def _start(self, jobs: list[Job]) -> None:
-        cohort = _Cohort(jobs=jobs)
+        cohort = _Cohort(jobs=jobs, method=jobs[0].method)
         method = self.methods[jobs[0].method]
 
         def on_row(b: int, new: list[int], reason: str | None) -> str | None:
-            if b <= cohort.last_row:  # the first running row of a new step
-                cohort.expected, cohort.seen = sum(not j.done for j in jobs), 0
-            cohort.last_row = b
-            cohort.seen += 1
-            if cohort.seen >= cohort.expected:
-                cohort.stepped = True
             job = jobs[b]
             if job.done:
                 return "cancelled"
@@ -300,34 +393,19 @@ class EngineWorker:
                 job.post("done", final, job.prompt_tokens, len(job.text.ids))
             return override
 
-        cohort.gen = decode(
-            method, [j.request for j in jobs], self.backend,
-            max_new_tokens=[j.max_tokens for j in jobs], sampling=[j.sampling for j in jobs],
-            generator=self.generator, chat_template=self.chat_template, on_row=on_row,
-        )
+        def run(*_: Any) -> None:
+            for _ in decode(
+                method, [j.request for j in jobs], self._round_backend,
+                max_new_tokens=[j.max_tokens for j in jobs], sampling=[j.sampling for j in jobs],
+                generator=self.generator, chat_template=self.chat_template, on_row=on_row,
+            ):
+                pass
+
+        cohort.glet = greenlet.greenlet(run)
         self._cohorts.append(cohort)
         self.stats.cohorts += 1
         self.stats.rows += len(jobs)
-        self.stats.max_cohort_rows = max(self.stats.max_cohort_rows, len(jobs))
         self.stats.per_method[jobs[0].method] = self.stats.per_method.get(jobs[0].method, 0) + len(jobs)
-
-    def _advance(self, cohort: _Cohort) -> None:
-        """One decoding step of ``cohort``: pull from ``decode`` until every running row of the step was handled."""
-        cohort.stepped = False
-        try:
-            while not cohort.stepped:
-                next(cohort.gen)
-            cohort.steps += 1
-            self.stats.steps += 1
-        except StopIteration:
-            self._cohorts.remove(cohort)
-        except ValueError as e:
-            self._cohorts.remove(cohort)
-            self._fail(cohort.jobs, 400, str(e))
-        except Exception as e:  # noqa: BLE001 - one broken batch must not stop the server
-            logger.exception("decoding a %s batch failed", cohort.jobs[0].method)
-            self._cohorts.remove(cohort)
-            self._fail(cohort.jobs, 500, f"decoding failed: {type(e).__name__}: {e}")
 
     def _fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:

@@ -14,12 +14,23 @@ share the batch:
 
 Masked columns never receive attention, and position ids are explicit, so every row computes what it
 would compute alone (up to float rounding in batched matmuls).
+
+Rows come and go between steps:
+
+* ``release(state, rows)`` drops finished requests' rows from every cache (a batch shrinks as its
+  rows end; later steps neither compute nor store them);
+* ``step_many(calls)`` serves several states' steps (different batches, methods, view layouts,
+  numbers of fed tokens) with ONE forward per model: the groups' caches are right-aligned into one
+  batch (shorter ones padded with masked columns), run together, and split back. A server decodes
+  every running request, whatever its method, this way, and a request that arrives mid-decode joins
+  the next forward.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +64,32 @@ def _new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (keys, values) tensors [R, H, S, D] of every layer of a ``DynamicCache``."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _set_layers(cache: Any, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Make ``cache`` hold ``pairs`` (no copy where the layers exist already)."""
+    for i, (k, v) in enumerate(pairs):
+        if i < len(cache.layers) and cache.layers[i].is_initialized:
+            cache.layers[i].keys, cache.layers[i].values = k, v
+        else:
+            cache.update(k, v, i)
+
+
+def _select_rows(cache: Any, idx: torch.Tensor) -> None:
+    _set_layers(cache, [(k[idx.to(k.device)], v[idx.to(v.device)]) for k, v in _layers(cache)])
+
+
+def _mergeable(cache: Any) -> bool:
+    """Full-attention dynamic caches can be joined row-wise; sliding-window or static ones are not."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
 def _cache_kwarg(model: Any) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -82,8 +119,30 @@ class _Group:
     model: str
     views: list[int]  # view indices k held by this group, in row order
     cache: Any
-    mask: torch.Tensor  # long [R, S]
+    mask: torch.Tensor  # long [R, S]; R = live requests x len(views), b-major
     next_pos: torch.Tensor  # long [R]
+    hidden: torch.Tensor | None = None  # [R, D] output-head input at each row's last fed position
+
+
+@dataclass
+class _Feed:
+    """One group's share of a step: ``ids`` long [R, L] for its live rows, ``row_len`` long [R]."""
+
+    group: _Group
+    ids: torch.Tensor
+    row_len: torch.Tensor
+    full: bool  # every row feeds all L columns
+    lp: torch.Tensor | None = None  # float32 [R, L, V] after the forward
+
+
+@dataclass
+class _StepPlan:
+    state: HFViewState
+    B: int
+    L: int
+    lengths: torch.Tensor  # long [B] (cpu)
+    selected: list[int]
+    feeds: list[tuple[int, _Feed | None]]  # (group index, feed or None when no live row feeds)
 
 
 @dataclass
@@ -97,10 +156,34 @@ class HFViewState:
     last_logprobs: torch.Tensor  # float32 [B, K, V]
     fed: torch.Tensor  # long [B, K]
     specs: list[list[ViewSpec]] = field(default_factory=list)
+    live: torch.Tensor | None = None  # bool [B] (cpu): requests whose rows are in the caches
+
+    def __post_init__(self) -> None:
+        if self.live is None:
+            self.live = torch.ones(self.batch_size, dtype=torch.bool)
 
     def cache_length(self) -> int:
         """Total cache columns over groups (holes included); for tests and stats."""
         return sum(int(g.mask.shape[1]) for g in self.groups)
+
+    def live_rows(self) -> torch.Tensor:
+        """long [B_live]: indices of the requests still held in the caches."""
+        return torch.nonzero(self.live).flatten()
+
+    def last_hidden(self, k: int) -> torch.Tensor:
+        """float [B, D]: the output head's input at view ``k``'s last fed position (models that expose
+        ``last_hidden``, e.g. ``RowAdapterModel``); zeros for released requests."""
+        gi, slot = self.view_group[k]
+        g = self.groups[gi]
+        if g.hidden is None:
+            raise ValueError(f"view {k} ({g.model!r}) has no hidden state: its model does not expose `last_hidden`.")
+        n = len(g.views)
+        h = g.hidden.view(-1, n, g.hidden.shape[-1])[:, slot]
+        if bool(self.live.all()):
+            return h
+        out = h.new_zeros(self.batch_size, h.shape[-1])
+        out[self.live_rows().to(h.device)] = h
+        return out
 
 
 class HFBackend:
@@ -292,7 +375,9 @@ class HFBackend:
                 n = int(own[r])
                 ids[r, W - n :] = torch.tensor(spec.prompt_ids[shared:], dtype=torch.long)
             lp = self._forward(model, cache, mask.to(dev), pos.to(dev), 1, ids=ids.to(dev))
-        group = _Group(model=model, views=view_ids, cache=cache, mask=mask.to(dev), next_pos=lengths.to(dev))
+        hidden = self._last_hidden(model)
+        group = _Group(model=model, views=view_ids, cache=cache, mask=mask.to(dev), next_pos=lengths.to(dev),
+                       hidden=None if hidden is None else hidden[:, -1])
         return group, lp[:, -1]
 
     def _row_embeds(self, model: str, rows: list[ViewSpec], width: int) -> torch.Tensor:
@@ -324,7 +409,48 @@ class HFBackend:
         views: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Feed ``tokens`` long [B, L] to the selected views (or [B, K_sel, L]: each view its own
-        tokens, in the order of ``views``); returns float32 log-probs [B, K_sel, L, V]."""
+        tokens, in the order of ``views``); returns float32 log-probs [B, K_sel, L, V].
+
+        Rows of released requests are neither fed nor computed; their outputs are uniform (−log V), so
+        a method's arithmetic on them stays finite.
+        """
+        return self.step_many([(state, tokens, lengths, views)])[0]
+
+    def step_many(
+        self, calls: Sequence[tuple[HFViewState, torch.Tensor, torch.Tensor | None, Sequence[int] | None]]
+    ) -> list[torch.Tensor]:
+        """Serve several ``step(state, tokens, lengths, views)`` calls with one forward per model.
+
+        The calls may come from different batches (states), methods and view layouts, and feed
+        different numbers of tokens: each model runs once over the rows of every group it holds,
+        padded to the widest call (extra columns masked, then cropped). Each call gets exactly what
+        ``step`` alone would return, up to float rounding in batched matmuls. A state may appear in
+        several calls only if they select disjoint groups.
+        """
+        plans = [self._plan_step(*call) for call in calls]
+        by_model: dict[str, list[_Feed]] = {}
+        seen: set[int] = set()
+        for plan in plans:
+            for _, feed in plan.feeds:
+                if feed is None:
+                    continue
+                if id(feed.group) in seen:
+                    raise ValueError("`step_many` got two calls that feed the same cache group in one forward.")
+                seen.add(id(feed.group))
+                by_model.setdefault(feed.group.model, []).append(feed)
+        for model, feeds in by_model.items():
+            if len(feeds) > 1 and not all(_mergeable(f.group.cache) for f in feeds):
+                for f in feeds:  # caches that cannot be joined: one forward each
+                    self._run_feeds(model, [f])
+            else:
+                self._run_feeds(model, feeds)
+        return [self._finish_step(plan) for plan in plans]
+
+    def _plan_step(self, state: HFViewState, tokens: torch.Tensor, lengths: torch.Tensor | None,
+                   views: Sequence[int] | None) -> _StepPlan:
+        """Validate one step call and cut it into per-group feeds of the live rows."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (2, 3):
+            raise ValueError("`tokens` must be a long tensor [B, L] or [B, K_sel, L].")
         per_view = tokens.dim() == 3
         B, L = tokens.shape[0], tokens.shape[-1]
         if state.batch_size != B:
@@ -339,48 +465,179 @@ class HFBackend:
         if per_view and tokens.shape[1] != len(selected):
             raise ValueError(f"per-view `tokens` must be [B, {len(selected)}, L] for views {selected}, "
                              f"got {tuple(tokens.shape)}.")
-        full = bool((lengths == L).all())  # no ragged rows: no new holes, no gather
-        tokens = tokens.long()
-        per_group: list[tuple[list[int], torch.Tensor]] = []
+        all_live = bool(state.live.all())
+        live = None if all_live else state.live_rows()
+        tokens = tokens.long() if all_live else tokens.long()[live]
+        live_len = lengths if all_live else lengths[live]
+        feeds: list[tuple[int, _Feed | None]] = []
         for gi in gids:
             g = state.groups[gi]
             n = len(g.views)
+            if live_len.numel() == 0 or not bool((live_len > 0).any()):
+                feeds.append((gi, None))
+                continue
             dev = g.mask.device
             if per_view:  # rows are b-major over the group's views
-                ids = tokens[:, [selected.index(k) for k in g.views]].to(dev).reshape(B * n, L)
+                ids = tokens[:, [selected.index(k) for k in g.views]].to(dev).reshape(-1, L)
             else:
                 ids = tokens.to(dev).repeat_interleave(n, dim=0) if n > 1 else tokens.to(dev)  # [R, L]
-            col = torch.arange(L, device=dev)
-            if full:
+            full = bool((live_len == L).all())
+            row_len = live_len.repeat_interleave(n).to(dev)
+            feeds.append((gi, _Feed(group=g, ids=ids, row_len=row_len, full=full)))
+        return _StepPlan(state=state, B=B, L=L, lengths=lengths, selected=selected, feeds=feeds)
+
+    def _run_feeds(self, model: str, feeds: list[_Feed]) -> None:
+        """One forward of ``model`` over every feed's rows; sets ``feed.lp`` and updates the groups."""
+        L = max(int(f.ids.shape[1]) for f in feeds)
+        dev = feeds[0].group.mask.device
+        col = torch.arange(L, device=dev)
+        pos_parts, ids_parts, widths = [], [], []
+        for f in feeds:
+            g = f.group
+            width = int(f.ids.shape[1])
+            widths.append(width)
+            if width < L:  # a narrower call in a wider forward: its extra columns are masked
+                f.ids = torch.cat([f.ids, f.ids.new_full((f.ids.shape[0], L - width), self._pad_id(model))], 1)
+                f.full = False
+            pos_parts.append(g.next_pos[:, None] + col[None, :])
+            if f.full:
                 g.mask = torch.cat([g.mask, g.mask.new_ones(g.mask.shape[0], L)], 1)
-                pos = g.next_pos[:, None] + col[None, :]
-                g.next_pos = g.next_pos + L
             else:
-                rows_len = lengths.repeat_interleave(n).to(dev)  # [R]
-                g.mask = torch.cat([g.mask, (col[None, :] < rows_len[:, None]).long()], 1)
-                pos = g.next_pos[:, None] + col[None, :]
-                g.next_pos = g.next_pos + rows_len
-            lp = self._forward(g.model, g.cache, g.mask, pos, L, ids=ids)  # [R, L, V]
-            if not full:
-                self._compact(g)
-            lp = lp.view(B, n, L, -1).to(state.last_logprobs.device)
+                g.mask = torch.cat([g.mask, (col[None, :] < f.row_len[:, None]).long()], 1)
+            g.next_pos = g.next_pos + f.row_len
+            ids_parts.append(f.ids)
+        if len(feeds) == 1:
+            g = feeds[0].group
+            lp = self._forward(model, g.cache, g.mask, pos_parts[0], L, ids=ids_parts[0])
+            hidden = self._last_hidden(model)
+        else:
+            lp, hidden = self._merged_forward(model, feeds, torch.cat(pos_parts), torch.cat(ids_parts), L)
+        r0 = 0
+        for f, width in zip(feeds, widths):
+            r1 = r0 + int(f.ids.shape[0])
+            f.lp = lp[r0:r1, :width]
+            if hidden is not None:  # the output head's input at each row's last real position
+                h = hidden[r0:r1]
+                last = h[torch.arange(r1 - r0, device=h.device), (f.row_len - 1).clamp(min=0).to(h.device)]
+                prev = f.group.hidden
+                f.group.hidden = last if prev is None or f.full else torch.where(
+                    (f.row_len > 0).to(h.device)[:, None], last, prev.to(last.dtype))
+            else:
+                f.group.hidden = None
+            if not f.full:
+                self._compact(f.group)
+            r0 = r1
+
+    def _last_hidden(self, model: str) -> torch.Tensor | None:
+        """float [R, keep, D] of the model's last forward, for models that keep it (else None)."""
+        return getattr(self.models[model], "last_hidden", None)
+
+    def _merged_forward(self, model: str, feeds: list[_Feed], pos: torch.Tensor, ids: torch.Tensor, L: int
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Right-align the feeds' caches into one batch, run one forward, and split the caches back."""
+        widths = [int(f.group.mask.shape[1]) - L for f in feeds]  # cache columns before this step
+        S = max(widths)
+        masks = [torch.nn.functional.pad(f.group.mask, (S - w, 0)) for f, w in zip(feeds, widths)]
+        layers = [_layers(f.group.cache) for f in feeds]
+        n_layers = len(layers[0])
+        if any(len(ls) != n_layers for ls in layers):
+            raise ValueError(f"model {model!r}: the caches to merge hold different numbers of layers.")
+        cache = _new_cache(self.models[model])
+        merged = []
+        for i in range(n_layers):
+            ks, vs = [], []
+            for ls, w in zip(layers, widths):
+                k, v = ls[i]
+                ks.append(torch.nn.functional.pad(k, (0, 0, S - w, 0)) if w < S else k)
+                vs.append(torch.nn.functional.pad(v, (0, 0, S - w, 0)) if w < S else v)
+            merged.append((torch.cat(ks), torch.cat(vs)))
+        _set_layers(cache, merged)
+        lp = self._forward(model, cache, torch.cat(masks), pos, L, ids=ids)
+        hidden = self._last_hidden(model)
+        out_layers = _layers(cache)
+        r0 = 0
+        for f, w in zip(feeds, widths):
+            r1 = r0 + int(f.ids.shape[0])
+            _set_layers(f.group.cache, [(k[r0:r1, :, S - w :], v[r0:r1, :, S - w :]) for k, v in out_layers])
+            r0 = r1
+        return lp, hidden
+
+    def _finish_step(self, plan: _StepPlan) -> torch.Tensor:
+        """Scatter the feeds' log-probs back to ``[B, K_sel, L, V]`` and advance the state's counters."""
+        state, B, L, lengths = plan.state, plan.B, plan.L, plan.lengths
+        all_live = bool(state.live.all())
+        live = state.live_rows()
+        per_group: list[tuple[list[int], torch.Tensor]] = []
+        for gi, feed in plan.feeds:
+            g = state.groups[gi]
+            n = len(g.views)
+            if feed is None:  # nothing fed: no forward, no new columns
+                lp = torch.full((B, n, L, self.vocab_size), -math.log(self.vocab_size),
+                                device=state.last_logprobs.device)
+                per_group.append((g.views, lp))
+                continue
+            lp_live = feed.lp.reshape(-1, n, L, feed.lp.shape[-1]).to(state.last_logprobs.device)
+            if all_live:
+                lp = lp_live
+            else:
+                lp = lp_live.new_full((B, n, L, lp_live.shape[-1]), -math.log(self.vocab_size))
+                lp[live.to(lp.device)] = lp_live
             per_group.append((g.views, lp))
-            if full:
-                state.last_logprobs[:, g.views] = lp[:, :, -1]
+            dev_out = lp.device
+            if feed.full and all_live:
+                state.last_logprobs[:, g.views] = lp_live[:, :, -1]
+                state.fed[:, g.views] += L
+                continue
+            if feed.full:
+                tail = lp_live[:, :, -1]
             else:  # last real position of each row -> next-token log-probs
-                dev_out = lp.device
-                idx = (lengths - 1).clamp(min=0).to(dev_out)
-                tail = lp[torch.arange(B, device=dev_out), :, idx]  # [B, n, V]
-                upd = (lengths > 0).to(dev_out)
-                cur = state.last_logprobs[:, g.views]
-                state.last_logprobs[:, g.views] = torch.where(upd[:, None, None], tail, cur)
-            state.fed[:, g.views] += lengths[:, None]
-        if len(per_group) == 1 and per_group[0][0] == selected:
+                idx = (lengths[live] - 1).clamp(min=0).to(dev_out)
+                tail = lp_live[torch.arange(lp_live.shape[0], device=dev_out), :, idx]  # [B_live, n, V]
+            upd = (lengths > 0) & state.live
+            rows = torch.nonzero(upd).flatten().to(dev_out)
+            live_upd = (lengths[live] > 0).to(dev_out)
+            cur = state.last_logprobs[:, g.views]
+            cur[rows] = tail[live_upd]
+            state.last_logprobs[:, g.views] = cur
+            state.fed[:, g.views] += (lengths * state.live)[:, None]
+        if len(per_group) == 1 and per_group[0][0] == plan.selected:
             return per_group[0][1]
         out = torch.empty(B, state.num_views, L, self.vocab_size, device=state.last_logprobs.device)
         for views_g, lp in per_group:
             out[:, views_g] = lp
-        return out[:, selected]
+        return out[:, plan.selected]
+
+    # ------------------------------------------------------------------ release
+    def release(self, state: HFViewState, rows: Sequence[int]) -> None:
+        """Drop requests ``rows`` from every cache of ``state``: later steps skip them (see ``step``).
+
+        Frees their cache rows at once (one row-gather per cache) and drops the columns no kept row
+        attends to (positions are explicit, so removing masked columns changes nothing), so a batch
+        whose long rows ended costs only what its running rows need.
+        """
+        rows = sorted({int(b) for b in rows})
+        if any(b < 0 or b >= state.batch_size for b in rows):
+            raise ValueError(f"`rows` must be request indices in 0..{state.batch_size - 1}, got {rows}.")
+        gone = [b for b in rows if bool(state.live[b])]
+        if not gone:
+            return
+        old_live = state.live_rows().tolist()
+        state.live[gone] = False
+        keep_req = [i for i, b in enumerate(old_live) if bool(state.live[b])]
+        for g in state.groups:
+            n = len(g.views)
+            idx = torch.tensor([i * n + j for i in keep_req for j in range(n)], dtype=torch.long,
+                               device=g.mask.device)
+            _select_rows(g.cache, idx)
+            g.mask, g.next_pos = g.mask[idx], g.next_pos[idx]
+            if g.hidden is not None:
+                g.hidden = g.hidden[idx.to(g.hidden.device)]
+            used = g.mask.any(0)
+            if idx.numel() and not bool(used.all()):  # columns no kept row attends to (a long prompt that left)
+                cols = torch.nonzero(used).flatten()
+                _set_layers(g.cache, [(k[:, :, cols.to(k.device)], v[:, :, cols.to(v.device)])
+                                      for k, v in _layers(g.cache)])
+                g.mask = g.mask[:, cols]
 
     def _groups_of(self, state: HFViewState, selected: list[int]) -> list[int]:
         if not selected or any(k < 0 or k >= state.num_views for k in selected):
@@ -421,10 +678,10 @@ class HFBackend:
         selected = list(range(state.num_views)) if views is None else list(views)
         for gi in self._groups_of(state, selected):
             g = state.groups[gi]
-            n = len(g.views)
             fed = state.fed[:, g.views]  # [B, n]
-            new = torch.minimum(fed, keep[:, None])
-            drop = (fed - new).reshape(-1).to(g.mask.device)  # [R]
+            new = torch.where(state.live[:, None], torch.minimum(fed, keep[:, None]), fed)  # released rows stay
+            drop_all = fed - new  # [B, n]
+            drop = drop_all[state.live].reshape(-1).to(g.mask.device)  # [R] over live rows
             if not bool((drop > 0).any()):
                 continue
             # number of real tokens at or right of each column; drop the last `drop[r]` of them
@@ -433,7 +690,7 @@ class HFBackend:
             g.mask = g.mask.masked_fill(kill, 0)
             g.next_pos = g.next_pos - drop
             state.fed[:, g.views] = new
-            rolled = (drop > 0).view(-1, n).to(state.last_logprobs.device)
+            rolled = (drop_all > 0).to(state.last_logprobs.device)
             lp = state.last_logprobs[:, g.views]
             state.last_logprobs[:, g.views] = lp.masked_fill(rolled[..., None], float("nan"))
             self._compact(g)

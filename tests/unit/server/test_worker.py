@@ -1,4 +1,5 @@
-"""The engine worker: batching of requests that arrive together, per-row leave, late joins, bounds."""
+"""The engine worker: every running row of every method in one forward per round, per-row leave,
+late joins, bounds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from personalign.decoding.loop import generate
 from personalign.decoding.sampling import SamplingConfig
+from personalign.methods import get_method
 from personalign.methods.base import BaseMethod
 from personalign.methods.preference_prompting import PreferencePromptingMethod
 from personalign.server.worker import EngineWorker, Job, QueueFull
@@ -62,7 +64,8 @@ def test_requests_arriving_together_share_a_batch_and_match_separate_decoding(ba
         jobs, results = asyncio.run(run())
     finally:
         w.stop()
-    assert w.stats.cohorts == 2 and w.stats.max_cohort_rows == 4  # one batch per method
+    assert w.stats.cohorts == 2  # one decode batch per method ...
+    assert w.stats.max_cohort_rows == 6 and w.stats.max_methods_in_forward == 2  # ... all six rows in one forward
     for j, (text, _) in zip(jobs, results):
         pref = j.request.preference
         assert text == _alone(backend, methods[j.method], j.request.prompt[0]["content"], 6, pref)
@@ -124,7 +127,8 @@ def test_queue_bound_and_validation_errors(backend):
 
 
 def test_one_tick_is_one_batched_step(backend):
-    """A 4-row batch of 5 tokens takes 5 worker steps and as many forwards as ``generate`` on the batch."""
+    """A 4-row batch of 5 tokens: the prefill gives the first, 4 rounds of one forward each the rest —
+    as many forwards as ``generate`` on the batch."""
     w = EngineWorker(backend, {"base": BaseMethod()}, max_batch=16, batch_wait=0.5)
 
     async def run():
@@ -142,9 +146,52 @@ def test_one_tick_is_one_batched_step(backend):
         w.stop()
     if any(reason != "length" for _, reason in results):
         pytest.skip("a row met EOS early; the step count would differ")
-    assert w.stats.cohorts == 1 and w.stats.steps == 5
+    assert w.stats.cohorts == 1 and w.stats.steps == 4
     used = backend.forward_count - f0
     f1 = backend.forward_count
     generate(BaseMethod(), [Request(prompt=[{"role": "user", "content": p}]) for p in PROMPTS], backend,
              max_new_tokens=5, sampling=SamplingConfig(temperature=0.0))
     assert used == backend.forward_count - f1
+
+
+def test_methods_with_different_views_and_forwards_share_rounds_and_a_late_one_joins(backend):
+    """base (1 view), linear_alignment (2 views), persona_judge (2 cache groups, several forwards per
+    step, roll-backs) and a late preference_prompting request: each text equals its own decoding,
+    every round runs one forward, and the late request's rows join the running forward."""
+    methods = {"base": BaseMethod(), "preference_prompting": PreferencePromptingMethod(),
+               "linear_alignment": get_method("linear_alignment")(),
+               "persona_judge": get_method("persona_judge")(second_preference="be brief", draft_tokens=3)}
+    w = EngineWorker(backend, methods, max_batch=16, batch_wait=0.3)
+    first = [("base", None, 24), ("linear_alignment", "kind", 24), ("persona_judge", "kind", 24),
+             ("persona_judge", "funny", 10)]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [_job(loop, PROMPTS[i], m, max_tokens=n, preference=p) for i, (m, p, n) in enumerate(first)]
+        for j in jobs:
+            w.submit(j)
+        head = await asyncio.wait_for(jobs[0].events.get(), 60)  # decoding has started
+        late = _job(loop, PROMPTS[3], "preference_prompting", max_tokens=4, preference="calm")
+        w.submit(late)
+        results = await asyncio.gather(*(_collect(j) for j in jobs + [late]))
+        return jobs + [late], head, results
+
+    f0 = backend.forward_count
+    w.start()
+    try:
+        jobs, head, results = asyncio.run(run())
+    finally:
+        w.stop()
+    used = backend.forward_count - f0
+    texts = [r[0] for r in results]
+    texts[0] = head[1] + texts[0]
+    alone_forwards = 0
+    for j, text in zip(jobs, texts):
+        f1 = backend.forward_count
+        assert text == _alone(backend, methods[j.method], j.request.prompt[0]["content"], j.max_tokens,
+                              j.request.preference), j.method
+        alone_forwards += backend.forward_count - f1
+    assert w.stats.max_methods_in_forward >= 3
+    assert w.stats.max_cohort_rows >= 4
+    assert w.stats.forwards == w.stats.steps  # every round: exactly one forward of the one model
+    assert used < alone_forwards  # the rows shared forwards
