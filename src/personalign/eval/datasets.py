@@ -24,10 +24,12 @@ import gzip
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from personalign.records import DatasetError, Pair, pair_fields, read_records, short_repr, text_field
 
 __all__ = [
     "DatasetError", "PromptRecord", "PreferencePair", "PairReport", "DSP_DOMAINS", "DSP_USERS",
@@ -44,10 +46,6 @@ _ASSISTANT = "\n\nAssistant:"
 _PROMPT_KEYS = ("prompt", "question", "query", "instruction")
 
 
-class DatasetError(ValueError):
-    """A malformed file or record; the message names the file, line and field."""
-
-
 @dataclass(frozen=True)
 class PromptRecord:
     id: str
@@ -55,121 +53,17 @@ class PromptRecord:
 
 
 @dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(Pair):
     """One comparison: ``chosen`` is preferred to ``rejected`` for ``prompt`` (by ``user_id``)."""
 
-    prompt: str
-    chosen: str
-    rejected: str
     user_id: str | None = None
     user_text: str | None = None
     preference: str | None = None
     origin: str = field(default="", compare=False)  # "file:line", for reports
 
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
-        for k in ("user_id", "user_text", "preference"):
-            if getattr(self, k) is not None:
-                d[k] = getattr(self, k)
-        return d
-
-
-# ----------------------------------------------------------------------------- reading
-def _open_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read file ({e.strerror or e}).") from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except OSError as e:
-            raise DatasetError(f"{path}: not a valid gzip file ({e}).") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}).") from None
-
-
-def _line_of(text: str, pos: int) -> int:
-    return text.count("\n", 0, pos) + 1
-
-
-def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, record)`` from a JSON array or a JSONL file (``.gz`` allowed).
-
-    ``line`` is the 1-based line where the record starts. A JSON object at the top level that wraps a
-    list (``{"data": [...]}``, ``{"preferences": ...}``) is not a record file and is rejected.
-    """
-    path = Path(path)
-    text = _open_text(path)
-    stripped = text.lstrip()
-    if not stripped:
-        raise DatasetError(f"{path}: file is empty; expected a JSON array or JSON lines.")
-    dec = json.JSONDecoder()
-    if stripped[0] == "[":
-        yield from _iter_array(path, text, dec)
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj, end = dec.raw_decode(line.strip())
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno}).") from None
-        if line.strip()[end:].strip():
-            raise DatasetError(f"{path}:{i}: extra text after the JSON record; expected one record per line.")
-        yield i, obj
-
-
-def _iter_array(path: Path, text: str, dec: json.JSONDecoder) -> Iterator[tuple[int, Any]]:
-    pos = text.index("[") + 1
-    n = len(text)
-
-    def skip_ws(p: int) -> int:
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip_ws(pos)
-    if pos < n and text[pos] == "]":
-        return
-    while True:
-        try:
-            obj, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
-        yield _line_of(text, pos), obj
-        pos = skip_ws(end)
-        if pos >= n:
-            raise DatasetError(f"{path}:{_line_of(text, n)}: JSON array is not closed with ']'.")
-        if text[pos] == "]":
-            if text[pos + 1 :].strip():
-                raise DatasetError(f"{path}:{_line_of(text, pos)}: extra text after the JSON array.")
-            return
-        if text[pos] != ",":
-            raise DatasetError(f"{path}:{_line_of(text, pos)}: expected ',' or ']' between records.")
-        pos = skip_ws(pos + 1)
-
 
 def _where(path: Path | str, line: int) -> str:
     return f"{path}:{line}"
-
-
-def _string_field(rec: dict, key: str, where: str, *, required: bool = True) -> str | None:
-    if key not in rec or rec[key] is None:
-        if required:
-            raise DatasetError(f"{where}: missing field `{key}` (a non-empty string).")
-        return None
-    v = rec[key]
-    if not isinstance(v, str) or (required and not v.strip()):
-        raise DatasetError(f"{where}: field `{key}` must be a non-empty string, got {_short(v)}.")
-    return v
-
-
-def _short(v: Any) -> str:
-    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -184,14 +78,14 @@ def load_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptRe
         if isinstance(rec, str):
             rec = {"prompt": rec}
         if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: a prompt record must be an object or a string, got {_short(rec)}.")
+            raise DatasetError(f"{where}: a prompt record must be an object or a string, got {short_repr(rec)}.")
         key = next((k for k in _PROMPT_KEYS if k in rec), None)
         if key is None:
             raise DatasetError(f"{where}: missing field `prompt` (or `question`/`query`), a non-empty string.")
-        text = _string_field(rec, key, where)
+        text = text_field(rec, key, where)
         rid = rec.get("id", rec.get("index", pos))
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise DatasetError(f"{where}: field `id` must be a string or an integer, got {_short(rid)}.")
+            raise DatasetError(f"{where}: field `id` must be a string or an integer, got {short_repr(rid)}.")
         rid = str(rid)
         if rid in seen:
             raise DatasetError(f"{where}: duplicate `id` {rid!r} (first on line {seen[rid]}).")
@@ -218,7 +112,7 @@ def detect_layout(rec: Any) -> str:
             return "prompts"
     if isinstance(rec, str):
         return "prompts"
-    raise ValueError(f"cannot tell the layout of record {_short(rec)}; expected one of {', '.join(LAYOUTS)}.")
+    raise ValueError(f"cannot tell the layout of record {short_repr(rec)}; expected one of {', '.join(LAYOUTS)}.")
 
 
 def load_pairs(path: str | Path, *, layout: str = "auto", users: Sequence[str] = DSP_USERS,
@@ -263,7 +157,7 @@ def _parse_pair_record(rec: Any, where: str, layout: str, users: Sequence[str], 
             raise DatasetError(f"{where}: this is a prompt record, not a preference pair "
                                "(expected `chosen` and `rejected`, or DSP `responses`).")
     if not isinstance(rec, dict):
-        raise DatasetError(f"{where}: a {lay} record must be a JSON object, got {_short(rec)}.")
+        raise DatasetError(f"{where}: a {lay} record must be a JSON object, got {short_repr(rec)}.")
     if lay == "trl":
         pairs.append(_trl_pair(rec, where))
     elif lay == "dsp":
@@ -274,18 +168,7 @@ def _parse_pair_record(rec: Any, where: str, layout: str, users: Sequence[str], 
 
 
 def _trl_pair(rec: dict, where: str) -> PreferencePair:
-    for k in ("prompt", "chosen", "rejected"):
-        _string_field(rec, k, where)
-    extra = {}
-    for k in ("user_id", "user_text", "preference"):
-        v = rec.get(k)
-        if v is not None:
-            if isinstance(v, int) and not isinstance(v, bool) and k == "user_id":
-                v = str(v)
-            if not isinstance(v, str):
-                raise DatasetError(f"{where}: field `{k}` must be a string, got {_short(v)}.")
-        extra[k] = v
-    return PreferencePair(prompt=rec["prompt"], chosen=rec["chosen"], rejected=rec["rejected"], origin=where, **extra)
+    return PreferencePair(**pair_fields(rec, where), origin=where)  # type: ignore[arg-type]
 
 
 def dsp_to_pairs(records: Iterable[dict], *, users: Sequence[str] = DSP_USERS, where: str = "") -> list[PreferencePair]:
@@ -295,7 +178,7 @@ def dsp_to_pairs(records: Iterable[dict], *, users: Sequence[str] = DSP_USERS, w
         raise ValueError(f"`users` must be DSP domains {DSP_DOMAINS}, got {bad}.")
     out = []
     for rec in records:
-        q = _string_field(rec, "query", where)
+        q = text_field(rec, "query", where)
         resp = rec.get("responses")
         if not isinstance(resp, dict):
             raise DatasetError(f"{where}: field `responses` must be an object with keys {', '.join(DSP_DOMAINS)}.")
@@ -303,7 +186,7 @@ def dsp_to_pairs(records: Iterable[dict], *, users: Sequence[str] = DSP_USERS, w
             if d not in resp:
                 raise DatasetError(f"{where}: missing field `responses.{d}` (a non-empty string).")
             if not isinstance(resp[d], str) or not resp[d].strip():
-                raise DatasetError(f"{where}: field `responses.{d}` must be a non-empty string, got {_short(resp[d])}.")
+                raise DatasetError(f"{where}: field `responses.{d}` must be a non-empty string, got {short_repr(resp[d])}.")
         for u in users:
             for other in DSP_DOMAINS:
                 if other != u:
@@ -326,14 +209,14 @@ def pairs_to_dsp(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
                              f"({p.origin or 'pair'}).")
         r = by_q.setdefault(p.prompt, {})
         if r.get(p.user_id, p.chosen) != p.chosen:
-            raise ValueError(f"user {p.user_id!r} chose two different responses for query {_short(p.prompt)}.")
+            raise ValueError(f"user {p.user_id!r} chose two different responses for query {short_repr(p.prompt)}.")
         r[p.user_id] = p.chosen
         rejected[p.prompt].add(p.rejected)
     out = []
     for q, r in by_q.items():
         normal = rejected[q] - set(r.values())
         if len(normal) != 1 or len(r) != len(DSP_USERS):
-            raise ValueError(f"query {_short(q)} does not determine all five DSP responses "
+            raise ValueError(f"query {short_repr(q)} does not determine all five DSP responses "
                              f"(users {sorted(r)}, {len(normal)} unchosen responses).")
         r["normal"] = normal.pop()
         out.append({"query": q, "responses": {d: r[d] for d in DSP_DOMAINS}})
@@ -358,16 +241,16 @@ def _hh_pair(rec: dict, where: str) -> PreferencePair:
     if "text" in rec:
         texts = rec["text"]
         if not isinstance(texts, list) or len(texts) != 2 or not all(isinstance(t, str) and t for t in texts):
-            raise DatasetError(f"{where}: field `text` must be a list of two non-empty dialogues, got {_short(texts)}.")
+            raise DatasetError(f"{where}: field `text` must be a list of two non-empty dialogues, got {short_repr(texts)}.")
         a, b = texts
         score = rec.get("score")
         if score is not None:
             if not (isinstance(score, list) and len(score) == 2 and all(isinstance(s, (int, float)) for s in score)):
-                raise DatasetError(f"{where}: field `score` must be a list of two numbers, got {_short(score)}.")
+                raise DatasetError(f"{where}: field `score` must be a list of two numbers, got {short_repr(score)}.")
             if score[1] > score[0]:
                 a, b = b, a
     else:
-        a, b = _string_field(rec, "chosen", where), _string_field(rec, "rejected", where)
+        a, b = text_field(rec, "chosen", where), text_field(rec, "rejected", where)
     try:
         prompt, c, r = split_hh_dialogue(a, b)  # type: ignore[arg-type]
     except ValueError as e:

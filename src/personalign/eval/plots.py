@@ -34,6 +34,14 @@ def _num(x: Any) -> float:
     return float(x) if x is not None and math.isfinite(float(x)) else float("nan")
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: str | Path) -> None:
+    """Legend, layout, write ``path`` (110 dpi) and free the figure: every plot ends the same way."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_preference_bars(summary: Sequence[dict], model: str, metric: str, methods: Sequence[str],
                          preferences: Sequence[str], path: str | Path) -> bool:
     """Bars of ``metric`` per preference and method; False (nothing written) when there is no data."""
@@ -54,10 +62,7 @@ def plot_preference_bars(summary: Sequence[dict], model: str, metric: str, metho
     ax.set_xticks(range(len(prefs)), prefs)
     ax.set_ylabel(f"{metric} ({'higher' if hib else 'lower'} is better)" if hib is not None else metric)
     ax.set_title(f"{model}: {metric} by preference (95% CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
     return True
 
 
@@ -108,8 +113,5 @@ def plot_tradeoff(summary: Sequence[dict], model: str, x_metric: str, y_metric: 
     ax.set_xlabel(f"{x_metric} ({'higher' if hx else 'lower'} is better)")
     ax.set_ylabel(f"{y_metric} ({'higher' if hy else 'lower'} is better)")
     ax.set_title(f"{model}: {x_metric} vs {y_metric} per preference (ringed: non-dominated)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
     return True

@@ -55,10 +55,8 @@ from typing import Any
 
 import torch
 
-from personalign.methods.api import METHODS, DecodeState, TokenMethod
-from personalign.methods.preference_prompting import require_preference
-from personalign.personas.prompts import build_prompt_ids
-from personalign.types import Request, ViewSpec
+from personalign.methods.api import METHODS, DecodeState
+from personalign.methods.prompt_views import PairViewMethod, build_pair_views
 
 __all__ = [
     "AmuletConfig",
@@ -206,26 +204,12 @@ def _per_row(B: int, dev: torch.device, dtype: torch.dtype, iterations: Any, *pa
     return out
 
 
-def build_pair_views(method: str, request: Request, backend: Any, chat_template: bool) -> list[ViewSpec]:
-    """[preference-prompted view, plain view] of one request (the preference as system message)."""
-    pref = require_preference(request, method)
-    tok = backend.tokenizer()
-    return [
-        ViewSpec(prompt_ids=build_prompt_ids(tok, request.prompt, system=pref, chat_template=chat_template),
-                 role="preference"),
-        ViewSpec(prompt_ids=build_prompt_ids(tok, request.prompt, chat_template=chat_template), role="base"),
-    ]
-
-
-class AmuletMethod(TokenMethod):
+class AmuletMethod(PairViewMethod):
     """Amulet: π_1 (preference prompt) realigned away from π_base by T closed-form iterations."""
 
     name = "amulet"
     Config = AmuletConfig
     bench_note = "T = 60, α = λ = 2, η = 10; two views (preference, plain) in one batched forward"
-
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
-        return build_pair_views(self.name, request, backend, chat_template)
 
     def prepare(self, state: DecodeState, backend: Any) -> None:
         dev = state.views.last_logprobs.device

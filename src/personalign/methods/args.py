@@ -41,7 +41,7 @@ from personalign.eval.reward import (
 )
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.best_of_n import add_reward_arguments, bench_scorer, scorer_from_cli
-from personalign.methods.preference_prompting import require_preference
+from personalign.methods.prompt_views import require_preference
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, StepOutput, ViewSpec
 

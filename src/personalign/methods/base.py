@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from personalign.methods.api import METHODS, DecodeState, TokenMethod
-from personalign.personas.prompts import build_prompt_ids
+from personalign.methods.prompt_views import plain_view
 from personalign.types import Request, ViewSpec
 
 __all__ = ["BaseMethod"]
@@ -23,8 +23,7 @@ class BaseMethod(TokenMethod):
     name = "base"
 
     def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
-        ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
-        return [ViewSpec(prompt_ids=ids, role="base")]
+        return [plain_view(request, backend, chat_template)]
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return logprobs[:, 0]

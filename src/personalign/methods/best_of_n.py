@@ -22,8 +22,7 @@ from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
 from personalign.eval.reward import PersRMScorer, RewardScorer, prompt_text
 from personalign.methods.api import METHODS, DecodeState, Method
-from personalign.methods.preference_prompting import require_preference
-from personalign.personas.prompts import build_prompt_ids
+from personalign.methods.prompt_views import plain_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
 
 __all__ = ["BestOfNConfig", "BestOfNMethod"]
@@ -79,8 +78,7 @@ class BestOfNMethod(Method):
             raise ValueError("method 'best_of_n' needs a reward scorer: pass scorer= (CLI: --reward-model or --persrm).")
         if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
             require_preference(request, self.name)  # the PersRM scores with the request's preference
-        ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
-        return [ViewSpec(prompt_ids=ids, role="base")]
+        return [plain_view(request, backend, chat_template)]
 
     def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
         if state.extra.get("chosen"):

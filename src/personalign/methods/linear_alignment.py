@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from personalign.methods.amulet import BASE_LOGPROB_FLOOR, build_pair_views
-from personalign.methods.api import METHODS, DecodeState, TokenMethod
+from personalign.methods.amulet import BASE_LOGPROB_FLOOR
+from personalign.methods.api import METHODS, DecodeState
 from personalign.methods.ops import nucleus_mask
-from personalign.types import Request, ViewSpec
+from personalign.methods.prompt_views import PairViewMethod
 
 __all__ = ["LinearAlignmentConfig", "LinearAlignmentMethod", "linear_align", "nucleus_keep"]
 
@@ -104,15 +104,12 @@ def nucleus_keep(logprobs: torch.Tensor, p: torch.Tensor, k: int = 256) -> torch
     return keep
 
 
-class LinearAlignmentMethod(TokenMethod):
+class LinearAlignmentMethod(PairViewMethod):
     """Linear Alignment: π_1 pushed linearly away from π_base inside π_1's nucleus."""
 
     name = "linear_alignment"
     Config = LinearAlignmentConfig
     bench_note = "r = 1, top-p 0.9; two views (preference, plain) in one batched forward"
-
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
-        return build_pair_views(self.name, request, backend, chat_template)
 
     def prepare(self, state: DecodeState, backend: Any) -> None:
         dev = state.views.last_logprobs.device

@@ -37,7 +37,7 @@ import torch
 
 from personalign.decoding.sampling import sample
 from personalign.methods.api import METHODS, DecodeState, Method
-from personalign.methods.preference_prompting import require_preference
+from personalign.methods.prompt_views import require_preference
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.persrm.model import (
     ADAPTER,

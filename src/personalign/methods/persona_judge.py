@@ -51,8 +51,7 @@ import torch
 from personalign.decoding.sampling import SamplingParams, apply_temperature, top_k_mask, top_p_mask
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.ops import greedy_accept, speculative_accept
-from personalign.methods.preference_prompting import require_preference
-from personalign.personas.prompts import build_prompt_ids
+from personalign.methods.prompt_views import preference_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
 
 __all__ = ["PersonaJudgeConfig", "PersonaJudgeMethod", "round_roles", "sampling_probs"]
@@ -169,9 +168,8 @@ class PersonaJudgeMethod(Method):
                 "under another (e.g. --param second_preference='Generate a concise response.')."
             )
         prefs = [first, config.second_preference.strip(), *(e.strip() for e in config.extra_preferences)]
-        tok = backend.tokenizer()
-        specs = [ViewSpec(prompt_ids=build_prompt_ids(tok, request.prompt, system=p, chat_template=chat_template),
-                          role=f"preference:{i}") for i, p in enumerate(prefs)]
+        specs = [preference_view(request, p, backend, chat_template, role=f"preference:{i}")
+                 for i, p in enumerate(prefs)]
         if len({s.prompt_ids for s in specs}) < len(specs):
             logger.warning("persona_judge: some preference views are identical; their rounds accept every draft "
                            "and reduce to decoding under that prompt")

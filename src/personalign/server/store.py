@@ -306,14 +306,7 @@ class Store:
         was used for different content, ``ProfileConflict`` when the profile's version moved on.
         """
         def fn(s: Session) -> StoredFeedback:
-            if profile_update is not None:
-                res = s.execute(
-                    update(Profile)
-                    .where(Profile.owner == owner, Profile.user_id == fb.user_id, Profile.version == expect_version)
-                    .values(**profile_update, version=Profile.version + 1, updated_at=time.time())
-                )
-                if res.rowcount != 1:
-                    raise ProfileConflict(fb.user_id)
+            _apply_profile_update(s, owner, fb.user_id, profile_update, expect_version)
             row = Feedback(owner=owner, feedback_id=fb.feedback_id, user_id=fb.user_id, prompt=fb.prompt,
                            chosen=fb.chosen, rejected=fb.rejected, completion_id=fb.completion_id,
                            folded=fb.folded, created_at=fb.created_at)
@@ -337,17 +330,27 @@ class Store:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
             if f is None:
                 return False
-            if profile_update is not None:
-                res = s.execute(
-                    update(Profile)
-                    .where(Profile.owner == owner, Profile.user_id == f.user_id, Profile.version == expect_version)
-                    .values(**profile_update, version=Profile.version + 1, updated_at=time.time())
-                )
-                if res.rowcount != 1:
-                    raise ProfileConflict(f.user_id)
+            _apply_profile_update(s, owner, f.user_id, profile_update, expect_version)
             s.delete(f)
             return True
         return self._tx(fn)
+
+
+def _apply_profile_update(s: Session, owner: str, user_id: str, profile_update: dict[str, Any] | None,
+                          expect_version: int | None) -> None:
+    """Set ``profile_update`` on the profile if it is still at ``expect_version`` (and bump the version).
+
+    No-op without an update; ``ProfileConflict`` when the version moved on (or the profile is gone).
+    """
+    if profile_update is None:
+        return
+    res = s.execute(
+        update(Profile)
+        .where(Profile.owner == owner, Profile.user_id == user_id, Profile.version == expect_version)
+        .values(**profile_update, version=Profile.version + 1, updated_at=time.time())
+    )
+    if res.rowcount != 1:
+        raise ProfileConflict(user_id)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

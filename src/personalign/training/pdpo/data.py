@@ -22,34 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from personalign.personas.prompts import build_prompt_ids
+from personalign.records import Pair, PairWording, read_pair_records
 from personalign.training.user_model import encode_user_text
 
 __all__ = ["PreferencePair", "TokenizedPair", "load_pairs", "write_pairs", "tokenize_pairs"]
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED = ("prompt", "chosen", "rejected")
-_KNOWN = {"prompt", "chosen", "rejected", "user_id", "user_text", "group"}
+_OPTIONAL = ("user_id", "user_text", "group")
+_WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
+                       not_object="each line must be a JSON object, got {type}.",
+                       missing="`{key}` must be a non-empty string, got None.",
+                       not_text="`{key}` must be a non-empty string, got {value}.",
+                       not_string="`{key}` must be a string, got {value}.")
 
 
 @dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(Pair):
     """One personalized comparison: ``chosen`` is preferred to ``rejected`` by ``user_id``."""
 
-    prompt: str
-    chosen: str
-    rejected: str
     user_id: str | None = None
     user_text: str | None = None
     group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected, "user_id": self.user_id}
-        if self.user_text is not None:
-            d["user_text"] = self.user_text
-        if self.group is not None:
-            d["group"] = self.group
-        return d
+        return {**super().to_dict(), "user_id": self.user_id}
 
 
 @dataclass(frozen=True)
@@ -64,48 +61,20 @@ class TokenizedPair:
     group: str | None = None
 
 
-def _parse(obj: Any, where: str, require_user: bool) -> PreferencePair:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: each line must be a JSON object, got {type(obj).__name__}.")
-    unknown = sorted(set(obj) - _KNOWN)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; expected {sorted(_KNOWN)}.")
-    for k in _REQUIRED:
-        if not isinstance(obj.get(k), str) or not obj[k].strip():
-            raise ValueError(f"{where}: `{k}` must be a non-empty string, got {obj.get(k)!r}.")
-    uid = obj.get("user_id")
-    if uid is not None and (isinstance(uid, bool) or not isinstance(uid, (str, int)) or not str(uid).strip()):
-        raise ValueError(f"{where}: `user_id` must be a non-empty string or an integer, got {uid!r}.")
-    if require_user and uid is None:
-        raise ValueError(f"{where}: `user_id` is required in training pairs (the annotator's identifier).")
-    text = obj.get("user_text")
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: `user_text` must be a string, got {type(text).__name__}.")
-    group = obj.get("group")
-    if group is not None and not isinstance(group, (str, int)):
-        raise ValueError(f"{where}: `group` must be a string, got {group!r}.")
-    return PreferencePair(prompt=obj["prompt"], chosen=obj["chosen"], rejected=obj["rejected"],
-                          user_id=None if uid is None else str(uid), user_text=text,
-                          group=None if group is None else str(group))
-
-
 def load_pairs(path: str | Path, *, require_user: bool = True) -> list[PreferencePair]:
-    """Read a JSONL file of pairs; malformed lines raise ``ValueError`` naming ``file:line`` and field."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"`pairs` file {str(p)!r} does not exist.")
+    """Read a pairs file (JSON lines or a JSON array); malformed records raise ``ValueError`` naming ``file:line`` and field.
+
+    Fields other than prompt, chosen, rejected, user_id, user_text and group are errors; with
+    ``require_user`` every pair needs a ``user_id``.
+    """
     out = []
-    with p.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg}).") from None
-            out.append(_parse(obj, f"{p}:{n}", require_user))
-    if not out:
-        raise ValueError(f"`pairs` file {str(p)!r} holds no pairs.")
+    for where, rec in read_pair_records(path, optional=_OPTIONAL, strict=True, wording=_WORDING):
+        uid = rec["user_id"]
+        if uid is not None and not uid.strip():
+            raise ValueError(f"{where}: `user_id` must be a non-empty string or an integer, got {uid!r}.")
+        if require_user and uid is None:
+            raise ValueError(f"{where}: `user_id` is required in training pairs (the annotator's identifier).")
+        out.append(PreferencePair(**rec))  # type: ignore[arg-type]
     return out
 
 

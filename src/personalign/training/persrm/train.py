@@ -1,6 +1,6 @@
 """Two-stage PersRM training (seed 000, Algorithm 1), one readable loop on ``accelerate``.
 
-Data: JSONL, one pair per line ``{"prompt", "chosen", "rejected", "preference"}``.
+Data: JSONL (or a JSON array), one pair per line ``{"prompt", "chosen", "rejected", "preference"}``.
 
 * Stage 1 — w_p ← 1, the value head frozen: train the LoRA adapter π_θ with the Eq. 9 loss (with
   w_p = 1 that is DPO on the preference-conditioned pairs).
@@ -15,7 +15,6 @@ mixed precision and device placement come from ``Accelerator``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -26,47 +25,33 @@ from typing import Any
 
 import torch
 
+from personalign.records import PAIR_TEXTS, Pair, PairWording, read_pair_records
 from personalign.training.persrm.loss import persrm_loss, persrm_margins
 from personalign.training.persrm.model import PersRM, persrm_prompt_ids
 
 __all__ = ["PairRecord", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs"]
 
 logger = logging.getLogger(__name__)
-_FIELDS = ("prompt", "chosen", "rejected", "preference")
+_FIELDS = (*PAIR_TEXTS, "preference")
+_WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
+                       not_object="expected an object {{prompt, chosen, rejected, preference}}.",
+                       missing="`{key}` must be a non-empty string (a PAD pair is prompt, chosen, rejected and the "
+                               "preference it answers: one reward model learns all preferences), got None.",
+                       not_text="`{key}` must be a non-empty string, got {value}.")
 
 
 @dataclass(frozen=True)
-class PairRecord:
-    prompt: str
-    chosen: str
-    rejected: str
+class PairRecord(Pair):
     preference: str
 
 
 def read_pairs(path: str | Path) -> list[PairRecord]:
-    """Read a pairs JSONL; a malformed line raises ``ValueError`` naming the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"`pairs` file {str(p)!r} does not exist.")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{n}: not valid JSON ({e.msg}).") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{p}:{n}: expected an object {{prompt, chosen, rejected, preference}}.")
-        for f in _FIELDS:
-            v = rec.get(f)
-            if not isinstance(v, str) or not v.strip():
-                what = "a preference (PAD trains one reward model for all preferences)" if f == "preference" else "text"
-                raise ValueError(f"{p}:{n}: `{f}` must be a non-empty string ({what}), got {v!r}.")
-        out.append(PairRecord(*(rec[f] for f in _FIELDS)))
-    if not out:
-        raise ValueError(f"`pairs` file {str(p)!r} holds no pairs.")
-    return out
+    """Read a pairs file (JSON lines or a JSON array) of ``{prompt, chosen, rejected, preference}``.
+
+    A malformed record raises ``ValueError`` naming the file, line and field; other fields are ignored.
+    """
+    return [PairRecord(**rec) for _, rec in read_pair_records(path, required=_FIELDS, optional=(),  # type: ignore[arg-type]
+                                                               wording=_WORDING)]
 
 
 @dataclass(frozen=True, kw_only=True)
