@@ -169,9 +169,8 @@ def scorer_from_cli(args: Any, backend: Any) -> RewardScorer:
     if getattr(args, "persrm", None):
         from personalign.methods.pad import load_persrm_for
 
-        if not getattr(args, "preference", None):
-            raise ValueError("a PersRM reward needs `--preference TEXT`.")
-        return PersRMScorer(load_persrm_for(backend, args.persrm), args.preference)
+        # without --preference each request's own preference is scored (the evaluation harness)
+        return PersRMScorer(load_persrm_for(backend, args.persrm), getattr(args, "preference", None) or None)
     raise ValueError("this method needs a reward model: `--reward-model PATH` or `--persrm DIR`.")
 
 

@@ -207,8 +207,7 @@ class PADMethod(Method):
     def from_cli(cls, args: Any, params: Any, backend: Any) -> Method:
         if not getattr(args, "persrm", None):
             raise ValueError("method 'pad' needs `--persrm DIR` (a checkpoint from `personalign train pad`).")
-        if not getattr(args, "preference", None):
-            raise ValueError("method 'pad' needs `--preference TEXT`.")
+        # each request carries its preference (required per request by build_views)
         return cls(cls.from_params(params).config, persrm=load_persrm_for(backend, args.persrm))
 
     @classmethod
