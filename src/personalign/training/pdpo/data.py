@@ -3,6 +3,8 @@
 One line per comparison ``(x, y_1 > y_2, u)`` (paper Section 4.1): ``user_id`` is the annotator's
 identifier ``u_p``, ``user_text`` the optional textual information ``u_t``, ``group`` an optional label
 (e.g. majority / minority) used only to average per-user accuracies by group (paper App. C.3).
+A ``preference`` field (the preference text of the TRL layout written by ``eval.datasets``) is
+accepted and not used: P-DPO learns the user from ``user_id`` and ``user_text``.
 
 Tokenization: the prompt goes through ``build_prompt_ids`` (chat template when the tokenizer has one,
 else ``tokenizer(prompt)``); a response is ``tokenizer(response, add_special_tokens=False) + [EOS]``
@@ -29,7 +31,7 @@ __all__ = ["PreferencePair", "TokenizedPair", "load_pairs", "write_pairs", "toke
 logger = logging.getLogger(__name__)
 
 _REQUIRED = ("prompt", "chosen", "rejected")
-_KNOWN = {"prompt", "chosen", "rejected", "user_id", "user_text", "group"}
+_KNOWN = {"prompt", "chosen", "rejected", "user_id", "user_text", "group", "preference"}  # preference: ignored
 
 
 @dataclass(frozen=True)
