@@ -168,6 +168,13 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
     assert set(cfg.targets) == set(cfg.preferences)
     assert cfg.judge is not None and cfg.judge.kind == "local" and cfg.judge.reference == "preference_prompting"
     assert {"base", "preference_prompting"} <= {m.name for m in cfg.methods}
+    from personalign.methods import method_names
+
+    # every registered decoding method but args (its uncached PersRM text reward does not fit the CPU run)
+    assert set(method_names()) - {m.name for m in cfg.methods} <= {"args"}
+    by_name = {m.name: m for m in cfg.methods}
+    assert by_name["drift"].request_params["profile"].endswith("drift_${preference}.json")
+    assert by_name["pdpo"].request_params["user"] == "${preference}"
 
 
 def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
