@@ -293,3 +293,17 @@ def test_method_with_cli_inputs_runs_on_its_own_copy_of_the_model(tmp_path, tiny
                             judge=None), models={"tiny": lm})
     assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in before.items())
     assert [g["text"] for g in both.generations if g["method"] == "base"] == [g["text"] for g in alone.generations]
+
+
+def test_judge_covers_only_the_configured_prompts(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
+    """A run with a smaller `prompts.limit` reuses the earlier generations of its prompts and judges only
+    those: generations of prompts outside the limit (from an earlier, larger run) are neither judged nor tabled."""
+    import dataclasses
+
+    lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
+    cfg = _config(tmp_path, tiny_dir)
+    run_eval(dataclasses.replace(cfg, judge=None), models={"tiny": lm})  # 3 prompts generated, nothing judged
+    res = run_eval(dataclasses.replace(cfg, prompts_limit=2), models={"tiny": lm})
+    assert res.generated_now == 0 and len(res.generations) == 2 * 2 * 2
+    judged = [json.loads(x) for x in (res.output_dir / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((j["preference_id"], j["prompt_id"]) for j in judged) == [("F", "0"), ("F", "1"), ("K", "0"), ("K", "1")]

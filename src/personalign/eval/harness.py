@@ -351,7 +351,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None, models: d
         for spec in cfg.methods:
             n_new += _generate_method(cfg, model, main, spec, prompts, done, gpath, budget, env_methods)
         if cfg.judge is not None and budget[0] != 0:
-            _judge_all(cfg, model, main, done, jpath, judged, out, cache)
+            current = {g["key"]: g for g in _current(cfg, prompts, done)}  # not other runs' prompts
+            _judge_all(cfg, model, main, current, jpath, judged, out, cache)
     say(f"{n_new} items generated in this run")
     gens = _current(cfg, prompts, done)
     judgments = _current_judgments(cfg, gens, judged)
