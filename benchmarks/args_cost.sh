@@ -7,6 +7,6 @@ mapfile -t Q < <(python3 -c "import json;[print(r['prompt']) for r in json.load(
 for N in 1 4; do
   s=$(date +%s.%N)
   PYTHONPATH=src nice -n 10 python -m personalign generate --model smollm2 --method args --persrm runs/psoups/persrm \
-    --param k=10 --preference "$P" --max-new-tokens $N --prompt "${Q[0]}" --prompt "${Q[1]}" --prompt "${Q[2]}" --prompt "${Q[3]}" --prompt "${Q[4]}" > /dev/null 2>&1
+    --param k=10 --preference "$P" --max-new-tokens $N --prompt "${Q[0]}" --prompt "${Q[1]}" --prompt "${Q[2]}" --prompt "${Q[3]}" --prompt "${Q[4]}" > /dev/null 2>&1 || { echo "generate failed"; exit 1; }
   echo "max_new_tokens=$N wall_s=$(python3 -c "print(round($(date +%s.%N)-$s,1))")"
 done
