@@ -5,7 +5,7 @@ preference of a dimension; for preference X the answer written under X is *chose
 written under the opposite preference of the same dimension (P1A <-> P1B, P2A <-> P2B, P3A <-> P3B)
 is *rejected*. The answers come from ``preference_prompting`` (the preference as the system
 message), greedy or seeded sampling, on TRAINING prompts that are not the Koala evaluation prompts
-(default: the first 40 of HelpSteer_train.json).
+(default: the first 40 of HelpSteer_train.json; the CPU quality benchmark used the first 20).
 
 Outputs (TRL layout, read back with ``personalign.eval.datasets.load_pairs``)::
 
@@ -14,7 +14,7 @@ Outputs (TRL layout, read back with ``personalign.eval.datasets.load_pairs``)::
     OUT/answers.json          the raw answers, settings, environment and date
 
     PYTHONPATH=src OMP_NUM_THREADS=2 nice -n 10 python benchmarks/psoups_pairs.py \\
-        --n-prompts 40 --max-new-tokens 64 --out runs/psoups
+        --n-prompts 20 --max-new-tokens 48 --batch-size 120 --out runs/psoups
 """
 
 from __future__ import annotations
