@@ -168,6 +168,13 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
     assert set(cfg.targets) == set(cfg.preferences)
     assert cfg.judge is not None and cfg.judge.kind == "local" and cfg.judge.reference == "preference_prompting"
     assert {"base", "preference_prompting"} <= {m.name for m in cfg.methods}
+    from personalign.methods import method_names
+
+    # every registered decoding method but args (its uncached PersRM text reward does not fit the CPU run)
+    assert set(method_names()) - {m.name for m in cfg.methods} <= {"args"}
+    by_name = {m.name: m for m in cfg.methods}
+    assert by_name["drift"].request_params["profile"].endswith("drift_${preference}.json")
+    assert by_name["pdpo"].request_params["user"] == "${preference}"
 
 
 def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
@@ -206,3 +213,97 @@ def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_d
     res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
     assert seen == {"profile": "likes cats", "models": ["main", "steer"]}
     assert len(res.generations) == 6 and {g["method_name"] for g in res.generations} == {"needs_inputs"}
+
+
+def test_request_params_expand_per_preference_and_share_batches(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+                                                                monkeypatch):
+    """`request_params` reach each request's row config with ${preference} / ${preference_text} / ${ENV}
+    expanded for that request's preference, while the preferences still share one batch."""
+    from dataclasses import dataclass
+
+    from personalign.methods import METHODS
+    from personalign.methods.base import BaseMethod
+
+    @dataclass(frozen=True, kw_only=True)
+    class TagConfig:
+        tag: str | None = None
+        words: tuple | list | None = None
+
+    rows: list = []
+
+    class Tagged(BaseMethod):
+        name = "tagged"
+        Config = TagConfig
+
+        def build_views(self, request, config, backend, chat_template):
+            rows.append((request.preference, config.tag, tuple(config.words)))
+            return super().build_views(request, config, backend, chat_template)
+
+    monkeypatch.setitem(METHODS._entries, "tagged", Tagged)
+    monkeypatch.setenv("TAG_ROOT", "/data")
+    entry = {"name": "tagged", "request_params": {"tag": "${TAG_ROOT}/prof_${preference}.json",
+                                                  "words": ["${preference}", "<${preference_text}>", 3]}}
+    cfg = _config(tmp_path, tiny_dir, methods=[entry], judge=None, generation={"max_new_tokens": 2, "batch_size": 6})
+    res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
+    assert len(res.generations) == 6
+    want = {(text, f"/data/prof_{pid}.json", (pid, f"<{text}>", 3)) for pid, text in PREFS.items()}
+    assert set(rows) == want and len(rows) == 6
+    # one batch of 6 requests holds both preferences (preferences vary fastest)
+    assert len({g["batch_seconds"] for g in res.generations}) == 1
+
+
+@pytest.mark.parametrize(("entry", "msg"), [
+    ({"name": "pdpo", "request_params": {"usr": "${preference}"}}, r"request_params` has unknown keys \['usr'\]"),
+    ({"name": "pdpo", "request_params": {"user": "${NOT_SET_ANYWHERE_42}"}}, "NOT_SET_ANYWHERE_42"),
+    ({"name": "drift", "request_params": "profile.json"}, "must be mappings"),
+])
+def test_request_params_errors(tmp_path, tiny_dir, entry, msg):
+    with pytest.raises(ValueError, match=msg):
+        _config(tmp_path, tiny_dir, methods=[entry], judge=None)
+
+
+def test_method_with_cli_inputs_runs_on_its_own_copy_of_the_model(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+                                                                   monkeypatch):
+    """A method that loads a checkpoint into the model it is given (as pad and pdpo do) must not change
+    the shared model that the next methods and the judge use: base after it decodes as base alone."""
+    import torch
+
+    from personalign.methods import METHODS
+    from personalign.methods.base import BaseMethod
+
+    class Mutates(BaseMethod):
+        name = "mutates"
+
+        @classmethod
+        def add_cli_arguments(cls, parser):
+            parser.add_argument("--checkpoint")
+
+        @classmethod
+        def from_cli(cls, args, params, backend):
+            with torch.no_grad():  # "merge an adapter" into the main model
+                for p in backend.models["main"].parameters():
+                    p.mul_(0.5)
+            return cls.from_params(params)
+
+    monkeypatch.setitem(METHODS._entries, "mutates", Mutates)
+    lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
+    before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
+    alone = run_eval(_config(tmp_path / "a", tiny_dir, methods=["base"], judge=None), models={"tiny": lm})
+    both = run_eval(_config(tmp_path / "b", tiny_dir, methods=[{"name": "mutates", "cli": {"checkpoint": "x"}}, "base"],
+                            judge=None), models={"tiny": lm})
+    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in before.items())
+    assert [g["text"] for g in both.generations if g["method"] == "base"] == [g["text"] for g in alone.generations]
+
+
+def test_judge_covers_only_the_configured_prompts(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
+    """A run with a smaller `prompts.limit` reuses the earlier generations of its prompts and judges only
+    those: generations of prompts outside the limit (from an earlier, larger run) are neither judged nor tabled."""
+    import dataclasses
+
+    lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
+    cfg = _config(tmp_path, tiny_dir)
+    run_eval(dataclasses.replace(cfg, judge=None), models={"tiny": lm})  # 3 prompts generated, nothing judged
+    res = run_eval(dataclasses.replace(cfg, prompts_limit=2), models={"tiny": lm})
+    assert res.generated_now == 0 and len(res.generations) == 2 * 2 * 2
+    judged = [json.loads(x) for x in (res.output_dir / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((j["preference_id"], j["prompt_id"]) for j in judged) == [("F", "0"), ("F", "1"), ("K", "0"), ("K", "1")]

@@ -12,6 +12,8 @@ Example (every key but ``models``, ``methods``, ``prompts`` and ``preferences`` 
       - base
       - preference_prompting
       - {name: drift, label: drift, params: {beta: 1.0}, cli: {profile: prof.json}}
+      - {name: drift, label: drift_own, request_params: {profile: "runs/drift_${preference}.json"}}
+      - {name: pdpo, cli: {checkpoint: runs/pdpo}, request_params: {user: "${preference}"}}
     generation: {max_new_tokens: 96, temperature: 0.0, batch_size: 20, seed: 0}
     metrics: [length, diversity, reading_grade, sentiment, offensiveness,
               {metric: reward, as: rm, scorer: {kind: hf, path: ./my-rm}}]
@@ -25,6 +27,15 @@ other ``${VAR}`` expand from the environment. Relative data paths are taken from
 directory. Method ``params`` go to the method's config dataclass; ``cli`` holds the method's own
 ``personalign generate`` flags (``{profile: FILE}`` -> ``--profile FILE``) for its extra inputs
 (a Drift profile, a PersRM or P-DPO checkpoint); ``cli: {flag: true}`` passes a bare flag.
+The harness passes no ``--preference``: every request carries its own preference text.
+
+``request_params`` are per-request method parameters (``Request.params``, merged over the method's
+config for that row), so one method entry can give each preference its own input while the
+preferences still share batches: in their string values ``${preference}`` expands to the
+preference id (``P1A``) and ``${preference_text}`` to its text; ``${shared}`` and ``${ENV}`` expand
+as in paths. E.g. one Drift profile per preference (``profile: "runs/drift_${preference}.json"``) or
+the P-DPO user id of each preference (``user: "${preference}"``). (``cli`` values are read once per
+method, not per request, so they take no ``${preference}``.)
 """
 
 from __future__ import annotations
@@ -41,21 +52,39 @@ import yaml
 from personalign.config import config_from_mapping
 
 __all__ = ["EvalConfig", "ModelSpec", "MethodSpec", "GenerationSpec", "JudgeSpec", "MetricSpec", "PairMetricSpec",
-           "load_eval_config", "parse_eval_config", "expand_path"]
+           "load_eval_config", "parse_eval_config", "expand_path", "expand_request_params"]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_path(value: str) -> str:
-    """Expand ``${shared}`` and ``${ENV}`` in a path; unknown variables are errors."""
+def expand_path(value: str, extra: Mapping[str, str] | None = None) -> str:
+    """Expand ``${shared}``, the ``extra`` variables and ``${ENV}`` in a path; unknown variables are errors."""
     def sub(m: re.Match) -> str:
         name = m.group(1)
+        if extra is not None and name in extra:
+            return extra[name]
         if name == "shared":
             return os.environ.get("PERSONALIGN_SHARED") or str(Path.cwd().parent / "shared")
         if name not in os.environ:
             raise ValueError(f"path {value!r} uses ${{{name}}}, which is not set in the environment.")
         return os.environ[name]
     return os.path.expanduser(_VAR.sub(sub, value))
+
+
+def expand_request_params(params: Mapping[str, Any], pref_id: str, pref_text: str) -> dict[str, Any]:
+    """A method entry's ``request_params`` for one preference: ``${preference}`` -> ``pref_id``,
+    ``${preference_text}`` -> ``pref_text``, ``${shared}``/``${ENV}`` as in paths, in string values
+    (also inside lists); other values are kept as they are."""
+    extra = {"preference": pref_id, "preference_text": pref_text}
+
+    def one(v: Any) -> Any:
+        if isinstance(v, str):
+            return expand_path(v, extra) if "$" in v or v.startswith("~") else v
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v
+
+    return {str(k): one(v) for k, v in params.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,15 +110,23 @@ class MethodSpec:
     label: str = ""  # label in tables (default: name); must be unique
     params: dict[str, Any] = field(default_factory=dict)  # the method's config fields
     cli: dict[str, Any] = field(default_factory=dict)  # the method's own CLI flags
+    request_params: dict[str, Any] = field(default_factory=dict)  # per request; ${preference} expands
 
     def __post_init__(self) -> None:
         from personalign.methods import get_method
 
-        get_method(self.name)
+        cls = get_method(self.name)
         if not self.label:
             object.__setattr__(self, "label", self.name)
-        if not isinstance(self.params, Mapping) or not isinstance(self.cli, Mapping):
-            raise ValueError(f"`methods[{self.label}].params` and `.cli` must be mappings.")
+        if not all(isinstance(x, Mapping) for x in (self.params, self.cli, self.request_params)):
+            raise ValueError(f"`methods[{self.label}].params`, `.cli` and `.request_params` must be mappings.")
+        fields = getattr(getattr(cls, "Config", None), "__dataclass_fields__", None)
+        if fields is not None:
+            unknown = sorted(set(self.request_params) - set(fields))
+            if unknown:
+                raise ValueError(f"`methods[{self.label}].request_params` has unknown keys {unknown}; "
+                                 f"method {self.name!r} takes {sorted(fields)}.")
+        expand_request_params(self.request_params, "P", "text")  # unknown ${VAR} -> error now, not mid-run
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,13 +14,18 @@ Outputs in ``output_dir``:
 Every method in the registry runs through the same path: the method's own CLI hooks
 (``add_cli_arguments`` / ``extra_models`` / ``from_cli``) receive the config entry's ``cli`` flags,
 so a method needing extra inputs (a profile, a checkpoint) gets them exactly as from
-``personalign generate``.
+``personalign generate``. No ``--preference`` is passed: each request carries its preference, and
+the entry's ``request_params`` (with ``${preference}`` expanded, see ``eval.config``) go into each
+request's ``params``. A method entry with ``cli`` inputs is built on its own copy of the model
+(loading a PersRM or a P-DPO checkpoint injects or merges adapters into the model it is given), so
+the methods after it and the local judge see the untouched model.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -33,7 +38,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from personalign.eval.config import EvalConfig, GenerationSpec, MethodSpec, ModelSpec, expand_path
+from personalign.eval.config import (
+    EvalConfig,
+    GenerationSpec,
+    MethodSpec,
+    ModelSpec,
+    expand_path,
+    expand_request_params,
+)
 from personalign.eval.datasets import PromptRecord, load_pairs, load_prompts
 
 __all__ = ["run_eval", "EvalResult", "build_method", "read_jsonl_records", "item_key"]
@@ -142,7 +154,9 @@ def build_method(spec: MethodSpec, model: ModelSpec, main: Any,
     if load is None:
         def load(path: str, gguf: str | None = None) -> Any:
             return load_model(path, gguf_file=gguf, dtype=model.dtype, device=_device(model))
-    models, toks = {"main": main.model}, {"main": main.tokenizer}
+    # checkpoints may inject or merge adapters into the model they are given: isolate the shared one
+    models = {"main": copy.deepcopy(main.model) if spec.cli else main.model}
+    toks = {"main": main.tokenizer}
     for key, lm in cls.extra_models(args, load).items():
         models[key], toks[key] = lm.model, lm.tokenizer
     backend = HFBackend(models, toks)
@@ -189,8 +203,9 @@ def _generate_method(cfg: EvalConfig, model: ModelSpec, main: Any, spec: MethodS
         if budget[0] == 0:
             break
         batch = todo[s : s + g.batch_size]
-        reqs = [Request(prompt=pr.prompt, preference=ptext, seed=_request_seed(g.seed, key))
-                for key, _, ptext, pr in batch]
+        reqs = [Request(prompt=pr.prompt, preference=ptext, seed=_request_seed(g.seed, key),
+                        params=expand_request_params(spec.request_params, pid, ptext))
+                for key, pid, ptext, pr in batch]
         t0 = time.perf_counter()
         outs: list[Any] = []
         for event in decode(method, reqs, backend, max_new_tokens=g.max_new_tokens, sampling=sampling,
@@ -336,7 +351,8 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None, models: d
         for spec in cfg.methods:
             n_new += _generate_method(cfg, model, main, spec, prompts, done, gpath, budget, env_methods)
         if cfg.judge is not None and budget[0] != 0:
-            _judge_all(cfg, model, main, done, jpath, judged, out, cache)
+            current = {g["key"]: g for g in _current(cfg, prompts, done)}  # not other runs' prompts
+            _judge_all(cfg, model, main, current, jpath, judged, out, cache)
     say(f"{n_new} items generated in this run")
     gens = _current(cfg, prompts, done)
     judgments = _current_judgments(cfg, gens, judged)

@@ -193,3 +193,27 @@ def test_best_of_n_with_the_persrm_reward_per_request_preference(tiny_tokenizer)
         assert st["scores"][st["chosen"]] == pytest.approx(expect, abs=1e-4)
     # same samples (same seed), different preference -> different rewards
     assert outs[0].stats["best_of_n"]["scores"] != outs[1].stats["best_of_n"]["scores"]
+
+
+def test_persrm_reward_without_preference_scores_each_request_preference(monkeypatch):
+    """`--persrm` without `--preference` (the evaluation harness, preferences mixed in a batch): the scorer has
+    no fixed preference, so best_of_n and args pass each row's own preference; with `--preference` it is fixed."""
+    import argparse
+
+    import personalign.methods.pad as pad_mod
+    from personalign.eval.reward import PersRMScorer
+    from personalign.methods.best_of_n import scorer_from_cli
+
+    class FakeRM:
+        tokenizer = None
+
+        def sequence_reward(self, prompts, responses, prefs, chat_template=True):
+            return [float(len(p)) for p in prefs]
+
+    monkeypatch.setattr(pad_mod, "load_persrm_for", lambda backend, ckpt: FakeRM())
+    ns = argparse.Namespace(reward_model=None, persrm="ckpt", preference=None)
+    sc = scorer_from_cli(ns, backend=None)
+    assert isinstance(sc, PersRMScorer) and sc.preference is None
+    assert sc.score(["q", "q"], ["a", "b"], preferences=["xx", "yyyy"]) == [2.0, 4.0]
+    fixed = scorer_from_cli(argparse.Namespace(reward_model=None, persrm="ckpt", preference="zzz"), backend=None)
+    assert fixed.preference == "zzz" and fixed.score(["q"], ["a"]) == [3.0]

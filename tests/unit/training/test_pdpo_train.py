@@ -239,6 +239,9 @@ def test_pairs_file_errors(tmp_path):
     p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b", "user_id": 1, "score": 3}\n')
     with pytest.raises(ValueError, match="unknown field"):
         load_pairs(p)
+    # the TRL layout of eval.datasets (preference text included) is read; `preference` is not used
+    p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b", "user_id": "P1A", "user_text": "t", "preference": "t"}\n')
+    assert load_pairs(p) == [PreferencePair(prompt="x", chosen="a", rejected="b", user_id="P1A", user_text="t")]
     with pytest.raises(ValueError, match="does not exist"):
         load_pairs(tmp_path / "missing.jsonl")
 

@@ -3,6 +3,8 @@
 One line per comparison ``(x, y_1 > y_2, u)`` (paper Section 4.1): ``user_id`` is the annotator's
 identifier ``u_p``, ``user_text`` the optional textual information ``u_t``, ``group`` an optional label
 (e.g. majority / minority) used only to average per-user accuracies by group (paper App. C.3).
+A ``preference`` field (the preference text of the TRL layout written by ``eval.datasets``) is
+accepted and not used: P-DPO learns the user from ``user_id`` and ``user_text``.
 
 Tokenization: the prompt goes through ``build_prompt_ids`` (chat template when the tokenizer has one,
 else ``tokenizer(prompt)``); a response is ``tokenizer(response, add_special_tokens=False) + [EOS]``
@@ -30,6 +32,7 @@ __all__ = ["PreferencePair", "TokenizedPair", "load_pairs", "write_pairs", "toke
 logger = logging.getLogger(__name__)
 
 _OPTIONAL = ("user_id", "user_text", "group")
+_IGNORED = ("preference",)  # the TRL layout's per-pair preference text (PAD's field): read, not used
 _WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
                        not_object="each line must be a JSON object, got {type}.",
                        missing="`{key}` must be a non-empty string, got None.",
@@ -64,11 +67,13 @@ class TokenizedPair:
 def load_pairs(path: str | Path, *, require_user: bool = True) -> list[PreferencePair]:
     """Read a pairs file (JSON lines or a JSON array); malformed records raise ``ValueError`` naming ``file:line`` and field.
 
-    Fields other than prompt, chosen, rejected, user_id, user_text and group are errors; with
-    ``require_user`` every pair needs a ``user_id``.
+    Fields other than prompt, chosen, rejected, user_id, user_text, group and preference (ignored)
+    are errors; with ``require_user`` every pair needs a ``user_id``.
     """
     out = []
-    for where, rec in read_pair_records(path, optional=_OPTIONAL, strict=True, wording=_WORDING):
+    for where, rec in read_pair_records(path, optional=_OPTIONAL + _IGNORED, strict=True, wording=_WORDING):
+        for k in _IGNORED:
+            rec.pop(k, None)
         uid = rec["user_id"]
         if uid is not None and not uid.strip():
             raise ValueError(f"{where}: `user_id` must be a non-empty string or an integer, got {uid!r}.")
