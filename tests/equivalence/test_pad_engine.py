@@ -164,3 +164,30 @@ def test_row_scaled_lora_equals_peft_mixed_batch(tiny_tokenizer):
     assert torch.equal(fast[0], base[0]) and torch.equal(fast[2], base[2])  # exactly the base model
     assert not torch.allclose(fast[1], base[1])
     assert all(not isinstance(layer.scaling["default"], torch.Tensor) for layer in router._lora_layers)  # restored
+
+
+def test_lean_lora_forward_is_bit_identical_to_peft(tiny_tokenizer, monkeypatch):
+    """The lean per-row LoRA forward computes PEFT's own ops in PEFT's order: equal bit for bit to the
+    per-row-scaled PEFT forward, on every row, and the layers get their class forward back after."""
+    from personalign.views import adapters
+    from personalign.views.adapters import RowAdapterModel
+
+    rm = _persrm(tiny_tokenizer)
+    with torch.no_grad():  # a non-zero adapter, so the delta matters
+        for layer in RowAdapterModel(rm.lm, ("default",))._lora_layers:
+            layer.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42], [1, 50, 51, 52]])
+    router = RowAdapterModel(rm.lm, ("__base__", "default", "__base__"))
+    calls = []
+    real = adapters._lean_lora_forward
+    monkeypatch.setattr(adapters, "_lean_lora_forward", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        lean = router(input_ids=ids).logits
+        assert len(calls) == len(router._lora_layers) > 0
+        assert all("forward" not in layer.__dict__ for layer in router._lora_layers)  # restored
+        monkeypatch.setattr(adapters, "_lean_lora_forward", lambda *a: None)  # PEFT's forward, scaled rows
+        peft = router(input_ids=ids).logits
+        with rm.lm.disable_adapter():
+            base = rm.lm(input_ids=ids).logits
+    assert torch.equal(lean, peft)
+    assert torch.equal(lean[0], base[0]) and not torch.allclose(lean[1], base[1], atol=1e-4)

@@ -109,18 +109,72 @@ class RowAdapterModel(torch.nn.Module):
         return out
 
     def _row_scaled_forward(self, names: list[str], adapter: str | None, x: torch.Tensor, kw: dict) -> Any:
-        """One forward with the LoRA delta of ``adapter`` scaled per row (0 on ``__base__`` rows)."""
+        """One forward with the LoRA delta of ``adapter`` scaled per row (0 on ``__base__`` rows).
+
+        Plain LoRA linears (the PersRM's case) run a lean forward for the duration of the call: the
+        same tensor ops as PEFT's ``Linear.forward`` in the same order (``W x + b``, then
+        ``+ B(A(x)) · scaling``), so the result is bit-identical, without PEFT's per-call Python
+        (argument checks, adapter loops, three nested module calls per layer), which on CPU cost
+        about as much as the matmuls of a one-token step. Other layers keep PEFT's forward with a
+        per-row ``scaling``.
+        """
         on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32, device=x.device)[:, None, None]
         active = adapter or next(iter(self.peft_model.peft_config))
         if self.peft_model.active_adapter != active:
             self.peft_model.set_adapter(active)
-        saved = []
+        saved, swapped = [], []
+        dtype = self.get_input_embeddings().weight.dtype  # the hidden states' dtype
         try:
             for layer in self._lora_layers:
-                if active in layer.scaling:
+                if active not in layer.scaling:
+                    continue
+                lean = _lean_lora_forward(layer, active, on, dtype)
+                if lean is not None:
+                    layer.__dict__["forward"] = lean  # instance attribute: shadows the class method
+                    swapped.append(layer)
+                else:
                     saved.append((layer, layer.scaling[active]))
                     layer.scaling[active] = on * layer.scaling[active]
             return self.peft_model(**kw)
         finally:
+            for layer in swapped:
+                layer.__dict__.pop("forward", None)
             for layer, value in saved:
                 layer.scaling[active] = value
+
+
+def _lean_lora_forward(layer: Any, adapter: str, on: torch.Tensor, dtype: torch.dtype) -> Any:
+    """A forward for a plain PEFT LoRA ``Linear`` with per-row scaling, or None when ``layer`` is not one.
+
+    Plain: an ``nn.Linear`` base layer, not merged, adapters enabled, no LoRA variant (DoRA, ...),
+    identity dropout (p = 0 or eval mode), and weights of the input's dtype (PEFT would cast).
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters or adapter in layer.lora_variant:
+        return None
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear:
+        return None
+    mods = layer.lora_dropout._modules
+    drop = mods.get(adapter)
+    identity = isinstance(drop, torch.nn.Identity) or (
+        isinstance(drop, torch.nn.Dropout) and (not drop.training or drop.p == 0))
+    if not identity:
+        return None
+    a_mod, b_mod = layer.lora_A._modules[adapter], layer.lora_B._modules[adapter]
+    if (type(a_mod) is not torch.nn.Linear or type(b_mod) is not torch.nn.Linear or a_mod.bias is not None
+            or b_mod.bias is not None):
+        return None
+    w, bias, a, b = base.weight, base.bias, a_mod.weight, b_mod.weight
+    if a.dtype != dtype or w.dtype != dtype:
+        return None
+    scaling = on * layer.scaling[adapter]
+    linear = torch.nn.functional.linear
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:  # not a plain call: PEFT's own forward (per-row scaling does not apply there)
+            raise TypeError("lean LoRA forward takes only the input tensor")
+        return linear(x, w, bias) + linear(linear(x, a), b) * scaling
+
+    return forward
