@@ -47,6 +47,7 @@ class RowAdapterModel(torch.nn.Module):
     """
 
     mixed_rows = True
+    lean_lora = True  # False: PEFT's own LoRA forward with a per-row scaling (same values, slower)
 
     def __init__(self, peft_model: Any, pattern: Sequence[str]) -> None:
         super().__init__()
@@ -124,11 +125,12 @@ class RowAdapterModel(torch.nn.Module):
         if self.peft_model.active_adapter != active:
             self.peft_model.set_adapter(active)
         dtype = self.get_input_embeddings().weight.dtype  # the hidden states' dtype
-        key = (tuple(names), active, dtype, x.device)
+        key = (tuple(names), active, dtype, x.device, self.lean_lora)
         plan = self._lean_plans.get(key)
         if plan is None or not all(_lora_state(layer, active) == st for layer, _, st in plan):
             on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32, device=x.device)[:, None, None]
-            plan = [(layer, _lean_lora_forward(layer, active, on, dtype), _lora_state(layer, active))
+            lean = _lean_lora_forward if self.lean_lora else (lambda *a: None)
+            plan = [(layer, lean(layer, active, on, dtype), _lora_state(layer, active))
                     for layer in self._lora_layers if active in layer.scaling]
             self._lean_plans = {key: plan}  # one pattern at a time: decoding reuses it at every step
         saved, swapped = [], []
