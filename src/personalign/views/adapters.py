@@ -16,7 +16,7 @@ slower per step on CPU; with several adapters we fall back to PEFT's mixed batch
 
 For plain LoRA linears (``nn.Linear`` base, no dropout, no variant, not merged) the per-row-scaled
 delta runs as a lean forward installed for the duration of the call: PEFT's own tensor ops in
-PEFT's order, so bit-identical, without PEFT's ~50 µs of per-call Python per layer (≈ 10 ms per
+PEFT's order, so bit-identical, without PEFT's ~50 µs of per-call Python per layer (≈ 8 ms per
 forward over SmolLM2's 210 LoRA layers). ``lean_lora = False`` keeps PEFT's forward.
 
 It also keeps the input of the output head of its last forward (``last_hidden``, float
