@@ -171,3 +171,16 @@ def test_lockstep_equals_block_stories_greedy(stories):
         _same_rounds(lock, block)
     assert forwards["lockstep"] == 1 + 39  # the prefill, then one forward per token after the first
     assert forwards["block"] > forwards["lockstep"]
+
+
+@pytest.mark.slow
+def test_lockstep_equals_block_smollm2(smollm2):
+    """The chat model, a batch of 3 with different preferences, greedy, 48 tokens: same tokens."""
+    from personalign.eval.bench import BENCH_PREFERENCES, BENCH_PROMPTS
+
+    be = HFBackend(smollm2.model, smollm2.tokenizer)
+    reqs = [Request(prompt=BENCH_PROMPTS[i], preference=BENCH_PREFERENCES[i]) for i in range(3)]
+    outs = {s: generate(PJ(second_preference=BENCH_PREFERENCES[4], schedule=s), reqs, be, max_new_tokens=48)
+            for s in ("lockstep", "block")}
+    for lock, block in zip(outs["lockstep"], outs["block"]):
+        assert lock.token_ids == block.token_ids
