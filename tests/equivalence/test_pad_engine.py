@@ -216,3 +216,43 @@ def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
         m = method if j.method == "pad" else BaseMethod()
         alone = generate(m, [j.request], backend, max_new_tokens=8, chat_template=False, sampling=greedy)[0]
         assert text == alone.text
+
+
+def test_lean_lora_forward_is_bit_identical_to_peft(tiny_tokenizer, monkeypatch):
+    """The lean per-row LoRA forward computes PEFT's own ops in PEFT's order: equal bit for bit to the
+    per-row-scaled PEFT forward, on every row; the layers get their class forward back after; the
+    lean forwards are built once and rebuilt when a layer's state changes (here: its scaling)."""
+    from personalign.views import adapters
+    from personalign.views.adapters import RowAdapterModel
+
+    rm = _persrm(tiny_tokenizer)
+    with torch.no_grad():  # a non-zero adapter, so the delta matters
+        for layer in RowAdapterModel(rm.lm, ("default",))._lora_layers:
+            layer.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42], [1, 50, 51, 52]])
+    pattern = ("__base__", "default", "__base__")
+    router = RowAdapterModel(rm.lm, pattern)
+    calls = []
+    real = adapters._lean_lora_forward
+    monkeypatch.setattr(adapters, "_lean_lora_forward", lambda *a: calls.append(1) or real(*a))
+
+    def peft_rows():  # a fresh router with no lean forward: PEFT's forward with per-row scaling
+        with monkeypatch.context() as m:
+            m.setattr(adapters, "_lean_lora_forward", lambda *a: None)
+            return RowAdapterModel(rm.lm, pattern)(input_ids=ids).logits
+
+    with torch.no_grad():
+        lean = router(input_ids=ids).logits
+        assert len(calls) == len(router._lora_layers) > 0
+        assert all("forward" not in layer.__dict__ for layer in router._lora_layers)  # restored
+        assert torch.equal(router(input_ids=ids).logits, lean) and len(calls) == len(router._lora_layers)  # reused
+        peft = peft_rows()
+        with rm.lm.disable_adapter():
+            base = rm.lm(input_ids=ids).logits
+        assert torch.equal(lean, peft)
+        assert torch.equal(lean[0], base[0]) and not torch.allclose(lean[1], base[1], atol=1e-4)
+        for layer in router._lora_layers:  # a state change: the lean forwards are rebuilt
+            layer.scaling["default"] *= 3.0
+        rescaled = router(input_ids=ids).logits
+        assert len(calls) == 2 * len(router._lora_layers)
+        assert torch.equal(rescaled, peft_rows()) and not torch.allclose(rescaled[1], lean[1], atol=1e-4)

@@ -7,8 +7,10 @@ every position, through the whole decoding loop: ragged acceptance, roll-back, p
 
 Check: over B rows × 8 tokens, the bigram counts ``n[a, b]`` of emitted text, for each previous token
 a with enough visits, pass a Pearson chi-square against ``T_1[a]`` (combined over a: one statistic,
-p-value > 1e-3), and the visit-weighted total variation is below 0.02. A power check shows the same
-counts fail against the draft table T_0.
+p-value > 1e-3), and the visit-weighted total variation is below 0.03 (for counts drawn from T_1
+itself, with these visit numbers, that TV has median 0.018 and 99th percentile 0.025 by simulation;
+T_0 is 0.42 away). A power check shows the same counts fail against the draft table T_0. Both
+schedules (lockstep, block) are checked.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ def _tables(V: int) -> torch.Tensor:
     return t
 
 
-def _bigrams(tiny_chat_tokenizer):
+def _bigrams(tiny_chat_tokenizer, schedule):
     V = len(tiny_chat_tokenizer)
     tables = _tables(V)
     be = CraftedBackend(tables, tiny_chat_tokenizer)
-    method = get_method("persona_judge")(second_preference="judge", alternate=False, draft_tokens=3)
+    method = get_method("persona_judge")(second_preference="judge", alternate=False, draft_tokens=3,
+                                                schedule=schedule)
     reqs = [Request(prompt="tell me a story", preference="draft")] * 1500
     outs = generate(method, reqs, be, max_new_tokens=8, ignore_eos=True, sampling=SamplingConfig(temperature=1.0),
                     generator=torch.Generator().manual_seed(1))
@@ -65,12 +68,13 @@ def _chain_test(counts: torch.Tensor, T: torch.Tensor) -> tuple[float, float]:
     return float(chi2.sf(stat, df)), tv / float(counts.sum())
 
 
-def test_fixed_roles_emit_the_judges_chain(tiny_chat_tokenizer):
-    counts, T, outs = _bigrams(tiny_chat_tokenizer)
+@pytest.mark.parametrize("schedule", ["lockstep", "block"])
+def test_fixed_roles_emit_the_judges_chain(tiny_chat_tokenizer, schedule):
+    counts, T, outs = _bigrams(tiny_chat_tokenizer, schedule)
     assert counts.sum() == 1500 * 7 and counts.sum(1).min() > 300
     rates = [o.stats["acceptance_rate"] for o in outs]
     assert 0.2 < sum(rates) / len(rates) < 0.95  # the draft really is different
     pval, tv = _chain_test(counts, T[1])
-    assert pval > 1e-3 and tv < 0.02, (pval, tv)
+    assert pval > 1e-3 and tv < 0.03, (pval, tv)
     pval0, tv0 = _chain_test(counts, T[0])
     assert pval0 < 1e-6  # power: the draft's chain is rejected

@@ -4,8 +4,7 @@ Paper: Zhang, Chen, Feng, Liu, "Persona-judge: Personalized Alignment of Large L
 Token-level Self-judgment" (seed 003; Section 2.2, Algorithm 1, Appendix A.1 and C.2).
 
 One model, ``N >= 2`` preference prompts (views ``0..N-1``: the request's ``preference``, then
-``second_preference``, then ``extra_preferences``), each view in its own cache group so that views
-advance independently. Every round (one ``step``), for each row:
+``second_preference``, then ``extra_preferences``). Every round, for each row (Algorithm 1):
 
 1. the *draft* view d proposes ``λ`` tokens autoregressively, ``t_i ~ q_i = π(· | prefix_d, y, t_<i)``
    (λ single-token forwards; the first also feeds the view's pending accepted tokens);
@@ -17,6 +16,28 @@ advance independently. Every round (one ``step``), for each row:
    then distributed exactly as the judge's ``p`` given the text so far (App. C.2);
 4. rejected tokens are rolled back in every view's cache (``backend.truncate``); each view keeps the
    accepted tokens it has not seen yet as *pending* and feeds them at its next forward.
+
+Schedules (same output, different forwards):
+
+* ``block`` — the steps above, literally, one round per ``step``: λ single-token draft forwards, one
+  judge forward of pending + λ positions, then a roll-back of the rejected drafts; each view in its
+  own cache group so that views advance independently.
+  λ + 1 forwards per round of n + 1 emitted tokens.
+* ``lockstep`` (default) — all views in ONE cache, fed every emitted token in one batched forward,
+  so each forward yields the drafter's q_i and the judge's p_i of the same position; draft t_i is
+  drawn from q_i and tested against p_i at once. Kept: t_i is emitted (it can never be retracted);
+  rejected: the residual draw is emitted and the round ends; after λ kept, the bonus token from
+  p_{λ+1}. Every token is decided by the same rule with the same numbers as in ``block`` (the
+  round's random draws are made in the block schedule's order), drafts after a rejection are never
+  drafted (they cannot change the output), and nothing is ever fed and rolled back: ONE forward
+  (of K rows) per emitted token instead of (λ + 1) / (n + 1). The drafter being the judge's own
+  model, speculation saves nothing here; judging each draft in the drafter's own forward does.
+
+NOTE: the issue asks for the judge to score the λ drafts in one forward of λ + 1 positions
+(Algorithm 1); that is ``schedule=block``. The default ``lockstep`` emits the same tokens (tested:
+token for token, greedy and seeded sampling, on crafted and real models) with fewer, cheaper
+forwards; rows of a batch on one shared generator draw their random numbers in a different order
+than under ``block`` (same distribution, different samples).
 
 Roles: with ``alternate=True`` (the paper's Persona-judge, Fig. 2) round r is drafted by view
 ``(first_drafter + r) mod N`` and judged by the next one, so with N > 2 the preferences take turns;
@@ -31,13 +52,15 @@ processed distributions.
 
 Naive reference (the tests): accept/resample on fixed distributions reproduces p (chi-square); the
 caches after a round equal a fresh prefill of the accepted text; fixed roles + greedy equals greedy
-decoding of the judge's prompt; identical views equal plain decoding of that prompt.
+decoding of the judge's prompt; identical views equal plain decoding of that prompt; ``lockstep``
+equals ``block`` token for token.
 
 Identical views (``second_preference`` equal to ``preference``) are allowed: every draft is then
 accepted and the method equals decoding under that single prompt; a warning is logged.
 
 NOTE: a row's λ is cut near the model's context so the judge never feeds past it (a row with no
-room left for drafts emits one judge token per round).
+room left for drafts emits one judge token per round); ``lockstep`` applies the same cut so that
+both schedules emit the same tokens.
 """
 
 from __future__ import annotations
@@ -54,9 +77,10 @@ from personalign.methods.ops import greedy_accept, speculative_accept
 from personalign.methods.prompt_views import preference_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
 
-__all__ = ["PersonaJudgeConfig", "PersonaJudgeMethod", "round_roles", "sampling_probs"]
+__all__ = ["PersonaJudgeConfig", "PersonaJudgeMethod", "round_roles", "sampling_probs", "SCHEDULES"]
 
 logger = logging.getLogger(__name__)
+SCHEDULES = ("lockstep", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +94,9 @@ class PersonaJudgeConfig:
         alternate: rotate the draft and judge roles every round (False = Persona-judge-Base).
         first_drafter: the view that drafts the first round (0 = the request's preference).
         residual_eps: below this residual mass (p ≈ q) a rejection resamples from p itself.
+        schedule: ``lockstep`` (default: every view fed every emitted token in one batched forward,
+            each draft judged as soon as it is drafted) or ``block`` (Algorithm 1 literally: λ draft
+            forwards, then one judge forward of λ + 1 positions, then roll-back). Same output.
     """
 
     second_preference: str = ""
@@ -78,6 +105,7 @@ class PersonaJudgeConfig:
     alternate: bool = True
     first_drafter: int = 0
     residual_eps: float = 1e-6
+    schedule: str = "lockstep"
 
     def __post_init__(self) -> None:
         lam = self.draft_tokens
@@ -104,14 +132,18 @@ class PersonaJudgeConfig:
         eps = self.residual_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
             raise ValueError(f"`residual_eps` must be a number in [0, 1), got {eps!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
 
     @property
     def num_views(self) -> int:
         return 2 + len(self.extra_preferences)
 
 
-def round_roles(r: int, first: torch.Tensor, alternate: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(draft view, judge view), long [B] each, of round ``r`` for rows with ``first`` [B] and ``alternate`` [B]."""
+def round_roles(r: int | torch.Tensor, first: torch.Tensor, alternate: torch.Tensor, num_views: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(draft view, judge view), long [B] each, of round ``r`` (int, or long [B] per row) for rows with
+    ``first`` [B] and ``alternate`` [B]."""
     d = torch.where(alternate, (first + r) % num_views, first)
     return d, (d + 1) % num_views
 
@@ -176,13 +208,17 @@ class PersonaJudgeMethod(Method):
         return specs
 
     def view_groups(self, num_views: int) -> list[list[int]] | None:
-        return [[k] for k in range(num_views)]
+        # lockstep: all views in one cache, one forward per emitted token; block: each view its own
+        return None if self.config.schedule == "lockstep" else [[k] for k in range(num_views)]
 
     def prepare(self, state: DecodeState, backend: Any) -> None:
         K = state.views.num_views
         if any(c.num_views != K for c in state.configs):
             raise ValueError(f"every request of a batch needs the same number of preferences, got "
                              f"{[c.num_views for c in state.configs]}.")
+        if any(c.schedule != self.config.schedule for c in state.configs):
+            raise ValueError(f"`schedule` sets the cache layout of the whole batch: a request cannot override it "
+                             f"(method: {self.config.schedule!r}, requests: {[c.schedule for c in state.configs]}).")
         room = []
         for b in range(state.batch_size):
             specs = state.views.specs[b] if getattr(state.views, "specs", None) else []
@@ -197,6 +233,16 @@ class PersonaJudgeMethod(Method):
             lam=torch.tensor([c.draft_tokens for c in state.configs]),
             room=torch.tensor(room),
         )
+        if self.config.schedule == "lockstep":
+            B = state.batch_size
+            state.extra.update(
+                rounds=torch.zeros(B, dtype=torch.long),  # completed rounds per row
+                pos=torch.zeros(B, dtype=torch.long),  # drafts accepted so far in the current round
+                fresh=torch.ones(B, dtype=torch.bool),  # the next step starts a new round
+                cur_lam=torch.zeros(B, dtype=torch.long),
+                emitted=torch.zeros(B, dtype=torch.long),
+                noise=None,  # per-round random draws of the rows (see _start_rounds)
+            )
         for b in range(state.batch_size):
             state.row_stats(b).update(rounds=0, drafted=0, accepted_drafts=0, emitted=0, acceptance_rate=None,
                                       tokens_per_judge_forward=None, drafter_per_round=[],
@@ -204,6 +250,94 @@ class PersonaJudgeMethod(Method):
 
     # -- one round -------------------------------------------------------------
     def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+        if self.config.schedule == "lockstep":
+            return self._step_lockstep(state, backend, generator)
+        return self._step_block(state, backend, generator)
+
+    # -- lockstep schedule: one batched forward of every view per emitted token --------------------
+    def _step_lockstep(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+        """Emit one token per row: the next draft of its round if the judge keeps it, else the
+        round's last token (the residual draw after a rejection, or the bonus token)."""
+        ex, B, K = state.extra, state.batch_size, state.views.num_views
+        lp = state.next_logprobs(backend)  # [B, K, V]: every view has seen every emitted token
+        active = ~state.finished.cpu()
+        greedy = (state.sampling.temperature <= 0).cpu()
+        self._start_rounds(state, generator, active & ex["fresh"], greedy)
+        d, j = round_roles(ex["rounds"], ex["first"], ex["alternate"], K)
+        rows = torch.arange(B)
+        dev = lp.device
+        q, p = lp[rows.to(dev), d.to(dev)], lp[rows.to(dev), j.to(dev)]  # [B, V] drafter's, judge's
+        pos, lam = ex["pos"], ex["cur_lam"]
+        drafting = active & (pos < lam)  # else: the round's bonus token, from p
+        lengths = drafting.long().to(dev)
+        t = q.argmax(-1)
+        n, nxt = greedy_accept(t[:, None], torch.stack([p, p], 1), lengths)
+        sampled = active & ~greedy
+        if bool(sampled.any()):
+            noise = ex["noise"]
+            at = pos.clamp(max=noise["draft"].shape[1] - 1).to(dev)  # bonus rows: any column (unused)
+            qs = sampling_probs(q[:, None], state.sampling)[:, 0]
+            t = torch.where(sampled.to(dev), (qs / noise["draft"][rows.to(dev), at]).argmax(-1), t)
+            u = noise["uniform"][rows.to(dev), at][:, None]
+            ps = sampling_probs(p[:, None], state.sampling)
+            eps = torch.tensor([c.residual_eps for c in state.configs], device=dev)[:, None]
+            n_s, nxt_s = speculative_accept(qs[:, None], torch.cat([ps, ps], 1), t[:, None], lengths, u,
+                                            noise["final"], eps=eps)
+            n, nxt = torch.where(sampled.to(dev), n_s, n), torch.where(sampled.to(dev), nxt_s, nxt)
+        n, nxt, t = n.cpu(), nxt.cpu(), t.cpu()
+        kept = active & (n > 0)
+        tokens = torch.where(kept, t, nxt) * active  # [B]
+        ex["pos"] = pos + kept.long()
+        ex["emitted"] = ex["emitted"] + active.long()
+        ended = active & ~kept  # a rejection or the bonus token closes the round
+        for b in torch.nonzero(ended)[:, 0].tolist():
+            n_b = int(ex["pos"][b])
+            self._record(state.row_stats(b), int(d[b]), int(lam[b]), n_b, n_b + 1)
+        ex["rounds"] = ex["rounds"] + ended.long()
+        ex["pos"] = ex["pos"].masked_fill(ended, 0)
+        ex["fresh"] = ended | (ex["fresh"] & ~active)
+        state.pending = tokens[:, None].to(dev)
+        return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones(B, dtype=torch.long))
+
+    def _start_rounds(self, state: DecodeState, generator: torch.Generator | None, starting: torch.Tensor,
+                      greedy: torch.Tensor) -> None:
+        """Set λ of the rows in ``starting`` (bool [B]) and draw their round's random numbers.
+
+        The draws are made in the order of the block schedule's round: Exp(1) noise [V] for each
+        draft, then U(0, 1) for the acceptance tests, then Exp(1) noise [V] for the round's last
+        token; so a row on its own generator (or a batch of one) emits exactly what the block
+        schedule emits. Drafts past a rejection are never drafted; their noise is drawn and unused.
+        """
+        if not bool(starting.any()):
+            return
+        ex, B = state.extra, state.batch_size
+        lam = torch.minimum(ex["lam"], ex["room"] - ex["emitted"] - 1).clamp(min=0) * starting
+        ex["cur_lam"] = torch.where(starting, lam, ex["cur_lam"])
+        ex["fresh"] = ex["fresh"] & ~starting
+        sampled = starting & ~greedy
+        if not bool(sampled.any()):
+            return
+        dev = state.views.last_logprobs.device
+        V = state.views.last_logprobs.shape[-1]
+        L = int(lam.max())
+        if ex["noise"] is None:
+            width = int(ex["lam"].max())
+            ex["noise"] = {"draft": torch.ones(B, width, V, device=dev), "uniform": torch.ones(B, width, device=dev),
+                           "final": torch.ones(B, V, device=dev)}
+        noise, rows = ex["noise"], sampled.to(dev)
+        for i in range(L):
+            sizes = [V if (lam[b] > i and not greedy[b]) else 0 for b in range(B)]
+            if any(sizes):
+                e = _draw("exp", sizes, V, generator, state.row_generators, dev)
+                noise["draft"][:, i] = torch.where(rows[:, None], e, noise["draft"][:, i])
+        u = _draw("uniform", [int(lam[b]) if sampled[b] else 0 for b in range(B)], L, generator,
+                  state.row_generators, dev)
+        noise["uniform"][:, :L] = torch.where(rows[:, None], u, noise["uniform"][:, :L])
+        e = _draw("exp", [V if sampled[b] else 0 for b in range(B)], V, generator, state.row_generators, dev)
+        noise["final"] = torch.where(rows[:, None], e, noise["final"])
+
+    # -- block schedule: Algorithm 1 as written ------------------------------------------------------
+    def _step_block(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
         ex, B, K = state.extra, state.batch_size, state.views.num_views
         accepted: list[list[int]] = ex["accepted"]
         active = ~state.finished.cpu()
@@ -328,8 +462,8 @@ class PersonaJudgeMethod(Method):
         from personalign.eval.bench import BENCH_PREFERENCES
 
         method = cls(second_preference=BENCH_PREFERENCES[4])
-        method.bench_note = (f"λ=4, alternating roles; each request's preference vs second_preference="
-                             f"{BENCH_PREFERENCES[4]!r}")
+        method.bench_note = (f"λ=4, alternating roles, lockstep schedule; each request's preference vs "
+                             f"second_preference={BENCH_PREFERENCES[4]!r}")
         return method, backend
 
 

@@ -70,6 +70,9 @@ def test_missing_preferences_are_clear_errors(tiny_chat_tokenizer):
 
 
 # ---------------------------------------------------------------- crafted exact outcomes
+SCHEDULES = ["lockstep", "block"]
+
+
 def run_crafted(tokenizer, tokens, n_tokens=8, sampling=None, **cfg):
     V = len(tokenizer)
     be = CraftedBackend(one_hot_tables(tokens, V), tokenizer)
@@ -78,46 +81,58 @@ def run_crafted(tokenizer, tokens, n_tokens=8, sampling=None, **cfg):
     return out, be
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("sampling", [None, SamplingConfig(temperature=1.0)])
-def test_alternation_is_real_and_disagreement_keeps_nothing(tiny_chat_tokenizer, sampling):
-    out, be = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=6, sampling=sampling)
+def test_alternation_is_real_and_disagreement_keeps_nothing(tiny_chat_tokenizer, sampling, schedule):
+    out, be = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=6, sampling=sampling, schedule=schedule)
     st = out.stats
     assert st["drafter_per_round"] == [0, 1, 0, 1, 0, 1]
     assert st["accepted_per_round"] == [0] * 6  # the judge gives the draft probability 0
     assert out.token_ids == [TOK_B, TOK_A] * 3  # each round's token is its judge's
     assert st["acceptance_rate"] == 0.0 and st["tokens_per_judge_forward"] == 1.0
-    # each round: λ drafter forwards (the first also feeds the pending token; in round 0 nothing is
-    # pending, so it is skipped) + ONE judge forward of pending + λ drafts
-    assert be.forward_count == 6 * (4 + 1) - 1
-    judge_feeds = [(k, lens) for k, lens in be.fed_log if lens[0] >= 4]
-    assert judge_feeds == [(1, [4])] + [((r + 1) % 2, [5]) for r in range(1, 6)]
+    if schedule == "block":
+        # each round: λ drafter forwards (the first also feeds the pending token; in round 0 nothing is
+        # pending, so it is skipped) + ONE judge forward of pending + λ drafts
+        assert be.forward_count == 6 * (4 + 1) - 1
+        judge_feeds = [(k, lens) for k, lens in be.fed_log if lens[0] >= 4]
+        assert judge_feeds == [(1, [4])] + [((r + 1) % 2, [5]) for r in range(1, 6)]
+    else:
+        # every view is fed each emitted token once (the crafted backend counts one forward per view):
+        # the first draft is judged as soon as it is drafted and rejected, so nothing is ever rolled back
+        assert be.fed_log == [(0, [1]), (1, [1])] * 5
 
 
-def test_first_drafter_and_fixed_roles(tiny_chat_tokenizer):
-    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=4, first_drafter=1)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_first_drafter_and_fixed_roles(tiny_chat_tokenizer, schedule):
+    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=4, first_drafter=1, schedule=schedule)
     assert out.stats["drafter_per_round"] == [1, 0, 1, 0] and out.token_ids == [TOK_A, TOK_B] * 2
-    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=4, alternate=False)
+    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B], n_tokens=4, alternate=False, schedule=schedule)
     assert out.stats["drafter_per_round"] == [0, 0, 0, 0] and out.token_ids == [TOK_B] * 4
 
 
-def test_three_preferences_take_turns(tiny_chat_tokenizer):
-    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B, TOK_C], n_tokens=6, extra_preferences=("be formal",))
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_three_preferences_take_turns(tiny_chat_tokenizer, schedule):
+    out, _ = run_crafted(tiny_chat_tokenizer, [TOK_A, TOK_B, TOK_C], n_tokens=6, extra_preferences=("be formal",),
+                         schedule=schedule)
     assert out.stats["drafter_per_round"] == [0, 1, 2, 0, 1, 2]
     assert out.token_ids == [TOK_B, TOK_C, TOK_A] * 2  # judged by 1, 2, 0, ...
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("sampling", [None, SamplingConfig(temperature=1.0)])
-def test_identical_views_accept_every_draft(tiny_chat_tokenizer, sampling):
+def test_identical_views_accept_every_draft(tiny_chat_tokenizer, sampling, schedule):
     g = torch.Generator().manual_seed(0)
     table = torch.randn(1, len(tiny_chat_tokenizer), len(tiny_chat_tokenizer), generator=g).expand(2, -1, -1)
     be = CraftedBackend(table, tiny_chat_tokenizer)
-    out = generate(PJ(second_preference="x", draft_tokens=3), [req()], be, max_new_tokens=12, ignore_eos=True,
+    out = generate(PJ(second_preference="x", draft_tokens=3, schedule=schedule), [req()], be, max_new_tokens=12,
+                   ignore_eos=True,
                    sampling=sampling, generator=torch.Generator().manual_seed(1))[0]
     assert out.stats["accepted_per_round"] == [3, 3, 3] and out.stats["acceptance_rate"] == 1.0
     assert out.stats["tokens_per_judge_forward"] == 4.0
 
 
-def test_rows_advance_by_different_amounts(tiny_tokenizer):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_rows_advance_by_different_amounts(tiny_tokenizer, schedule):
     """One batch, λ = 2. Tables keyed on the last token (no chat template, so prompts end in their
     own word): after "cat" and A both views say A (row 0 keeps every draft: 3 tokens per round);
     after "dog", B or C view 0 says B and view 1 says C (row 1 keeps nothing: 1 token per round,
@@ -132,8 +147,8 @@ def test_rows_advance_by_different_amounts(tiny_tokenizer):
         table[1, last, TOK_C] = 0.0
     be = CraftedBackend(table, tiny_tokenizer)
     reqs = [req(prompt="tell me about a cat"), req(prompt="tell me about a dog")]
-    outs = generate(PJ(second_preference="x", draft_tokens=2), reqs, be, max_new_tokens=6, ignore_eos=True,
-                    chat_template=False)
+    outs = generate(PJ(second_preference="x", draft_tokens=2, schedule=schedule), reqs, be, max_new_tokens=6,
+                    ignore_eos=True, chat_template=False)
     assert outs[0].stats["accepted_per_round"] == [2, 2] and outs[0].token_ids == [TOK_A] * 6
     assert outs[1].stats["accepted_per_round"] == [0] * 6 and outs[1].token_ids == [TOK_C, TOK_B] * 3
 
@@ -141,14 +156,15 @@ def test_rows_advance_by_different_amounts(tiny_tokenizer):
 # ---------------------------------------------------------------- real model: caches after roll-back
 @pytest.mark.parametrize("extra", [(), ("be kind",)])
 def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra):
-    """Drive rounds by hand; after each, every view fed its pending tokens equals a fresh prefill.
-
-    With three views, the view sitting out a round lags by several tokens and catches up here."""
+    """Block schedule: drive rounds by hand; after each, every view fed its pending tokens equals a
+    fresh prefill. With three views, the view sitting out a round lags by several tokens and catches
+    up here."""
     from personalign.decoding.sampling import SamplingParams
     from personalign.methods.api import DecodeState
 
     be = HFBackend(tiny_lm, tiny_chat_tokenizer)
-    method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra)
+    method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra,
+                schedule="block")
     K = 2 + len(extra)
     reqs = [req(pref="very funny"), req(pref="sad story", prompt="why is the sky blue ?")]
     cfgs = [method.config_for(r) for r in reqs]
@@ -173,6 +189,47 @@ def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer
             fresh = be.prefill([[ViewSpec(prompt_ids=views[b][k].prompt_ids + tuple(acc[b]))] for b in range(2)])
             assert_close_logprobs(st.views.last_logprobs[:, k], fresh.last_logprobs[:, 0], atol=2e-5)
     assert rejected >= 2  # rejections happened, so roll-backs were exercised
+
+
+@pytest.mark.parametrize("extra", [(), ("be kind",)])
+def test_lockstep_caches_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra):
+    """Lockstep schedule: after every step each view, fed the step's token, equals a fresh prefill of
+    its prompt + the emitted text — nothing is ever drafted into a cache and rolled back."""
+    from personalign.decoding.sampling import SamplingParams
+    from personalign.methods.api import DecodeState
+
+    be = HFBackend(tiny_lm, tiny_chat_tokenizer)
+    method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra)
+    K = 2 + len(extra)
+    reqs = [req(pref="very funny"), req(pref="sad story", prompt="why is the sky blue ?")]
+    cfgs = [method.config_for(r) for r in reqs]
+    views = [method.build_views(r, c, be, True) for r, c in zip(reqs, cfgs)]
+    st = DecodeState(requests=reqs, configs=cfgs, views=be.prefill(views, method.view_groups(K)),
+                     sampling=SamplingParams.from_configs([SamplingConfig(temperature=1.5)] * 2),
+                     row_generators=[None, None], generated=[[], []], finished=torch.zeros(2, dtype=torch.bool))
+    method.prepare(st, be)
+    assert len(st.views.groups) == 1  # all views in one cache
+    g = torch.Generator().manual_seed(0)
+    emitted = [[], []]
+    for _ in range(24):
+        out = method.step(st, be, g)
+        for b in range(2):
+            emitted[b] += out.tokens[b, : int(out.n_tokens[b])].tolist()
+        st.next_logprobs(be)  # feed the step's token
+        assert st.views.fed.tolist() == [[len(e)] * K for e in emitted]
+        fresh = be.prefill([[ViewSpec(prompt_ids=views[b][k].prompt_ids + tuple(emitted[b])) for k in range(K)]
+                            for b in range(2)])
+        assert_close_logprobs(st.views.last_logprobs, fresh.last_logprobs, atol=2e-5)
+    rejected = sum(n < 3 for b in range(2) for n in st.row_stats(b)["accepted_per_round"])
+    assert rejected >= 1  # rounds ended early (a rejection), not only after λ + 1 tokens
+
+
+def test_schedule_is_validated_and_batch_wide(tiny_chat_tokenizer):
+    with pytest.raises(ValueError, match="`schedule` must be one of lockstep, block"):
+        PersonaJudgeConfig(schedule="eager")
+    be = CraftedBackend(one_hot_tables([TOK_A, TOK_B], len(tiny_chat_tokenizer)), tiny_chat_tokenizer)
+    with pytest.raises(ValueError, match="`schedule` sets the cache layout of the whole batch"):
+        generate(PJ(second_preference="x"), [req(), req(schedule="block")], be, max_new_tokens=2)
 
 
 def test_bench_hook_and_registration():
