@@ -1,6 +1,6 @@
 """``personalign train <objective>``: fine-tune what a personalization method needs.
 
-One function per objective (``pad`` in ``cli/train_pad.py``; ``pdpo``, ``dpo``, ``prm`` here); each parses its flags into the objective's
+One function per objective (``pad`` in ``cli/train_pad.py``, ``rm`` in ``cli/train_rm.py``; ``pdpo``, ``dpo``, ``prm`` here); each parses its flags into the objective's
 config (defaults < ``--config FILE`` < flags), loads the data and the base model, runs the training
 loop and prints the final metrics. Under ``accelerate launch personalign train ...`` the same loop runs
 on many devices.
@@ -15,8 +15,10 @@ from typing import Any
 
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.cli.train_pad import register_pad
+from personalign.cli.train_rm import register_rm
 
-HELP = "Train what a method needs: pad (PersRM), pdpo, dpo, prm (personalized reward model)."
+HELP = ("Train what a method needs: pad (PersRM), pdpo, dpo, prm (personalized reward model), "
+        "rm (a linear reward head for --reward-model).")
 
 # flag -> PDPOTrainConfig field, for the flags every objective shares
 _COMMON = {
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_pdpo(objectives)
     _register_dpo(objectives)
     _register_prm(objectives)
+    register_rm(objectives)
     p.set_defaults(func=lambda args: _no_objective(p))
 
 

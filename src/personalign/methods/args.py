@@ -57,12 +57,18 @@ class ARGSConfig:
     Attributes:
         k: candidates kept from the base model each step.
         w: weight of the reward in the score.
+        reward_preference: the cached reward views read the request's preference as their system
+            message: one preference-conditioned reward model for every user (e.g. from
+            ``personalign train rm --preference-in-prompt``). Needs the cached path.
     """
 
     k: int = 10
     w: float = 1.0
+    reward_preference: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reward_preference, bool):
+            raise ValueError(f"`reward_preference` must be true or false, got {self.reward_preference!r}.")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"`k` must be an integer >= 1 (top-k candidates), got {self.k!r}.")
         if not isinstance(self.w, (int, float)) or self.w != self.w or self.w < 0:
@@ -110,10 +116,18 @@ class ARGSMethod(Method):
             require_preference(request, self.name)  # the PersRM scores with the request's preference
         ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
         views = [ViewSpec(prompt_ids=ids, role="base")]
+        if config.reward_preference and self.reward_key is None:
+            raise ValueError("`reward_preference` needs the cached reward path: a reward model that shares the "
+                             "policy's tokenizer (`--reward-model DIR`).")
         if self.reward_key is not None:
             if self.reward_key not in backend.models:
                 raise ValueError(f"`reward_key` {self.reward_key!r} is not a model of the backend {sorted(backend.models)}.")
-            views += [ViewSpec(prompt_ids=ids, model=self.reward_key, role=f"reward:{j}") for j in range(config.k)]
+            rids = ids
+            if config.reward_preference:
+                require_preference(request, self.name)
+                rids = build_prompt_ids(backend.tokenizer(), request.prompt, system=request.preference,
+                                        chat_template=chat_template)
+            views += [ViewSpec(prompt_ids=rids, model=self.reward_key, role=f"reward:{j}") for j in range(config.k)]
         return views
 
     def prepare(self, state: DecodeState, backend: Any) -> None:
