@@ -50,6 +50,9 @@ KS = [10, 25, 50, 100]
 # spanning register, tone and domain. The built-in pool's extra domain attributes (academic,
 # business, entertaining, literary) are left out on purpose: they would name the users' domains.
 ATTRIBUTES = ["formal", "concise", "vivid", "persuasive", "humorous", "easy_words", "storyteller", "analytic"]
+# `--attributes all`: the whole built-in pool (the paper's Table-6 attributes and a few more) but the
+# four that name the users' domains.
+DOMAIN_ATTRIBUTES = {"academic", "business", "entertaining", "literary"}
 
 
 def load_data() -> list[dict]:
@@ -152,6 +155,9 @@ def main() -> None:
     ap.add_argument("--max-response-tokens", type=int, default=32)
     ap.add_argument("--worker", default=None, metavar="I/N",
                     help="only fill the caches for every N-th query starting at I (run N workers, then one plain run)")
+    ap.add_argument("--attributes", default="paper8",
+                    help="paper8 (8 attributes, default), all (the built-in pool but its 4 domain attributes), "
+                         "or a comma-separated list")
     ap.add_argument("--out", default=str(REPO / "docs" / "drift_dsp"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -167,7 +173,14 @@ def main() -> None:
     rm_q = order[args.heldout: args.heldout + args.rm_train]
     lm = load_model("smollm2", dtype="float32")
     backend = HFBackend(lm.model, lm.tokenizer)
-    pool = default_pool().select(ATTRIBUTES)
+    full = default_pool()
+    if args.attributes == "paper8":
+        names = ATTRIBUTES
+    elif args.attributes == "all":
+        names = [a for a in full.names if a not in DOMAIN_ATTRIBUTES]
+    else:
+        names = [a.strip() for a in args.attributes.split(",") if a.strip()]
+    pool = full.select(names)
     cdir = REPO / ".cache" / "drift_dsp"
     cdir.mkdir(parents=True, exist_ok=True)
     tag = f"t{args.max_response_tokens}_{pool.fingerprint()}"
@@ -206,10 +219,10 @@ def main() -> None:
     from personalign.eval.environment import environment_record
 
     config = {**vars(args), "out": os.path.relpath(args.out, REPO)}
-    result = {"config": config, "environment": environment_record(lm.model), "attributes": ATTRIBUTES,
+    result = {"config": config, "environment": environment_record(lm.model), "attributes": list(names),
               "heldout_pairs_per_user": 4 * len(held), "reward_seconds_this_run": round(t_rew, 1),
               "accuracy": rows}
-    unit = {u: unit_preference(rew, user_pairs(u, pool_q)) for u in USERS}
+    unit = {u: unit_preference(rew, user_pairs(u, pool_q), names) for u in USERS}
     result["unit_preference_pool"] = unit
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     print(table(rows, args.seeds))
@@ -219,15 +232,15 @@ def main() -> None:
     plot_units(unit, args.out + "_attributes.png")
 
 
-def unit_preference(rew: dict, pairs) -> dict[str, float]:
+def unit_preference(rew: dict, pairs, names: list[str]) -> dict[str, float]:
     """Mean W − L per attribute over ``pairs`` (the paper's unit implicit preference)."""
     d = torch.stack([rew[(q, w)] - rew[(q, lo)] for q, w, lo in pairs]).mean(0)
-    return {a: float(x) for a, x in zip(ATTRIBUTES, d)}
+    return {a: float(x) for a, x in zip(names, d)}
 
 
 def unit_table(unit: dict) -> str:
     lines = ["| attribute | " + " | ".join(USERS) + " |", "|---|" + "---|" * len(USERS)]
-    for a in ATTRIBUTES:
+    for a in unit[USERS[0]]:
         lines.append(f"| {a} | " + " | ".join(f"{unit[u][a]:+.2f}" for u in USERS) + " |")
     return "\n".join(lines)
 
@@ -238,10 +251,11 @@ def plot_units(unit: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(USERS), figsize=(12, 3.2), sharey=True)
+    names = list(unit[USERS[0]])
+    fig, axes = plt.subplots(1, len(USERS), figsize=(12, 1.2 + 0.25 * len(names)), sharey=True)
     for ax, u in zip(axes, USERS):
-        vals = [unit[u][a] for a in ATTRIBUTES]
-        ax.barh(ATTRIBUTES, vals, color=["tab:orange" if v > 0 else "tab:gray" for v in vals])
+        vals = [unit[u][a] for a in names]
+        ax.barh(names, vals, color=["tab:orange" if v > 0 else "tab:gray" for v in vals])
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_title(f"user: {u}")
         ax.set_xlabel("mean W − L (nats)")
