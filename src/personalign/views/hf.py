@@ -141,6 +141,8 @@ class _StepPlan:
     B: int
     L: int
     lengths: torch.Tensor  # long [B] (cpu)
+    live: torch.Tensor | None  # long [B_live] (cpu): the live requests; None when all are
+    live_len: torch.Tensor  # long [B_live]: ``lengths`` of the live requests
     selected: list[int]
     feeds: list[tuple[int, _Feed | None]]  # (group index, feed or None when no live row feeds)
 
@@ -484,7 +486,8 @@ class HFBackend:
             full = bool((live_len == L).all())
             row_len = live_len.repeat_interleave(n).to(dev)
             feeds.append((gi, _Feed(group=g, ids=ids, row_len=row_len, full=full)))
-        return _StepPlan(state=state, B=B, L=L, lengths=lengths, selected=selected, feeds=feeds)
+        return _StepPlan(state=state, B=B, L=L, lengths=lengths, live=live, live_len=live_len, selected=selected,
+                         feeds=feeds)
 
     def _run_feeds(self, model: str, feeds: list[_Feed]) -> None:
         """One forward of ``model`` over every feed's rows; sets ``feed.lp`` and updates the groups."""
@@ -564,9 +567,8 @@ class HFBackend:
 
     def _finish_step(self, plan: _StepPlan) -> torch.Tensor:
         """Scatter the feeds' log-probs back to ``[B, K_sel, L, V]`` and advance the state's counters."""
-        state, B, L, lengths = plan.state, plan.B, plan.L, plan.lengths
-        all_live = bool(state.live.all())
-        live = state.live_rows()
+        state, B, L, lengths, live = plan.state, plan.B, plan.L, plan.lengths, plan.live
+        all_live = live is None
         per_group: list[tuple[list[int], torch.Tensor]] = []
         for gi, feed in plan.feeds:
             g = state.groups[gi]
@@ -591,11 +593,11 @@ class HFBackend:
             if feed.full:
                 tail = lp_live[:, :, -1]
             else:  # last real position of each row -> next-token log-probs
-                idx = (lengths[live] - 1).clamp(min=0).to(dev_out)
+                idx = (plan.live_len - 1).clamp(min=0).to(dev_out)
                 tail = lp_live[torch.arange(lp_live.shape[0], device=dev_out), :, idx]  # [B_live, n, V]
             upd = (lengths > 0) & state.live
             rows = torch.nonzero(upd).flatten().to(dev_out)
-            live_upd = (lengths[live] > 0).to(dev_out)
+            live_upd = (plan.live_len > 0).to(dev_out)
             cur = state.last_logprobs[:, g.views]
             cur[rows] = tail[live_upd]
             state.last_logprobs[:, g.views] = cur
