@@ -154,18 +154,11 @@ def test_rows_advance_by_different_amounts(tiny_tokenizer, schedule):
 
 
 # ---------------------------------------------------------------- real model: caches after roll-back
-@pytest.mark.parametrize("extra", [(), ("be kind",)])
-def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra):
-    """Block schedule: drive rounds by hand; after each, every view fed its pending tokens equals a
-    fresh prefill. With three views, the view sitting out a round lags by several tokens and catches
-    up here."""
+def _two_row_state(be, method, K):
+    """A prepared two-request ``DecodeState`` (sampled at T = 1.5) and the requests' view specs."""
     from personalign.decoding.sampling import SamplingParams
     from personalign.methods.api import DecodeState
 
-    be = HFBackend(tiny_lm, tiny_chat_tokenizer)
-    method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra,
-                schedule="block")
-    K = 2 + len(extra)
     reqs = [req(pref="very funny"), req(pref="sad story", prompt="why is the sky blue ?")]
     cfgs = [method.config_for(r) for r in reqs]
     views = [method.build_views(r, c, be, True) for r, c in zip(reqs, cfgs)]
@@ -173,6 +166,19 @@ def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer
                      sampling=SamplingParams.from_configs([SamplingConfig(temperature=1.5)] * 2),
                      row_generators=[None, None], generated=[[], []], finished=torch.zeros(2, dtype=torch.bool))
     method.prepare(st, be)
+    return st, views
+
+
+@pytest.mark.parametrize("extra", [(), ("be kind",)])
+def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra):
+    """Block schedule: drive rounds by hand; after each, every view fed its pending tokens equals a
+    fresh prefill. With three views, the view sitting out a round lags by several tokens and catches
+    up here."""
+    be = HFBackend(tiny_lm, tiny_chat_tokenizer)
+    method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra,
+                schedule="block")
+    K = 2 + len(extra)
+    st, views = _two_row_state(be, method, K)
     g = torch.Generator().manual_seed(0)
     rejected = 0
     for _ in range(4):
@@ -195,19 +201,10 @@ def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer
 def test_lockstep_caches_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra):
     """Lockstep schedule: after every step each view, fed the step's token, equals a fresh prefill of
     its prompt + the emitted text — nothing is ever drafted into a cache and rolled back."""
-    from personalign.decoding.sampling import SamplingParams
-    from personalign.methods.api import DecodeState
-
     be = HFBackend(tiny_lm, tiny_chat_tokenizer)
     method = PJ(second_preference="be formal and concise please", draft_tokens=3, extra_preferences=extra)
     K = 2 + len(extra)
-    reqs = [req(pref="very funny"), req(pref="sad story", prompt="why is the sky blue ?")]
-    cfgs = [method.config_for(r) for r in reqs]
-    views = [method.build_views(r, c, be, True) for r, c in zip(reqs, cfgs)]
-    st = DecodeState(requests=reqs, configs=cfgs, views=be.prefill(views, method.view_groups(K)),
-                     sampling=SamplingParams.from_configs([SamplingConfig(temperature=1.5)] * 2),
-                     row_generators=[None, None], generated=[[], []], finished=torch.zeros(2, dtype=torch.bool))
-    method.prepare(st, be)
+    st, views = _two_row_state(be, method, K)
     assert len(st.views.groups) == 1  # all views in one cache
     g = torch.Generator().manual_seed(0)
     emitted = [[], []]
