@@ -18,8 +18,11 @@ The text the head reads is exactly what ARGS' cached reward views hold: the prom
 system message) followed by the response's token ids. A preference-conditioned head is then one
 reward model for every preference (``args --param reward_preference=true``).
 
-NOTE: this is the paper baselines' "explicit reward model" at its cheapest (a linear probe); it is
-a fair, fast stand-in on CPU, not a fine-tuned reward model.
+``train_reward_lora`` (``train rm --lora``) goes further: it fine-tunes the same reward, a LoRA
+adapter on the backbone's projections plus the head (initialized at the linear fit), on the same
+Bradley–Terry loss without the penalty, then merges the adapter into a copy of the backbone and
+saves the same kind of checkpoint. The linear fit alone is the cheapest explicit reward model (a
+probe); the LoRA fine-tune is the usual one (minutes on CPU for ~100 pairs of a 135M model).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import torch
 
 from personalign.personas.prompts import build_prompt_ids
 
-__all__ = ["RewardHeadResult", "reward_features", "fit_reward_head", "save_reward_classifier", "reward_input_ids"]
+__all__ = ["RewardHeadResult", "reward_features", "fit_reward_head", "save_reward_classifier", "reward_input_ids",
+           "RewardLoRAConfig", "RewardLoRAResult", "train_reward_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +68,35 @@ def _backbone(lm: Any) -> Any:
     return dec
 
 
+def _left_padded(rows: Sequence[Sequence[int]], pad: int, max_length: int, device: Any) -> dict[str, torch.Tensor]:
+    """Backbone inputs for ``rows`` (each cut to its last ``max_length`` tokens), left-padded so every
+    row's last token sits in the last column, with positions counted from each row's first token."""
+    rows = [list(r)[-max_length:] for r in rows]
+    W = max(len(r) for r in rows)
+    ids = torch.full((len(rows), W), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), W, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, W - len(r):] = torch.tensor(r)
+        mask[i, W - len(r):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _last_hidden(lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, D]: the backbone's last hidden state (after its final norm) at each row's last token."""
+    return _backbone(lm)(**batch).last_hidden_state[:, -1]
+
+
 @torch.no_grad()
 def reward_features(lm: Any, tokenizer: Any, sequences: Sequence[Sequence[int]], batch_size: int = 8,
                     max_length: int = 1024, progress: bool = False) -> torch.Tensor:
     """float32 [N, D]: the backbone's last hidden state at each sequence's last token."""
-    dec = _backbone(lm)
     dev = next(lm.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = _pad_id(tokenizer)
     out = []
     starts = range(0, len(sequences), batch_size)
     if progress:
@@ -78,16 +104,8 @@ def reward_features(lm: Any, tokenizer: Any, sequences: Sequence[Sequence[int]],
 
         starts = tqdm(starts, desc="reward features", unit="batch")
     for s in starts:
-        rows = [list(q)[-max_length:] for q in sequences[s: s + batch_size]]
-        W = max(len(r) for r in rows)
-        ids = torch.full((len(rows), W), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), W, dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: the last token sits in the last column
-            ids[i, W - len(r):] = torch.tensor(r)
-            mask[i, W - len(r):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        h = dec(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)).last_hidden_state
-        out.append(h[:, -1].float().cpu())
+        batch = _left_padded(sequences[s: s + batch_size], pad, max_length, dev)
+        out.append(_last_hidden(lm, batch).float().cpu())
     return torch.cat(out)
 
 
@@ -153,3 +171,160 @@ def save_reward_classifier(lm: Any, tokenizer: Any, weight: torch.Tensor, out: s
     if meta is not None:
         (out / "reward_head.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+# ------------------------------------------------------------------ LoRA fine-tuning (train rm --lora)
+@dataclass(frozen=True, kw_only=True)
+class RewardLoRAConfig:
+    """Settings of ``train_reward_lora``.
+
+    Attributes:
+        epochs: passes over the training pairs.
+        lr: learning rate of the LoRA adapter (AdamW, cosine decay to 0).
+        head_lr: learning rate of the linear head.
+        batch_size: pairs per optimizer step (both answers of a pair in one forward).
+        grad_accum: steps of gradient accumulation.
+        rank, alpha: LoRA rank and α on every attention and MLP projection.
+        max_length: tokens kept per sequence (its end).
+        seed: shuffling and initialization.
+    """
+
+    epochs: int = 2
+    lr: float = 2e-4
+    head_lr: float = 1e-3
+    batch_size: int = 4
+    grad_accum: int = 1
+    rank: int = 8
+    alpha: int = 16
+    max_length: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "rank", "alpha", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}.")
+        for name in ("lr", "head_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"`{name}` must be a number > 0, got {v!r}.")
+
+
+@dataclass
+class RewardLoRAResult:
+    model: Any  # a copy of the backbone LM with the trained adapter merged in
+    weight: torch.Tensor  # float32 [D], the trained head
+    history: list[dict[str, Any]]
+    train_accuracy: float
+    eval_accuracy: float | None
+
+
+class _BradleyTerryRM(torch.nn.Module):
+    """r(x, y) = wᵀ h(x, y) over a PEFT-wrapped LM (only the adapter and w train)."""
+
+    def __init__(self, peft_lm: Any, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.lm = peft_lm
+        self.head = torch.nn.Parameter(weight.detach().float().clone())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _last_hidden(self.lm.get_base_model(), batch).float() @ self.head
+
+
+def _pair_rewards(model: _BradleyTerryRM, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
+                  max_length: int, device: Any) -> torch.Tensor:
+    """[n, 2]: (r(chosen), r(rejected)) of each pair, all 2n sequences in one forward."""
+    rows = [seq for pair in pairs for seq in pair]
+    return model(_left_padded(rows, pad, max_length, device)).view(-1, 2)
+
+
+@torch.no_grad()
+def _accuracy(model: _BradleyTerryRM, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
+              cfg: RewardLoRAConfig, device: Any) -> tuple[float, float]:
+    """(accuracy, mean loss) of ``model`` on ``pairs``: r(chosen) > r(rejected)."""
+    r = torch.cat([_pair_rewards(model, pairs[s: s + 8], pad, cfg.max_length, device) for s in range(0, len(pairs), 8)])
+    margins = r[:, 0] - r[:, 1]
+    return float((margins > 0).float().mean()), float(torch.nn.functional.softplus(-margins).mean())
+
+
+def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      held: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: RewardLoRAConfig, *,
+                      init_weight: torch.Tensor | None = None, progress: bool = True,
+                      log: Any = None) -> RewardLoRAResult:
+    """Fine-tune r(x, y) = wᵀ h(x, y) with a LoRA adapter on (a copy of) ``lm``: Bradley–Terry loss
+    mean softplus(r(x, y_l) − r(x, y_w)) over (chosen ids, rejected ids) pairs, built on ``accelerate``.
+
+    ``lm`` itself is left untouched. ``init_weight`` starts the head (default: zeros, so the first
+    steps move only the head). Held-out accuracy and loss are logged before training and after every
+    epoch (``history``).
+    """
+    import math
+    import random
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from personalign.training.persrm.model import LORA_TARGETS
+
+    if not train:
+        raise ValueError("`train` must hold at least one pair.")
+    say = log or (lambda s: logger.info(s))
+    set_seed(cfg.seed)
+    names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in names]
+    if not targets:
+        raise ValueError(f"none of the LoRA target modules {list(LORA_TARGETS)} exist in {type(lm).__name__}.")
+    peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                            target_modules=targets, bias="none"))
+    D = lm.get_input_embeddings().embedding_dim
+    w0 = init_weight if init_weight is not None else torch.zeros(D)
+    if w0.shape != (D,):
+        raise ValueError(f"`init_weight` must have shape [{D}], got {tuple(w0.shape)}.")
+    model = _BradleyTerryRM(peft_lm, w0)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    lora_params = [p for n, p in model.lm.named_parameters() if "lora_" in n]
+    opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": [model.head], "lr": cfg.head_lr}],
+                            weight_decay=0.0)
+    steps = max(1, math.ceil(len(train) / cfg.batch_size / cfg.grad_accum) * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    core: _BradleyTerryRM = acc.unwrap_model(model)
+    pad, dev = _pad_id(tokenizer), acc.device
+    history: list[dict[str, Any]] = []
+
+    def evaluate(epoch: int, train_loss: float | None) -> None:
+        core.eval()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss}
+        if held:
+            row["eval_accuracy"], row["eval_loss"] = _accuracy(core, held, pad, cfg, dev)
+            say(f"epoch {epoch}: held-out accuracy {row['eval_accuracy']:.3f} loss {row['eval_loss']:.4f} (n={len(held)})")
+        history.append(row)
+
+    evaluate(0, None)
+    rng = random.Random(cfg.seed)
+    for epoch in range(1, cfg.epochs + 1):
+        core.train()
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        batches = [[train[i] for i in order[s: s + cfg.batch_size]] for s in range(0, len(order), cfg.batch_size)]
+        bar = tqdm(batches, desc=f"reward LoRA epoch {epoch}/{cfg.epochs}", disable=not progress or not acc.is_main_process)
+        losses = []
+        for batch in bar:
+            with acc.accumulate(model):
+                r = _pair_rewards(model, batch, pad, cfg.max_length, dev)
+                loss = torch.nn.functional.softplus(r[:, 1] - r[:, 0]).mean()
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        evaluate(epoch, sum(losses) / len(losses))
+    core.eval()
+    train_acc, _ = _accuracy(core, train, pad, cfg, dev)
+    weight = core.head.detach().float().cpu().clone()
+    merged = core.lm.merge_and_unload()
+    return RewardLoRAResult(model=merged, weight=weight, history=history, train_accuracy=train_acc,
+                            eval_accuracy=history[-1].get("eval_accuracy"))

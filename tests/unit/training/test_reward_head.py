@@ -97,3 +97,53 @@ def test_train_rm_cli_writes_a_loadable_reward_model_and_names_bad_lines(tiny_lm
     rc = main(["train", "rm", "--pairs", str(pairs), "--model", str(model_dir), "--out", str(tmp_path / "rm2"),
                "--preference-in-prompt", "--no-progress"])
     assert rc == 2 and "pairs.jsonl:4" in capsys.readouterr().err and not (tmp_path / "rm2").exists()
+    # --lora: the linear fit, then the fine-tune from it; bad settings are refused before any loading
+    rows[3]["preference"] = "be kind"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["train", "rm", "--pairs", str(pairs), "--model", str(model_dir), "--out", str(tmp_path / "rm3"),
+               "--preference-in-prompt", "--no-progress", "--lora", "--epochs", "1", "--pairs-per-step", "4"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["linear"]["train_accuracy"] == 1.0 and report["lora"]["epochs"] == 1
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    assert report["history"][0]["eval_accuracy"] == report["linear"]["eval_accuracy"]  # starts at the linear fit
+    assert load_reward_scorer(str(tmp_path / "rm3")).model.config.num_labels == 1
+    rc = main(["train", "rm", "--pairs", str(pairs), "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "rm4"),
+               "--lora", "--epochs", "0"])
+    assert rc == 2 and "`epochs` must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_lora_fine_tune_learns_from_zero_leaves_the_model_alone_and_saves_what_it_scores(tiny_lm, tiny_chat_tokenizer,
+                                                                                        tmp_path):
+    """From a zero head, the LoRA fine-tune learns a consistent preference (train and held-out); the
+    input model is untouched; the saved classifier scores exactly w·h of the merged model."""
+    import pytest
+
+    from personalign.training.reward_head import RewardLoRAConfig, train_reward_lora
+
+    tok = tiny_chat_tokenizer
+    before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
+    pairs = [(reward_input_ids(tok, f"question {i}", "the cat was happy"), reward_input_ids(tok, f"question {i}", "the dog"))
+             for i in range(12)]
+    cfg = RewardLoRAConfig(epochs=4, lr=5e-3, head_lr=5e-2, batch_size=4, seed=0)
+    out = train_reward_lora(tiny_lm, tok, pairs[:9], pairs[9:], cfg, progress=False)
+    assert [h["epoch"] for h in out.history] == [0, 1, 2, 3, 4]
+    assert out.history[0]["eval_accuracy"] == 0.0  # zero head: no margin, no correct pair
+    assert out.train_accuracy == 1.0 and out.eval_accuracy == 1.0
+    assert out.history[-1]["train_loss"] < out.history[1]["train_loss"]
+    assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in before.items())
+    assert not all(torch.equal(v, out.model.state_dict()[k]) for k, v in before.items())  # the adapter was merged
+    save_reward_classifier(out.model, tok, out.weight, tmp_path / "rm")
+    scorer = load_reward_scorer(str(tmp_path / "rm"))
+    seqs = [q for p in pairs for q in p][:4]
+    expect = reward_features(out.model, tok, seqs) @ out.weight
+    with torch.no_grad():
+        for q, e in zip(seqs, expect.tolist()):
+            r = scorer.model(input_ids=torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long))
+            assert abs(float(r.logits[0, 0]) - e) < 1e-4
+    with pytest.raises(ValueError, match="`epochs` must be an integer >= 1"):
+        RewardLoRAConfig(epochs=0)
+    with pytest.raises(ValueError, match="`lr` must be a number > 0"):
+        RewardLoRAConfig(lr=0)
+    with pytest.raises(ValueError, match="init_weight"):
+        train_reward_lora(tiny_lm, tok, pairs, [], cfg, init_weight=torch.zeros(3), progress=False)

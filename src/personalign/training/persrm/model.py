@@ -35,11 +35,11 @@ import torch
 from personalign.personas.prompts import build_prompt_ids
 
 __all__ = ["PersRMConfig", "PersRM", "token_features", "backbone_fingerprint", "persrm_prompt_ids",
-           "PERSRM_SYSTEM", "ADAPTER"]
+           "PERSRM_SYSTEM", "ADAPTER", "LORA_TARGETS"]
 
 ADAPTER = "default"
 PERSRM_SYSTEM = "Your task is to generate a response by considering the following preference: {preference}"
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +61,7 @@ class PersRMConfig:
     fingerprint: str = ""
     lora_r: int = 8
     lora_alpha: int = 16
-    target_modules: tuple[str, ...] = _LORA_TARGETS
+    target_modules: tuple[str, ...] = LORA_TARGETS
     beta: float = 1.0
 
     def __post_init__(self) -> None:
@@ -143,9 +143,9 @@ class PersRM(torch.nn.Module):
         from peft import LoraConfig, get_peft_model
 
         names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
-        targets = tuple(t for t in (target_modules or _LORA_TARGETS) if t in names)
+        targets = tuple(t for t in (target_modules or LORA_TARGETS) if t in names)
         if not targets:
-            raise ValueError(f"none of the LoRA `target_modules` {list(target_modules or _LORA_TARGETS)} exist in the backbone.")
+            raise ValueError(f"none of the LoRA `target_modules` {list(target_modules or LORA_TARGETS)} exist in the backbone.")
         config = PersRMConfig(backbone=name, gguf_file=gguf_file, fingerprint=backbone_fingerprint(backbone, tokenizer),
                               lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets, beta=beta)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(targets),
@@ -283,7 +283,7 @@ class PersRM(torch.nn.Module):
         if not p.is_file():
             raise ValueError(f"`persrm` {ckpt_dir!r} is not a PersRM checkpoint (no persrm.json).")
         c = json.loads(p.read_text())["config"]
-        c["target_modules"] = tuple(c.get("target_modules", _LORA_TARGETS))
+        c["target_modules"] = tuple(c.get("target_modules", LORA_TARGETS))
         return PersRMConfig(**c)
 
     @classmethod
