@@ -256,3 +256,28 @@ def test_lean_lora_forward_is_bit_identical_to_peft(tiny_tokenizer, monkeypatch)
         rescaled = router(input_ids=ids).logits
         assert len(calls) == 2 * len(router._lora_layers)
         assert torch.equal(rescaled, peft_rows()) and not torch.allclose(rescaled[1], lean[1], atol=1e-4)
+
+
+def test_args_with_the_persrm_reward_ranks_as_pad(tiny_tokenizer):
+    """ARGS' score log π(a) + w·R(p, x, y_<t ∘ a) with the PersRM's sequence reward (a sum of token
+    rewards: the prefix's part is the same for every candidate) picks what Eq. 13 picks with
+    β = w·β_PersRM — here through ARGS' text path, which re-encodes every candidate text (and so
+    cannot follow a special token: the texts agree up to the first one)."""
+    from personalign.eval.reward import PersRMScorer
+    from personalign.methods.args import ARGSConfig, ARGSMethod
+
+    tok = tiny_tokenizer
+    rm = _persrm(tok, seed=3)
+    reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
+    pad = generate(PADMethod(PADConfig(k=4, beta=0.8 * rm.config.beta), persrm=rm), reqs,
+                   HFBackend(rm.base_lm, tok), max_new_tokens=6, chat_template=False, ignore_eos=True)
+    args = ARGSMethod(ARGSConfig(k=4, w=0.8), scorer=PersRMScorer(rm, chat_template=False))
+    policy = make_tiny_lm(len(tok))  # the backbone without the adapter: PAD's π_LM
+    out = generate(args, reqs, HFBackend(policy, tok), max_new_tokens=6, chat_template=False, ignore_eos=True)
+    special = set(tok.all_special_ids)
+    for a, b in zip(out, pad):  # equal up to a special token, which the text path cannot re-encode
+        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(b.token_ids))
+        assert n >= 3 and (n == len(b.token_ids) or b.token_ids[n] in special or a.token_ids[n] in special), (a, b)
+    base = generate(PADMethod(PADConfig(k=4, beta=0.0), persrm=rm), reqs, HFBackend(rm.base_lm, tok),
+                    max_new_tokens=6, chat_template=False, ignore_eos=True)
+    assert [o.token_ids for o in base] != [o.token_ids for o in pad]  # the reward changes the text
