@@ -6,6 +6,12 @@ case) for exactly N new tokens (EOS ignored), after one warm-up; timings are med
 ``torch.cuda.max_memory_allocated`` above the idle baseline on CUDA, and the peak resident set size
 above the pre-run baseline on CPU (sampled every 2 ms, after
 ``malloc_trim`` returns freed heap pages to the OS; RSS-based figures are coarser than CUDA's).
+
+Those runtime peaks are small next to the weights, so each row also reports the **footprint**: the
+bytes of every distinct parameter and buffer the run uses (the models of the method's backend and
+the modules the method holds, e.g. a PersRM's adapter and head; tensors shared between them count
+once) plus the runtime peak. ``footprint / generate`` is the memory ratio the targets speak of
+(PAD: ≤ 1.15×, the paper's 2.0× being total GPU memory).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from personalign.methods import get_method
 from personalign.types import Request
 
 __all__ = ["BenchRow", "run_bench", "BENCH_PROMPTS", "BENCH_PREFERENCES", "format_table", "format_scaling",
-           "format_targets", "resolve_methods"]
+           "format_targets", "resolve_methods", "weights_mb", "FOOTPRINT_TARGETS"]
+
+# memory targets on the footprint (weights + runtime peak) / generate's, at B = 1
+FOOTPRINT_TARGETS = {"pad": 1.15}
 
 BENCH_PROMPTS = [
     "Explain how a hash map works.",
@@ -60,6 +69,28 @@ class BenchRow:
     time_ratio: float = float("nan")
     mem_ratio: float = float("nan")
     note: str = ""
+    weights_mb: float = float("nan")  # distinct parameters and buffers the run uses
+    footprint_ratio: float = float("nan")  # (weights + peak) / generate's
+
+
+def _modules_in(obj: Any, depth: int = 2) -> list[torch.nn.Module]:
+    """``obj`` if it is a module, else the modules among its attributes, ``depth`` levels down."""
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if depth == 0 or not hasattr(obj, "__dict__"):
+        return []
+    return [m for v in vars(obj).values() for m in _modules_in(v, depth - 1)]
+
+
+def weights_mb(*objects: Any) -> float:
+    """MB of the distinct tensors (parameters and buffers, each storage once) of the modules among
+    ``objects`` and their attributes (a method's PersRM, its scorer's model, ...)."""
+    seen: dict[tuple[str, int], int] = {}
+    for m in (m for obj in objects for m in _modules_in(obj)):
+        for t in list(m.parameters()) + list(m.buffers()):
+            st = t.untyped_storage()
+            seen[(t.device.type, st.data_ptr())] = st.nbytes()
+    return sum(seen.values()) / 2**20
 
 
 class _PeakRSS:
@@ -165,6 +196,7 @@ def run_bench(
     runners: dict[str, tuple[Callable[[], Any], str]] = {
         "generate": (_plain_generate_fn(main, prompts, max_new_tokens), "transformers model.generate (greedy)")
     }
+    weights = {"generate": weights_mb(main.model)}
     skipped: list[BenchRow] = []
     for name, cls in classes.items():
         try:
@@ -175,6 +207,7 @@ def run_bench(
                                     note=f"skipped: {e}"))
             continue
         note = getattr(method, "bench_note", "")
+        weights[name] = weights_mb(*be.models.values(), method)
 
         def fn(method: Any = method, be: Any = be) -> Any:
             return generate(method, requests, be, max_new_tokens=max_new_tokens, ignore_eos=True)
@@ -197,11 +230,12 @@ def run_bench(
         t = statistics.median(times[k])
         rows.append(BenchRow(method=k, batch_size=batch_size, new_tokens=max_new_tokens,
                              ms_per_token=1000 * t / max_new_tokens, tokens_per_s=batch_size * max_new_tokens / t,
-                             peak_mem_mb=max(mems[k]), note=note))
+                             peak_mem_mb=max(mems[k]), note=note, weights_mb=weights[k]))
     ref = rows[0]
     for row in rows:
         row.time_ratio = row.ms_per_token / ref.ms_per_token
         row.mem_ratio = row.peak_mem_mb / ref.peak_mem_mb if ref.peak_mem_mb > 0 else float("nan")
+        row.footprint_ratio = (row.weights_mb + row.peak_mem_mb) / (ref.weights_mb + ref.peak_mem_mb)
     return rows + skipped
 
 
@@ -238,13 +272,20 @@ def format_scaling(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def format_targets(rows: Sequence[BenchRow], max_time_ratio: float = 1.3, min_batch_speedup: float = 8.0) -> str:
-    """The issue's targets, checked on these rows: time ratio at B = 1, batch tokens/s speedup."""
+def format_targets(rows: Sequence[BenchRow], max_time_ratio: float = 1.3, min_batch_speedup: float = 8.0,
+                   footprint: dict[str, float] | None = None) -> str:
+    """The targets, checked on these rows: time ratio at B = 1, memory footprint ratio at B = 1
+    (``footprint``: method -> bound, default ``FOOTPRINT_TARGETS``), batch tokens/s speedup."""
+    footprint = FOOTPRINT_TARGETS if footprint is None else footprint
     out = []
     for r in rows:
         if r.batch_size == 1 and r.method != "generate" and r.time_ratio == r.time_ratio:
             ok = "yes" if r.time_ratio <= max_time_ratio else "no"
             out.append(f"- {r.method}: B=1 time / generate = {r.time_ratio:.2f} (target ≤ {max_time_ratio}): {ok}")
+            if r.method in footprint and r.footprint_ratio == r.footprint_ratio:
+                ok = "yes" if r.footprint_ratio <= footprint[r.method] else "no"
+                out.append(f"- {r.method}: B=1 memory footprint / generate = {r.footprint_ratio:.3f} "
+                           f"(target ≤ {footprint[r.method]}): {ok}")
     sizes = sorted({r.batch_size for r in rows})
     if 1 in sizes and len(sizes) > 1:
         big = sizes[-1]
@@ -258,13 +299,15 @@ def format_targets(rows: Sequence[BenchRow], max_time_ratio: float = 1.3, min_ba
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
-    head = "| method | B | new tokens | ms/token | tokens/s | peak mem (MB) | time / generate | mem / generate |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| method | B | new tokens | ms/token | tokens/s | peak mem (MB) | weights (MB) | time / generate | "
+            "mem / generate | footprint / generate |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if r.ms_per_token != r.ms_per_token:
-            lines.append(f"| {r.method} | {r.batch_size} | {r.new_tokens} | – | – | – | – | – |")
+            lines.append(f"| {r.method} | {r.batch_size} | {r.new_tokens} |" + " – |" * 7)
             continue
         lines.append(f"| {r.method} | {r.batch_size} | {r.new_tokens} | {r.ms_per_token:.2f} | {r.tokens_per_s:.1f} | "
-                     f"{r.peak_mem_mb:.1f} | {r.time_ratio:.3f} | {r.mem_ratio:.3f} |")
+                     f"{r.peak_mem_mb:.1f} | {r.weights_mb:.1f} | {r.time_ratio:.3f} | {r.mem_ratio:.3f} | "
+                     f"{r.footprint_ratio:.3f} |")
     notes = list(dict.fromkeys(f"- {r.method}: {r.note}" for r in rows if r.note))  # once per method
     return "\n".join(lines + ([""] + notes if notes else []))
