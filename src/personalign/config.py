@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
-__all__ = ["config_from_mapping", "config_to_dict", "parse_value", "parse_params"]
+__all__ = ["config_from_mapping", "config_to_dict", "parse_value", "parse_params", "check_int", "check_positive"]
 
 
 def parse_value(text: str) -> Any:
@@ -115,3 +116,16 @@ def config_from_mapping(cls: type[C], values: Mapping[str, Any] | None = None, b
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) >= ``low``; the error names the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}.")

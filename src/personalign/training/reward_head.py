@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from personalign.config import check_int, check_positive
 from personalign.personas.prompts import build_prompt_ids
 
 __all__ = ["RewardHeadResult", "reward_features", "fit_reward_head", "save_reward_classifier", "reward_input_ids",
@@ -201,13 +202,9 @@ class RewardLoRAConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "rank", "alpha", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}.")
+            check_int(name, getattr(self, name), 1)
         for name in ("lr", "head_lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"`{name}` must be a number > 0, got {v!r}.")
+            check_positive(name, getattr(self, name))
 
 
 @dataclass

@@ -143,7 +143,7 @@ def test_lora_fine_tune_learns_from_zero_leaves_the_model_alone_and_saves_what_i
             assert abs(float(r.logits[0, 0]) - e) < 1e-4
     with pytest.raises(ValueError, match="`epochs` must be an integer >= 1"):
         RewardLoRAConfig(epochs=0)
-    with pytest.raises(ValueError, match="`lr` must be a number > 0"):
+    with pytest.raises(ValueError, match="`lr` must be a finite number > 0"):
         RewardLoRAConfig(lr=0)
     with pytest.raises(ValueError, match="init_weight"):
         train_reward_lora(tiny_lm, tok, pairs, [], cfg, init_weight=torch.zeros(3), progress=False)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from personalign.config import config_to_dict
+from personalign.config import check_int, check_positive, config_to_dict
 from personalign.training.pdpo.checkpoint import save_checkpoint
 from personalign.training.pdpo.data import PreferencePair, TokenizedPair, tokenize_pairs
 from personalign.training.pdpo.loss import (
@@ -54,17 +54,6 @@ __all__ = ["PDPOTrainConfig", "TrainResult", "train_pdpo", "train_prm", "evaluat
            "accuracy_metrics"]
 
 logger = logging.getLogger(__name__)
-
-
-def _int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-
-
-def _pos(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,13 +91,13 @@ class PDPOTrainConfig:
     def __post_init__(self) -> None:
         if self.user_model not in USER_MODEL_KINDS:
             raise ValueError(f"`user_model` must be one of {', '.join(USER_MODEL_KINDS)}, got {self.user_model!r}.")
-        _int("user_tokens", self.user_tokens, 0)
+        check_int("user_tokens", self.user_tokens, 0)
         if self.user_model != "uniform" and self.user_tokens < 1:
             raise ValueError(
                 f"`user_tokens` (T_u) must be >= 1 for a {self.user_model!r} user model, got {self.user_tokens}; "
                 "only the uniform model may be empty (T_u = 0, vanilla DPO)."
             )
-        _int("clusters", self.clusters, 1)
+        check_int("clusters", self.clusters, 1)
         if self.weighting not in CLUSTER_WEIGHTINGS:
             raise ValueError(f"`weighting` must be one of {', '.join(CLUSTER_WEIGHTINGS)}, got {self.weighting!r}.")
         check_alpha(self.alpha)
@@ -117,23 +106,23 @@ class PDPOTrainConfig:
             raise ValueError(f"`loss` must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}.")
         if self.head not in REWARD_HEADS:
             raise ValueError(f"`head` must be one of {', '.join(REWARD_HEADS)}, got {self.head!r}.")
-        _int("lora_r", self.lora_r, 1)
-        _pos("lora_alpha", self.lora_alpha)
+        check_int("lora_r", self.lora_r, 1)
+        check_positive("lora_alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"`lora_dropout` must lie in [0, 1), got {self.lora_dropout!r}.")
-        _pos("learning_rate", self.learning_rate)
-        _pos("user_learning_rate", self.user_learning_rate, allow_zero=True)
-        _int("epochs", self.epochs, 1)
-        _int("max_steps", self.max_steps, 0)
-        _int("batch_size", self.batch_size, 1)
-        _int("grad_accum", self.grad_accum, 1)
-        _int("warmup_steps", self.warmup_steps, 0)
-        _pos("max_grad_norm", self.max_grad_norm, allow_zero=True)
-        _int("max_prompt_tokens", self.max_prompt_tokens, 1)
-        _int("max_response_tokens", self.max_response_tokens, 1)
-        _int("eval_every", self.eval_every, 0)
-        _int("eval_batch_size", self.eval_batch_size, 1)
-        _int("end_token_id", self.end_token_id, -1)
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("user_learning_rate", self.user_learning_rate, allow_zero=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("max_steps", self.max_steps, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        check_int("max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_int("max_response_tokens", self.max_response_tokens, 1)
+        check_int("eval_every", self.eval_every, 0)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
+        check_int("end_token_id", self.end_token_id, -1)
 
 
 @dataclass
