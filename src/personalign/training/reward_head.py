@@ -263,18 +263,14 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from personalign.training.persrm.model import LORA_TARGETS
+    from personalign.training.persrm.model import cosine_decay, lora_targets
 
     if not train:
         raise ValueError("`train` must hold at least one pair.")
     say = log or (lambda s: logger.info(s))
     set_seed(cfg.seed)
-    names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
-    targets = [t for t in LORA_TARGETS if t in names]
-    if not targets:
-        raise ValueError(f"none of the LoRA target modules {list(LORA_TARGETS)} exist in {type(lm).__name__}.")
     peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                            target_modules=targets, bias="none"))
+                                                            target_modules=list(lora_targets(lm)), bias="none"))
     D = lm.get_input_embeddings().embedding_dim
     w0 = init_weight if init_weight is not None else torch.zeros(D)
     if w0.shape != (D,):
@@ -285,7 +281,7 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": [model.head], "lr": cfg.head_lr}],
                             weight_decay=0.0)
     steps = max(1, math.ceil(len(train) / cfg.batch_size / cfg.grad_accum) * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = cosine_decay(opt, steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     core: _BradleyTerryRM = acc.unwrap_model(model)
     pad, dev = _pad_id(tokenizer), acc.device

@@ -35,11 +35,29 @@ import torch
 from personalign.personas.prompts import build_prompt_ids
 
 __all__ = ["PersRMConfig", "PersRM", "token_features", "backbone_fingerprint", "persrm_prompt_ids",
-           "PERSRM_SYSTEM", "ADAPTER", "LORA_TARGETS"]
+           "PERSRM_SYSTEM", "ADAPTER", "LORA_TARGETS",
+           "lora_targets", "cosine_decay"]
 
 ADAPTER = "default"
 PERSRM_SYSTEM = "Your task is to generate a response by considering the following preference: {preference}"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_targets(model: Any, requested: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The module names of ``requested`` (default ``LORA_TARGETS``) that exist in ``model``, in order;
+    an error naming them when none does."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = tuple(t for t in (requested or LORA_TARGETS) if t in names)
+    if not targets:
+        raise ValueError(f"none of the LoRA `target_modules` {list(requested or LORA_TARGETS)} exist in the backbone.")
+    return targets
+
+
+def cosine_decay(optimizer: Any, steps: int) -> Any:
+    """A LambdaLR scheduler: every learning rate decays as 0.5 (1 + cos(π t / steps)), then stays at 0."""
+    import math
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,10 +160,7 @@ class PersRM(torch.nn.Module):
         """Inject a fresh LoRA adapter into ``backbone`` (in place) and add a zero value head."""
         from peft import LoraConfig, get_peft_model
 
-        names = {n.rsplit(".", 1)[-1] for n, _ in backbone.named_modules()}
-        targets = tuple(t for t in (target_modules or LORA_TARGETS) if t in names)
-        if not targets:
-            raise ValueError(f"none of the LoRA `target_modules` {list(target_modules or LORA_TARGETS)} exist in the backbone.")
+        targets = lora_targets(backbone, target_modules)
         config = PersRMConfig(backbone=name, gguf_file=gguf_file, fingerprint=backbone_fingerprint(backbone, tokenizer),
                               lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets, beta=beta)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(targets),

@@ -27,7 +27,7 @@ import torch
 
 from personalign.records import PAIR_TEXTS, Pair, PairWording, read_pair_records
 from personalign.training.persrm.loss import persrm_loss, persrm_margins
-from personalign.training.persrm.model import PersRM, persrm_prompt_ids
+from personalign.training.persrm.model import PersRM, cosine_decay, persrm_prompt_ids
 
 __all__ = ["PairRecord", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs"]
 
@@ -205,7 +205,7 @@ def train_persrm(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     steps = max(1, math.ceil(len(train) / cfg.batch_size / cfg.grad_accum) * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = cosine_decay(opt, steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     core: PersRM = acc.unwrap_model(model)
     for epoch in range(cfg.epochs):
