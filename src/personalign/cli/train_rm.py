@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from typing import Any
 
@@ -53,6 +52,7 @@ def run_rm(args: argparse.Namespace) -> int:
     import torch
 
     from personalign.eval.datasets import load_pairs
+    from personalign.training.persrm.train import split_by_prompt
     from personalign.training.reward_head import (
         RewardLoRAConfig,
         fit_reward_head,
@@ -79,10 +79,7 @@ def run_rm(args: argparse.Namespace) -> int:
         if bad:
             raise ValueError(f"--preference-in-prompt needs a `preference` in every pair; missing at {bad[0]}"
                              + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + ".")
-    prompts = sorted({p.prompt for p in pairs})
-    random.Random(args.seed).shuffle(prompts)
-    n_eval = int(round(args.eval_fraction * len(prompts)))
-    held = set(prompts[:n_eval])
+    held_prompts = {p.prompt for p in split_by_prompt(pairs, args.eval_fraction, args.seed)[1]}
     lm = load_from_args(args)
     tok = lm.tokenizer
     chat = not args.no_chat_template
@@ -93,8 +90,8 @@ def run_rm(args: argparse.Namespace) -> int:
     feats = reward_features(lm.model, tok, seqs, batch_size=args.batch_size, max_length=args.max_length,
                             progress=not args.no_progress)
     diff = feats[0::2] - feats[1::2]
-    is_eval = torch.tensor([p.prompt in held for p in pairs])
-    res = fit_reward_head(diff[~is_eval], diff[is_eval] if n_eval else None, l2=args.l2)
+    is_eval = torch.tensor([p.prompt in held_prompts for p in pairs])
+    res = fit_reward_head(diff[~is_eval], diff[is_eval] if held_prompts else None, l2=args.l2)
     meta = {"pairs": args.pairs, "model": args.model, "gguf_file": args.gguf_file,
             "preference_in_prompt": bool(args.preference_in_prompt), "chat_template": chat, "l2": args.l2,
             "n_train": res.n_train, "n_eval": res.n_eval, "train_accuracy": res.train_accuracy,
@@ -104,8 +101,8 @@ def run_rm(args: argparse.Namespace) -> int:
         from personalign.config import config_to_dict
 
         pair_ids = list(zip(seqs[0::2], seqs[1::2]))
-        train = [q for q, e in zip(pair_ids, is_eval.tolist()) if not e]
-        held = [q for q, e in zip(pair_ids, is_eval.tolist()) if e]
+        train = [q for q, p in zip(pair_ids, pairs) if p.prompt not in held_prompts]
+        held = [q for q, p in zip(pair_ids, pairs) if p.prompt in held_prompts]
         out = train_reward_lora(lm.model, tok, train, held, lora_cfg, init_weight=res.weight,
                                 progress=not args.no_progress,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
