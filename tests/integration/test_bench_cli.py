@@ -41,3 +41,28 @@ def test_bench_cli_all_methods(tmp_path, tiny_lm, tiny_chat_tokenizer, capsys):
     for name in METHODS.names():
         assert f"| {name} | 1 | 3 |" in out and f"| {name} | 3 | 3 |" in out
     assert "tokens/s B=1 | tokens/s B=3 | B=3 / B=1" in out and "Targets:" in out
+
+
+@pytest.mark.parametrize("kernel_peak", [True, False], ids=["high-water-mark", "sampling-thread"])
+def test_peak_rss_sees_a_freed_block(monkeypatch, kernel_peak):
+    """A 64 MiB block written and freed inside the block shows in the peak, by either way of measuring."""
+    import sys
+
+    import torch
+
+    from personalign.eval import bench
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc (Linux)")
+    if not kernel_peak:
+        monkeypatch.setattr(bench._PeakRSS, "reset_high_water_mark", staticmethod(lambda: False))
+    bench._release_freed_memory()
+    with bench._PeakRSS() as m:
+        block = torch.ones(16 * 2**20)  # 64 MiB, every page written
+        if not kernel_peak:
+            import time
+
+            time.sleep(0.05)  # the sampler runs every 2 ms
+        del block
+    assert (m._t is None) == kernel_peak
+    assert m.peak - m.base >= 60 * 2**20
