@@ -61,3 +61,36 @@ def test_cli_bad_input(pairs_file, tmp_path, capsys, stories):
     assert main(["generate", "--model", str(STORIES), "--method", "best_of_n", "--param", "n=0",
                  "--prompt", "Once", "--reward-model", str(tmp_path)]) == 2
     assert "`n` must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_generate_with_a_reward_function_file(tmp_path, capsys, stories):
+    """`--reward-function path/file.py:name`: args and best_of_n score with a Python function of
+    (prompt, response, preference); the CLI's tokens equal the library's with the same function."""
+    from personalign.decoding.loop import generate
+    from personalign.eval.reward import FunctionScorer, import_object
+    from personalign.methods.args import ARGSConfig, ARGSMethod
+    from personalign.types import Request
+    from personalign.views import HFBackend
+    from personalign.views.loading import load_model
+
+    f = tmp_path / "rewards.py"
+    f.write_text("def named_words(prompt, response, preference):\n"
+                 "    return float(sum(w.strip('.,') in preference.split() for w in response.split()))\n")
+    target = f"{f}:named_words"
+    rc = main(["generate", "--model", str(STORIES), "--method", "args", "--reward-function", target,
+               "--preference", "happy cat sun", "--prompt", "Once upon a time", "--param", "k=5", "--param", "w=2",
+               "--max-new-tokens", "8", "--no-chat-template", "--json"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = load_model(str(STORIES))
+    lib = generate(ARGSMethod(ARGSConfig(k=5, w=2.0), scorer=FunctionScorer(import_object(target))),
+                   [Request(prompt="Once upon a time", preference="happy cat sun")], HFBackend(m.model, m.tokenizer),
+                   max_new_tokens=8, chat_template=False)[0]
+    assert rec["token_ids"] == lib.token_ids
+    rc = main(["generate", "--model", str(STORIES), "--method", "best_of_n", "--reward-function", target,
+               "--preference", "happy cat sun", "--prompt", "Once upon a time", "--param", "n=2",
+               "--max-new-tokens", "6", "--no-chat-template", "--json"])
+    assert rc == 0
+    assert main(["generate", "--model", str(STORIES), "--method", "args", "--reward-function", f"{f}:nope",
+                 "--preference", "x", "--prompt", "Once", "--no-chat-template"]) == 2
+    assert "has no attribute 'nope'" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Implementations:
 
-* ``FunctionScorer`` — a plain Python function ``f(prompt, response) -> float``.
+* ``FunctionScorer`` — a plain Python function ``f(prompt, response) -> float``, or
+  ``f(prompt, response, preference) -> float`` to score with each request's preference.
 * ``HFRewardScorer`` — a local Hugging Face sequence-classification model (one output = the
   reward; ``label`` picks a column of a multi-output head). The prompt and response are rendered
   as a user/assistant chat when the tokenizer has a chat template, else ``"{prompt}\\n\\n{response}"``.
@@ -17,11 +18,18 @@ text is re-tokenized by the scorer. Any other object with a ``score`` method plu
 ``build_scorer(spec)`` builds one from a config mapping:
 ``{kind: hf, path: DIR, label: 0}``, ``{kind: function, target: "module:function"}`` or
 ``{kind: object, target: "module:factory", args: {...}}`` (the factory's result must have ``score``).
+A ``target`` names a module on the import path (``package.module:name``) or a Python file
+(``path/to/file.py:name``).
+
+A scorer with ``uses_preference = True`` takes ``preferences=`` (one text per row) in ``score``;
+reward-guided methods pass each request's preference to it when it has no fixed one
+(``uses_request_preference``).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,7 +37,7 @@ import torch
 
 __all__ = ["RewardScorer", "FunctionScorer", "HFRewardScorer", "PersRMScorer", "BackboneRewardModel",
            "RewardLMView", "load_reward_scorer", "prompt_text", "reward_from_logprobs", "as_scorer",
-           "build_scorer", "import_object"]
+           "build_scorer", "import_object", "uses_request_preference"]
 
 _HH_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: {response}"
 
@@ -54,17 +62,48 @@ def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
 
 
 class FunctionScorer:
-    """A reward from a plain function ``fn(prompt, response) -> float``."""
+    """A reward from a plain function ``fn(prompt, response) -> float``.
 
-    def __init__(self, fn: Callable[[str, str], float], name: str = "") -> None:
+    A function with a third parameter named ``preference`` (``fn(prompt, response, preference)``)
+    scores each row with its preference text: ``uses_preference`` is True and ``score`` takes
+    ``preferences=``, one text per row; ``preference`` fixes one text for every row instead.
+    """
+
+    def __init__(self, fn: Callable[..., float], name: str = "", *, preference: str | None = None) -> None:
         if not callable(fn):
             raise ValueError(f"`fn` must be callable, got {type(fn).__name__}.")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "function")
+        self.uses_preference = _takes_preference(fn)
+        if preference is not None and not self.uses_preference:
+            raise ValueError(f"reward function {self.name!r} takes no `preference` parameter; a preference cannot be fixed.")
+        self.preference = preference
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], preferences: Sequence[str] | None = None) -> list[float]:
         _check_lengths(prompts, responses)
-        return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
+        if not self.uses_preference:
+            return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
+        prefs = list(preferences) if preferences is not None else [self.preference] * len(prompts)
+        if len(prefs) != len(prompts):
+            raise ValueError(f"`preferences` ({len(prefs)}) and `prompts` ({len(prompts)}) must have the same length.")
+        if any(not isinstance(q, str) or not q for q in prefs):
+            raise ValueError(f"reward function {self.name!r} scores with a preference: every request needs a "
+                             "non-empty `preference` text.")
+        return [float(self.fn(p, r, preference=q)) for p, r, q in zip(prompts, responses, prefs)]
+
+
+def _takes_preference(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a ``preference`` argument (a parameter of that name, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called with two arguments
+        return False
+    return any(p.name == "preference" and p.kind is not p.POSITIONAL_ONLY for p in params)
+
+
+def uses_request_preference(scorer: Any) -> bool:
+    """Whether ``scorer`` needs each request's preference passed to ``score`` (no fixed one)."""
+    return bool(getattr(scorer, "uses_preference", False)) and getattr(scorer, "preference", None) is None
 
 
 class BackboneRewardModel(torch.nn.Module):
@@ -265,19 +304,47 @@ def load_reward_scorer(path: str, *, device: str = "cpu", label: int = 0) -> HFR
 
 
 def import_object(target: str) -> Any:
-    """``"package.module:attr"`` -> the object (``ValueError`` naming what is missing)."""
+    """``"package.module:attr"`` or ``"path/to/file.py:attr"`` -> the object (``ValueError`` naming what is missing)."""
     if not isinstance(target, str) or ":" not in target:
-        raise ValueError(f"`target` must look like 'package.module:name', got {target!r}.")
-    mod_name, attr = target.split(":", 1)
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"`target` {target!r}: cannot import module {mod_name!r} ({e}).") from None
+        raise ValueError(f"`target` must look like 'package.module:name' or 'path/to/file.py:name', got {target!r}.")
+    mod_name, attr = target.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        obj: Any = _module_from_file(mod_name, target)
+    else:
+        try:
+            obj = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"`target` {target!r}: cannot import module {mod_name!r} ({e}).") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"`target` {target!r}: module {mod_name!r} has no attribute {attr!r}.")
         obj = getattr(obj, part)
     return obj
+
+
+def _module_from_file(path: str, target: str) -> Any:
+    """The module in the Python file ``path`` (loaded once per resolved path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    where = Path(path).expanduser().resolve()
+    if not where.is_file():
+        raise ValueError(f"`target` {target!r}: no Python file {path!r}.")
+    name = f"personalign_user_{abs(hash(str(where))):x}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, where)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"`target` {target!r}: {path!r} cannot be loaded as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(f"`target` {target!r}: running {path!r} failed: {type(e).__name__}: {e}") from e
+    return module
 
 
 def as_scorer(obj: Any) -> RewardScorer:

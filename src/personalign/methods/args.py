@@ -33,11 +33,11 @@ import torch
 from personalign.decoding.sampling import sample
 from personalign.eval.reward import (
     HFRewardScorer,
-    PersRMScorer,
     RewardLMView,
     RewardScorer,
     prompt_text,
     reward_from_logprobs,
+    uses_request_preference,
 )
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.best_of_n import add_reward_arguments, bench_scorer, scorer_from_cli
@@ -111,9 +111,9 @@ class ARGSMethod(Method):
 
     def build_views(self, request: Request, config: ARGSConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None and self.reward_key is None:
-            raise ValueError("method 'args' needs a reward model: pass scorer= or reward_key= (CLI: --reward-model or --persrm).")
-        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
-            require_preference(request, self.name)  # the PersRM scores with the request's preference
+            raise ValueError("method 'args' needs a reward model: pass scorer= or reward_key= (CLI: --reward-model, --reward-function or --persrm).")
+        if uses_request_preference(self.scorer):
+            require_preference(request, self.name)  # the reward scores with the request's preference
         ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
         views = [ViewSpec(prompt_ids=ids, role="base")]
         if config.reward_preference and self.reward_key is None:
@@ -176,7 +176,7 @@ class ARGSMethod(Method):
                 prompts.append(p)
                 texts.append(tok.decode(state.generated[b] + [int(top_ids[b, j])], skip_special_tokens=True))
                 prefs.append(state.requests[b].preference or "")
-        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
+        if uses_request_preference(self.scorer):
             r = self.scorer.score(prompts, texts, preferences=prefs)
         else:
             r = self.scorer.score(prompts, texts)

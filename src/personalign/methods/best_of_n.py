@@ -20,7 +20,7 @@ import torch
 
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
-from personalign.eval.reward import PersRMScorer, RewardScorer, prompt_text
+from personalign.eval.reward import PersRMScorer, RewardScorer, prompt_text, uses_request_preference
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.prompt_views import plain_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
@@ -75,9 +75,9 @@ class BestOfNMethod(Method):
 
     def build_views(self, request: Request, config: BestOfNConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None:
-            raise ValueError("method 'best_of_n' needs a reward scorer: pass scorer= (CLI: --reward-model or --persrm).")
-        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
-            require_preference(request, self.name)  # the PersRM scores with the request's preference
+            raise ValueError("method 'best_of_n' needs a reward scorer: pass scorer= (CLI: --reward-model, --reward-function or --persrm).")
+        if uses_request_preference(self.scorer):
+            require_preference(request, self.name)  # the reward scores with the request's preference
         return [plain_view(request, backend, chat_template)]
 
     def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
@@ -115,7 +115,7 @@ class BestOfNMethod(Method):
             backend.step(inner, tok[:, None], lengths=(~done).long())
         texts = [backend.tokenizer().decode([t for t in s if t not in eos], skip_special_tokens=True) for s in samples]
         prompts = [prompt_text(state.requests[b].prompt) for b in range(B) for _ in range(n)]
-        if isinstance(self.scorer, PersRMScorer) and self.scorer.preference is None:
+        if uses_request_preference(self.scorer):
             prefs = [state.requests[b].preference or "" for b in range(B) for _ in range(n)]
             scores = self.scorer.score(prompts, texts, preferences=prefs)
         else:
@@ -151,28 +151,45 @@ class BestOfNMethod(Method):
 
 
 def add_reward_arguments(parser: Any) -> None:
-    """``--reward-model`` / ``--reward-label`` (and ``--persrm``) for reward-guided methods."""
+    """``--reward-model`` / ``--reward-label``, ``--reward-function`` (and ``--persrm``) for reward-guided methods."""
     have = parser._option_string_actions
     if "--reward-model" not in have:
         parser.add_argument("--reward-model", metavar="PATH",
                             help="a local sequence-classification reward model (args, best_of_n)")
         parser.add_argument("--reward-label", type=int, default=0, metavar="I", help="reward output column")
+    if "--reward-function" not in have:
+        parser.add_argument("--reward-function", metavar="MODULE:NAME",
+                            help="a Python reward function f(prompt, response[, preference]) -> float, as "
+                                 "package.module:name or path/to/file.py:name (args, best_of_n)")
     if "--persrm" not in have:
         parser.add_argument("--persrm", metavar="DIR",
                             help="a PersRM checkpoint (personalign train pad); used by pad and as a reward model")
 
 
 def scorer_from_cli(args: Any, backend: Any) -> RewardScorer:
+    """The reward of ``--reward-model``, else ``--reward-function``, else ``--persrm`` (a server may
+    take ``--persrm`` for pad and another reward for args / best_of_n)."""
     if getattr(args, "reward_model", None):
         from personalign.eval.reward import load_reward_scorer
 
         return load_reward_scorer(args.reward_model, device=str(backend.device()), label=args.reward_label)
+    if getattr(args, "reward_function", None):
+        from personalign.eval.reward import FunctionScorer, import_object
+
+        fn = import_object(args.reward_function)
+        if not callable(fn):
+            raise ValueError(f"`--reward-function` {args.reward_function!r} is not callable.")
+        scorer = FunctionScorer(fn, name=args.reward_function)
+        if scorer.uses_preference:  # `--preference` fixes it; else each request's own
+            scorer.preference = getattr(args, "preference", None) or None
+        return scorer
     if getattr(args, "persrm", None):
         from personalign.methods.pad import load_persrm_for
 
         # without `--preference`, each request's own preference (a server's case; checked per request)
         return PersRMScorer(load_persrm_for(backend, args.persrm), getattr(args, "preference", None) or None)
-    raise ValueError("this method needs a reward model: `--reward-model PATH` or `--persrm DIR`.")
+    raise ValueError("this method needs a reward model: `--reward-model PATH`, `--reward-function MODULE:NAME` "
+                     "or `--persrm DIR`.")
 
 
 def bench_scorer(main: Any) -> tuple[Any, str]:

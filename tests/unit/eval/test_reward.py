@@ -74,3 +74,41 @@ def test_function_object_and_config_scorers(rm_dir):
         build_scorer({"kind": "hf", "path": str(rm_dir), "lable": 1})
     with pytest.raises(ValueError, match="same length"):
         FunctionScorer(longer_is_better).score(["a"], [])
+
+
+def _by_preference(prompt: str, response: str, preference: str) -> float:
+    """Words of the response that appear in the preference text."""
+    return float(sum(w in preference.split() for w in response.split()))
+
+
+def test_function_scorer_with_a_preference():
+    fs = FunctionScorer(_by_preference)
+    assert fs.uses_preference and not FunctionScorer(longer_is_better).uses_preference
+    assert fs.score(["q", "q"], ["a happy cat", "a sad cat"], preferences=["happy cat", "sad"]) == [2.0, 1.0]
+    with pytest.raises(ValueError, match="needs a non-empty `preference`"):
+        fs.score(["q"], ["a"])  # neither a fixed preference nor one per row
+    with pytest.raises(ValueError, match="non-empty `preference`"):
+        fs.score(["q"], ["a"], preferences=[""])
+    with pytest.raises(ValueError, match=r"`preferences` \(2\) and `prompts` \(1\)"):
+        fs.score(["q"], ["a"], preferences=["x", "y"])
+    assert FunctionScorer(_by_preference, preference="cat").score(["q"], ["a cat"]) == [1.0]
+    with pytest.raises(ValueError, match="takes no `preference` parameter"):
+        FunctionScorer(longer_is_better, preference="x")
+
+
+def test_import_object_from_a_python_file(tmp_path):
+    f = tmp_path / "my_rewards.py"
+    f.write_text("def shouty(prompt, response):\n    return float(response.count('!'))\n")
+    fn = import_object(f"{f}:shouty")
+    assert fn("q", "hi!!") == 2.0 and import_object(f"{f}:shouty") is fn  # loaded once
+    assert build_scorer({"kind": "function", "target": f"{f}:shouty"}).score(["q"], ["a!"]) == [1.0]
+    with pytest.raises(ValueError, match="no Python file"):
+        import_object(f"{tmp_path / 'missing.py'}:shouty")
+    with pytest.raises(ValueError, match="has no attribute 'loud'"):
+        import_object(f"{f}:loud")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match="running .*broken.py.* failed: RuntimeError: boom"):
+        import_object(f"{broken}:x")
+    with pytest.raises(ValueError, match="must look like"):
+        import_object("no_colon")

@@ -217,3 +217,36 @@ def test_persrm_reward_without_preference_scores_each_request_preference(monkeyp
     assert sc.score(["q", "q"], ["a", "b"], preferences=["xx", "yyyy"]) == [2.0, 4.0]
     fixed = scorer_from_cli(argparse.Namespace(reward_model=None, persrm="ckpt", preference="zzz"), backend=None)
     assert fixed.preference == "zzz" and fixed.score(["q"], ["a"]) == [3.0]
+
+
+def liked_by_preference(prompt: str, response: str, preference: str) -> float:
+    """+1 per word of the response that the preference text names, −0.1 per word."""
+    words = response.split()
+    return sum(w in preference.split() for w in words) - 0.1 * len(words)
+
+
+def test_args_and_best_of_n_pass_each_requests_preference(tiny_lm, tiny_tokenizer):
+    """A reward function with a `preference` parameter scores each row with its request's preference:
+    ARGS in one batch of two preferences equals the naive per-candidate search of each alone."""
+    backend = HFBackend(tiny_lm, tiny_tokenizer)
+    prefs = ["happy cat good", "sun star sky"]
+    reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, prefs)]
+    method = ARGSMethod(ARGSConfig(k=4, w=3.0), scorer=FunctionScorer(liked_by_preference))
+    outs = generate(method, reqs, backend, max_new_tokens=4, chat_template=False, ignore_eos=True)
+    for req, out in zip(reqs, outs):
+        ids, gen = list(build_prompt_ids(tiny_tokenizer, req.prompt, chat_template=False)), []
+        with torch.no_grad():
+            for _ in range(4):
+                lp = torch.log_softmax(tiny_lm(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
+                top = lp.topk(4).indices.tolist()
+                sc = [float(lp[a]) + 3.0 * liked_by_preference(
+                    req.prompt, tiny_tokenizer.decode(gen + [a], skip_special_tokens=True), req.preference) for a in top]
+                gen.append(top[max(range(4), key=lambda j: sc[j])])
+        assert out.token_ids == gen
+    with pytest.raises(ValueError, match="needs a preference|`preference`"):
+        generate(method, [Request(prompt=PROMPTS[0])], backend, max_new_tokens=2, chat_template=False)
+    bon = BestOfNMethod(BestOfNConfig(n=3, temperature=1.0), scorer=FunctionScorer(liked_by_preference))
+    for req, out in zip(reqs, generate(bon, [Request(prompt=r.prompt, preference=r.preference, seed=1) for r in reqs],
+                                       backend, max_new_tokens=4, chat_template=False)):
+        st = out.stats["best_of_n"]
+        assert liked_by_preference(req.prompt, out.text, req.preference) == pytest.approx(max(st["scores"]))
