@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -132,34 +133,50 @@ class RowAdapterModel(torch.nn.Module):
         dtype = self.get_input_embeddings().weight.dtype  # the hidden states' dtype
         key = (tuple(names), active, dtype, x.device, self.lean_lora)
         plan = self._lean_plans.get(key)
-        if plan is None or not all(_lora_state(layer, active) == st for layer, _, st in plan):
-            on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32, device=x.device)[:, None, None]
-            lean = _lean_lora_forward if self.lean_lora else (lambda *a: None)
-            plan = [(layer, lean(layer, active, on, dtype), _lora_state(layer, active))
-                    for layer in self._lora_layers if active in layer.scaling]
+        if plan is None or _lora_states(plan.layers, active) != plan.states:
+            plan = self._build_plan(names, active, dtype, x.device)
             self._lean_plans = {key: plan}  # one pattern at a time: decoding reuses it at every step
-        saved, swapped = [], []
+        saved = []
         try:
-            for layer, lean, _ in plan:
-                if lean is not None:
-                    layer.__dict__["forward"] = lean  # instance attribute: shadows the class method
-                    swapped.append(layer)
-                else:
-                    on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32,
-                                      device=x.device)[:, None, None]
-                    saved.append((layer, layer.scaling[active]))
-                    layer.scaling[active] = on * layer.scaling[active]
+            for d, lean in plan.swaps:
+                d["forward"] = lean  # instance attribute: shadows the class method
+            for layer in plan.scaled:
+                saved.append((layer, layer.scaling[active]))
+                layer.scaling[active] = plan.on * layer.scaling[active]
             return self.peft_model(**kw)
         finally:
-            for layer in swapped:
-                layer.__dict__.pop("forward", None)
+            for d, _ in plan.swaps:
+                d.pop("forward", None)
             for layer, value in saved:
                 layer.scaling[active] = value
 
+    def _build_plan(self, names: list[str], active: str, dtype: torch.dtype, device: torch.device) -> _Plan:
+        on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32, device=device)[:, None, None]
+        layers = [layer for layer in self._lora_layers if active in layer.scaling]
+        swaps, scaled = [], []
+        for layer in layers:
+            lean = _lean_lora_forward(layer, active, on, dtype) if self.lean_lora else None
+            if lean is not None:
+                swaps.append((layer.__dict__, lean))
+            else:
+                scaled.append(layer)
+        return _Plan(layers=layers, states=_lora_states(layers, active), swaps=swaps, scaled=scaled, on=on)
 
-def _lora_state(layer: Any, adapter: str) -> tuple:
-    """What a lean forward of ``layer`` depends on besides its weights (read live at every call)."""
-    return bool(layer.merged_adapters), layer._disable_adapters, layer.scaling.get(adapter)
+
+@dataclass
+class _Plan:
+    """The lean forwards of one row pattern, valid while every layer's state is ``states``."""
+
+    layers: list
+    states: list
+    swaps: list  # (layer.__dict__, lean forward)
+    scaled: list  # layers run by PEFT's forward with a per-row scaling
+    on: torch.Tensor  # float [rows, 1, 1]: 1 on adapter rows
+
+
+def _lora_states(layers: list, adapter: str) -> list:
+    """What the lean forwards depend on besides the weights, per layer (one comprehension: this runs every step)."""
+    return [(bool(layer.merged_adapters), layer._disable_adapters, layer.scaling.get(adapter)) for layer in layers]
 
 
 def _lean_lora_forward(layer: Any, adapter: str, on: torch.Tensor, dtype: torch.dtype) -> Any:
