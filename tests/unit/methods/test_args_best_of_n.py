@@ -40,14 +40,16 @@ def test_scorers_follow_the_protocol(tiny_lm, tiny_tokenizer):
 
 
 @torch.no_grad()
-def _naive_args(lm, tok, k: int, w: float, n_new: int) -> list[list[int]]:
+def _naive_args(lm, tok, k: int, w: float, n_new: int, reward, prompts=PROMPTS) -> list[list[int]]:
+    """Per prompt, per step: each of the k candidates scored alone by ``reward(i, prompt, text)``
+    (``i``: the prompt's index) — no batch, no cache."""
     out = []
-    for p in PROMPTS:
+    for i, p in enumerate(prompts):
         ids, gen = list(build_prompt_ids(tok, p, chat_template=False)), []
         for _ in range(n_new):
             lp = torch.log_softmax(lm(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
             top = lp.topk(k).indices.tolist()
-            scores = [float(lp[a]) + w * liked_words(p, tok.decode(gen + [a], skip_special_tokens=True)) for a in top]
+            scores = [float(lp[a]) + w * reward(i, p, tok.decode(gen + [a], skip_special_tokens=True)) for a in top]
             gen.append(top[max(range(k), key=lambda j: scores[j])])
         out.append(gen)
     return out
@@ -58,7 +60,7 @@ def test_args_engine_equals_naive(tiny_lm, tiny_tokenizer):
     method = ARGSMethod(ARGSConfig(k=4, w=3.0), scorer=FunctionScorer(liked_words))
     reqs = [Request(prompt=p) for p in PROMPTS]
     outs = generate(method, reqs, backend, max_new_tokens=5, chat_template=False, ignore_eos=True)
-    expect = _naive_args(tiny_lm, tiny_tokenizer, 4, 3.0, 5)
+    expect = _naive_args(tiny_lm, tiny_tokenizer, 4, 3.0, 5, lambda i, p, text: liked_words(p, text))
     assert [o.token_ids for o in outs] == expect
     plain = generate(BaseMethod(), reqs, backend, max_new_tokens=5, chat_template=False, ignore_eos=True)
     assert [o.token_ids for o in plain] != expect
@@ -233,16 +235,9 @@ def test_args_and_best_of_n_pass_each_requests_preference(tiny_lm, tiny_tokenize
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, prefs)]
     method = ARGSMethod(ARGSConfig(k=4, w=3.0), scorer=FunctionScorer(liked_by_preference))
     outs = generate(method, reqs, backend, max_new_tokens=4, chat_template=False, ignore_eos=True)
-    for req, out in zip(reqs, outs):
-        ids, gen = list(build_prompt_ids(tiny_tokenizer, req.prompt, chat_template=False)), []
-        with torch.no_grad():
-            for _ in range(4):
-                lp = torch.log_softmax(tiny_lm(input_ids=torch.tensor([ids + gen])).logits[0, -1].float(), -1)
-                top = lp.topk(4).indices.tolist()
-                sc = [float(lp[a]) + 3.0 * liked_by_preference(
-                    req.prompt, tiny_tokenizer.decode(gen + [a], skip_special_tokens=True), req.preference) for a in top]
-                gen.append(top[max(range(4), key=lambda j: sc[j])])
-        assert out.token_ids == gen
+    expect = _naive_args(tiny_lm, tiny_tokenizer, 4, 3.0, 4,
+                         lambda i, p, text: liked_by_preference(p, text, prefs[i]))
+    assert [o.token_ids for o in outs] == expect
     with pytest.raises(ValueError, match="needs a preference|`preference`"):
         generate(method, [Request(prompt=PROMPTS[0])], backend, max_new_tokens=2, chat_template=False)
     bon = BestOfNMethod(BestOfNConfig(n=3, temperature=1.0), scorer=FunctionScorer(liked_by_preference))
