@@ -20,6 +20,11 @@ def words_minus_prompt(prompt: str, response: str) -> float:
     return float(len(response.split()) - len(prompt.split()))
 
 
+def words_times_preference(prompt: str, response: str, preference: str) -> float:
+    """A reward that reads the preference: words × (1 for "be funny", −1 otherwise)."""
+    return float(len(response.split())) * (1.0 if preference == PREFS["F"] else -1.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
     d = tmp_path_factory.mktemp("tiny")
@@ -84,12 +89,17 @@ def test_reward_metric_and_preference_accuracy_from_config(tmp_path, tiny_dir, t
         {"prompt": "q", "chosen": "x y", "rejected": "y x"}]) + "\n")
     fn = {"kind": "function", "target": f"{__name__}:words_minus_prompt"}
     cfg = _config(tmp_path, tiny_dir, judge=None, methods=["base"],
-                  metrics=["length", {"metric": "reward", "as": "rm", "scorer": fn}],
+                  metrics=["length", {"metric": "reward", "as": "rm", "scorer": fn},
+                           {"metric": "reward", "as": "rm_pref",
+                            "scorer": {"kind": "function", "target": f"{__name__}:words_times_preference"}}],
                   targets={"F": {"rm": "higher"}},
                   pair_metrics=[{"scorer": fn, "pairs": {"path": str(pairs)}}])
     res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
     for g in res.generations:
         assert g["metrics"]["rm"] == words_minus_prompt(g["prompt"], g["text"])
+        # scored under the generation's own preference
+        assert g["metrics"]["rm_pref"] == words_times_preference(g["prompt"], g["text"], g["preference"])
+    assert {g["preference"] for g in res.generations} == set(PREFS.values())
     assert "| preference_accuracy:pairs.jsonl | 3 | 0.500 |" in res.markdown
     assert "| method | F rm ↑ |" in res.markdown
 
@@ -170,9 +180,18 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
     assert {"base", "preference_prompting"} <= {m.name for m in cfg.methods}
     from personalign.methods import method_names
 
-    # every registered decoding method but args (its uncached PersRM text reward does not fit the CPU run)
-    assert set(method_names()) - {m.name for m in cfg.methods} <= {"args"}
+    assert set(method_names()) <= {m.name for m in cfg.methods}  # every registered decoding method
     by_name = {m.name: m for m in cfg.methods}
+    # args is guided by the benchmark's target reward, a file loaded by path; it scores under each preference
+    from personalign.eval.reward import FunctionScorer, import_object
+
+    fn = import_object(str(REPO / by_name["args"].cli["reward_function"]))
+    texts = cfg.preferences
+    assert FunctionScorer(fn).uses_preference
+    short, long = "Yes.", "The answer is yes, and here is some background on why that is so."
+    assert fn("q", short, texts["P2A"]) > fn("q", long, texts["P2A"]) and fn("q", long, texts["P2B"]) > fn("q", short, texts["P2B"])
+    with pytest.raises(ValueError, match="not one of the six"):
+        fn("q", short, "some other preference")
     assert by_name["drift"].request_params["profile"].endswith("drift_${preference}.json")
     assert by_name["pdpo"].request_params["user"] == "${preference}"
 

@@ -167,7 +167,7 @@ class MetricSpec:
             raise ValueError(f"`metrics` holds per-response metrics; {self.metric!r} is a {m.kind} metric "
                              "(use `judge` for win_rate, `pair_metrics` for preference_accuracy).")
         if self.metric == "reward" and self.scorer is None:
-            raise ValueError("metric 'reward' needs `scorer` ({kind: hf|function|object, ...}).")
+            raise ValueError("metric 'reward' needs `scorer` ({kind: hf|persrm|function|object, ...}).")
         if not self.name:
             object.__setattr__(self, "name", self.metric)
 

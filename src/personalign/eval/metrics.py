@@ -53,6 +53,8 @@ class Metric:
         help: one line for tables and ``--help``.
         fn: ``fn(prompts, responses, **params) -> list[float]`` for ``response`` metrics.
         params: bound keyword parameters (e.g. a reward scorer).
+        takes_preferences: ``fn`` also takes ``preferences=`` (one text per response, or None): the
+            reward metric, whose scorer may score each response under its request's preference.
     """
 
     name: str
@@ -61,17 +63,26 @@ class Metric:
     help: str
     fn: Callable[..., list[float]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    takes_preferences: bool = False
 
     def bind(self, **params: Any) -> Metric:
         return replace(self, params={**self.params, **params})
 
-    def compute(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Values float [N] for N responses (``response`` metrics only)."""
+    def compute(self, prompts: Sequence[str], responses: Sequence[str],
+                preferences: Sequence[str | None] | None = None) -> list[float]:
+        """Values float [N] for N responses (``response`` metrics only).
+
+        ``preferences`` (one text per response, optional) reaches metrics that take it (the reward of
+        a scorer that scores under each request's preference); the others ignore it.
+        """
         if self.kind != "response" or self.fn is None:
             raise ValueError(f"metric {self.name!r} is a {self.kind} metric; it is not computed per response.")
         if len(prompts) != len(responses):
             raise ValueError(f"`prompts` ({len(prompts)}) and `responses` ({len(responses)}) must have the same length.")
-        return [float(v) for v in self.fn(list(prompts), list(responses), **self.params)]
+        if preferences is not None and len(preferences) != len(responses):
+            raise ValueError(f"`preferences` ({len(preferences)}) and `responses` ({len(responses)}) must have the same length.")
+        extra = {"preferences": None if preferences is None else list(preferences)} if self.takes_preferences else {}
+        return [float(v) for v in self.fn(list(prompts), list(responses), **self.params, **extra)]
 
 
 METRICS: Registry[Metric] = Registry("metric")
@@ -177,8 +188,17 @@ def preference_accuracy(scorer: Any, pairs: Sequence[Any]) -> float:
     if not pairs:
         raise ValueError("`pairs` must hold at least one preference pair.")
     prompts = [p.prompt for p in pairs]
-    sc = scorer.score(prompts, [p.chosen for p in pairs])
-    sr = scorer.score(prompts, [p.rejected for p in pairs])
+    from personalign.eval.reward import uses_request_preference
+
+    kw: dict[str, Any] = {}
+    if uses_request_preference(scorer):  # e.g. the PersRM: each pair is scored under its own preference
+        missing = [getattr(p, "origin", "") or str(i) for i, p in enumerate(pairs) if not getattr(p, "preference", None)]
+        if missing:
+            raise ValueError(f"this scorer scores under each pair's `preference`, which pair(s) {missing[:5]} lack "
+                             "(add a `preference` field, or fix one preference on the scorer).")
+        kw["preferences"] = [p.preference for p in pairs]
+    sc = scorer.score(prompts, [p.chosen for p in pairs], **kw)
+    sr = scorer.score(prompts, [p.rejected for p in pairs], **kw)
     if len(sc) != len(pairs) or len(sr) != len(pairs):
         raise ValueError(f"the scorer returned {len(sc)}/{len(sr)} scores for {len(pairs)} pairs.")
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sc, sr)) / len(pairs)
@@ -200,10 +220,19 @@ def mean_ci(values: Sequence[float], z: float = 1.959964) -> tuple[float, float,
     return m, z * math.sqrt(var / n), n
 
 
-def _reward(prompts: list[str], responses: list[str], scorer: Any = None) -> list[float]:
+def _reward(prompts: list[str], responses: list[str], scorer: Any = None,
+            preferences: list[str | None] | None = None) -> list[float]:
     if scorer is None:
         raise ValueError("metric 'reward' needs a scorer: bind one with .bind(scorer=...) or set `scorer` in the config.")
-    out = scorer.score(prompts, responses)
+    from personalign.eval.reward import uses_request_preference
+
+    if uses_request_preference(scorer):
+        if preferences is None or any(not q for q in preferences):
+            raise ValueError("metric 'reward': the scorer scores under each response's preference; every response "
+                             "needs one (or fix one preference on the scorer).")
+        out = scorer.score(prompts, responses, preferences=preferences)
+    else:
+        out = scorer.score(prompts, responses)
     if len(out) != len(responses):
         raise ValueError(f"the reward scorer returned {len(out)} scores for {len(responses)} responses.")
     return [float(v) for v in out]
@@ -219,7 +248,7 @@ METRICS.register("sentiment", Metric("sentiment", True, "response", "VADER compo
                                      lambda p, r: sentiment(r)))
 METRICS.register("offensiveness", Metric("offensiveness", False, "response", "P(offensive), alt-profanity-check",
                                          lambda p, r: offensiveness(r)))
-METRICS.register("reward", Metric("reward", True, "response", "reward-model score", _reward))
+METRICS.register("reward", Metric("reward", True, "response", "reward-model score", _reward, takes_preferences=True))
 METRICS.register("preference_accuracy", Metric("preference_accuracy", True, "pairs",
                                                "fraction of pairs ranked chosen > rejected"))
 METRICS.register("win_rate", Metric("win_rate", True, "pairwise", "judged win rate vs a reference, ties = 1/2"))

@@ -47,7 +47,7 @@ def summarize(cfg: EvalConfig, gens: list[dict[str, Any]], judgments: list[dict[
     metrics = metric_objects(cfg)
     prompts, texts = [g["prompt"] for g in gens], [g["text"] for g in gens]
     for name, m in metrics.items():
-        vals = m.compute(prompts, texts) if gens else []
+        vals = m.compute(prompts, texts, [g.get("preference") for g in gens]) if gens else []
         for g, v in zip(gens, vals):
             g.setdefault("metrics", {})[name] = v
     groups: dict[tuple, list[dict]] = defaultdict(list)

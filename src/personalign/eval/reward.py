@@ -16,7 +16,8 @@ Scorers work on text, so a reward model with a tokenizer different from the poli
 text is re-tokenized by the scorer. Any other object with a ``score`` method plugs in as is.
 
 ``build_scorer(spec)`` builds one from a config mapping:
-``{kind: hf, path: DIR, label: 0}``, ``{kind: function, target: "module:function"}`` or
+``{kind: hf, path: DIR, label: 0}``, ``{kind: persrm, path: DIR[, preference: TEXT]}`` (the backbone
+recorded in the checkpoint is loaded), ``{kind: function, target: "module:function"}`` or
 ``{kind: object, target: "module:factory", args: {...}}`` (the factory's result must have ``score``).
 A ``target`` names a module on the import path (``package.module:name``) or a Python file
 (``path/to/file.py:name``).
@@ -373,6 +374,20 @@ def build_scorer(spec: Mapping[str, Any], *, device: str = "cpu") -> RewardScore
             raise ValueError(f"unknown `scorer` keys {sorted(bad)} for kind 'hf'; valid: {sorted(allowed)}.")
         path = rest.pop("path")
         return HFRewardScorer(str(path), device=device, **rest)
+    if kind == "persrm":
+        if "path" not in rest:
+            raise ValueError("`scorer.path` is required for kind 'persrm' (a PersRM checkpoint of `personalign train pad`).")
+        bad = set(rest) - {"path", "preference"}
+        if bad:
+            raise ValueError(f"unknown `scorer` keys {sorted(bad)} for kind 'persrm'; valid: ['path', 'preference'].")
+        from personalign.training.persrm.model import PersRM
+
+        pref = rest.get("preference")
+        if pref is not None and (not isinstance(pref, str) or not pref):
+            raise ValueError(f"`scorer.preference` must be a non-empty text, got {pref!r}.")
+        # the backbone recorded in the checkpoint is loaded; without `preference` each response is
+        # scored under its own request's preference
+        return PersRMScorer(PersRM.load(str(rest["path"]), device=device).eval(), pref)
     if kind in ("function", "object"):
         if "target" not in rest:
             raise ValueError(f"`scorer.target` ('module:name') is required for kind {kind!r}.")
@@ -388,4 +403,4 @@ def build_scorer(spec: Mapping[str, Any], *, device: str = "cpu") -> RewardScore
         if not (hasattr(made, "score") and callable(made.score)):
             raise ValueError(f"`scorer.target` {rest['target']!r} did not return an object with score(prompts, responses).")
         return made
-    raise ValueError(f"`scorer.kind` must be one of hf, function, object, got {kind!r}.")
+    raise ValueError(f"`scorer.kind` must be one of hf, persrm, function, object, got {kind!r}.")

@@ -112,3 +112,68 @@ def test_import_object_from_a_python_file(tmp_path):
         import_object(f"{broken}:x")
     with pytest.raises(ValueError, match="must look like"):
         import_object("no_colon")
+
+
+@pytest.fixture(scope="module")
+def persrm_dir(tmp_path_factory, tiny_chat_tokenizer):
+    """A PersRM on a saved tiny backbone, its adapter and head set to random values (rewards that
+    depend on the preference)."""
+    from personalign.training.persrm.model import PersRM
+    from tests.conftest import make_tiny_lm
+
+    d = tmp_path_factory.mktemp("persrm")
+    backbone_dir = d / "backbone"
+    lm = make_tiny_lm(vocab_size=len(tiny_chat_tokenizer))
+    lm.save_pretrained(backbone_dir)
+    tiny_chat_tokenizer.save_pretrained(backbone_dir)
+    rm = PersRM.create(lm, tiny_chat_tokenizer, name=str(backbone_dir))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in rm.named_parameters():
+            if "lora_B" in n or n.startswith("head."):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    rm.save(str(d / "ckpt"))
+    return d / "ckpt"
+
+
+def test_persrm_scorer_in_the_reward_metric_and_preference_accuracy(persrm_dir):
+    """`{kind: persrm}` loads the checkpoint with its recorded backbone; without a fixed preference
+    the reward metric scores each response under its own preference, and preference accuracy each
+    pair under its `preference` field."""
+    from personalign.eval.datasets import PreferencePair
+    from personalign.eval.metrics import get_metric, preference_accuracy
+
+    scorer = build_scorer({"kind": "persrm", "path": str(persrm_dir)})
+    prompts, texts = ["why is the sky blue", "tell me a story"], ["the sun is big", "once upon a time"]
+    prefs = ["short answers", "long happy stories"]
+    direct = scorer.persrm.sequence_reward(prompts, texts, prefs)
+    metric = get_metric("reward").bind(scorer=scorer)
+    assert metric.compute(prompts, texts, prefs) == pytest.approx(direct)
+    swapped = metric.compute(prompts, texts, prefs[::-1])
+    assert swapped != pytest.approx(direct)  # the preference matters
+    with pytest.raises(ValueError, match="every response needs one"):
+        metric.compute(prompts, texts)
+    fixed = build_scorer({"kind": "persrm", "path": str(persrm_dir), "preference": prefs[0]})
+    assert get_metric("reward").bind(scorer=fixed).compute(prompts, texts) == pytest.approx(
+        scorer.persrm.sequence_reward(prompts, texts, [prefs[0]] * 2))
+    pairs = [PreferencePair(prompt=p, chosen=a, rejected=b, preference=q)
+             for p, a, b, q in zip(prompts, texts, texts[::-1], prefs)]
+    rc = scorer.persrm.sequence_reward(prompts, texts, prefs)
+    rr = scorer.persrm.sequence_reward(prompts, texts[::-1], prefs)
+    assert preference_accuracy(scorer, pairs) == sum((a > b) + 0.5 * (a == b) for a, b in zip(rc, rr)) / 2
+    with pytest.raises(ValueError, match="lack"):
+        preference_accuracy(scorer, [PreferencePair(prompt="q", chosen="a", rejected="b", origin="f.jsonl:3")])
+    with pytest.raises(ValueError, match="unknown `scorer` keys"):
+        build_scorer({"kind": "persrm", "path": str(persrm_dir), "prefrence": "x"})
+
+
+def test_reward_metric_with_a_preference_function():
+    from personalign.eval.metrics import get_metric
+
+    metric = get_metric("reward").bind(scorer=FunctionScorer(_by_preference))
+    assert metric.compute(["q", "q"], ["a cat", "a cat"], ["cat", "dog"]) == [1.0, 0.0]
+    # a scorer without a preference ignores the preferences
+    assert get_metric("reward").bind(scorer=FunctionScorer(longer_is_better)).compute(["q"], ["ab"], ["x"]) == [2.0]
+    assert get_metric("length").compute(["q"], ["a b c"], ["x"]) == [3.0]
+    with pytest.raises(ValueError, match=r"`preferences` \(2\)"):
+        metric.compute(["q"], ["a"], ["x", "y"])
