@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--head-lr", type=float, default=1e-3)
+    ap.add_argument("--head-select", default="best", choices=["best", "last"],
+                    help="stage-2 head kept: lowest held-out loss (epoch 0 = before stage 2 included) or the last")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--max-response-tokens", type=int, default=64)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(args.model, gguf_file=args.gguf_file, dtype="float32")
     rm = PersRM.create(lm.model, lm.tokenizer, name=args.model, gguf_file=lm.gguf_file, lora_r=args.lora_r)
     cfg = PersRMTrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size, lr=args.lr,
-                            head_lr=args.head_lr, max_prompt_tokens=args.max_prompt_tokens,
+                            head_lr=args.head_lr, head_select=args.head_select, max_prompt_tokens=args.max_prompt_tokens,
                             max_response_tokens=args.max_response_tokens, seed=args.seed)
     hist = train_persrm(rm, train_pairs, eval_pairs, cfg, out_dir=str(Path(args.out).parent / "persrm"),
                         progress=False, log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -142,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("stage1", "stage2"):
         if not hist[stage]:
             continue
-        last = hist[stage][-1]["per_preference"]
-        acc_rows.append((stage, {by_pref[p]: v["accuracy"] for p, v in last.items()}, hist[stage][-1]["accuracy"]))
+        kept = hist[stage][-1]
+        if stage == "stage2" and hist.get("stage2_selected") is not None:  # the head PAD decodes with
+            sel = hist["stage2_selected"]
+            kept = hist[stage][sel - 1] if sel else hist.get("stage2_start", kept)
+        acc_rows.append((stage, {by_pref[p]: v["accuracy"] for p, v in kept["per_preference"].items()}, kept["accuracy"]))
 
     # ---- scorer on the training split
     clf = train_scorer(train_rows, args.scorer_words)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| PersRM | " + " | ".join(f"{d}{' (unseen)' if d == args.unseen else ''}" for d in DOMAINS) + " | all |")
     print("|---|" + "---|" * (len(DOMAINS) + 1))
     for stage, per, allacc in acc_rows:
-        name = "stage 1 (w_p = 1)" if stage == "stage1" else "stage 2 (w_p = head(p))"
+        name = "stage 1 (w_p = 1)" if stage == "stage1" else f"stage 2 (w_p = head(p)), kept epoch {hist.get('stage2_selected')}"
         print(f"| {name} | " + " | ".join(f"{per.get(d, float('nan')):.3f}" for d in DOMAINS) + f" | {allacc:.3f} |")
     print(f"\nscorer (TF-IDF + logistic regression, 5 styles, first {args.scorer_words} words): "
           f"held-out accuracy {scorer_acc:.3f}\n")

@@ -26,6 +26,9 @@ def register_pad(objectives: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument("--head-select", choices=["best", "last"], default=d.head_select,
+                   help="keep the stage-2 head of the epoch with the lowest held-out loss, the head before "
+                        "stage 2 included (best), or the last epoch's (last)")
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--lora-r", type=int, default=d.lora_r)
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
@@ -42,7 +45,8 @@ def run_pad(args: argparse.Namespace) -> int:
     from personalign.training.persrm.train import PersRMTrainConfig, read_pairs, split_by_prompt, train_persrm
 
     cfg = PersRMTrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
-                            grad_accum=args.grad_accum, lr=args.lr, head_lr=args.head_lr, beta=args.beta,
+                            grad_accum=args.grad_accum, lr=args.lr, head_lr=args.head_lr, head_select=args.head_select,
+                            beta=args.beta,
                             lora_r=args.lora_r, eval_fraction=args.eval_fraction,
                             max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
                             chat_template=not args.no_chat_template, seed=args.seed)
@@ -56,7 +60,14 @@ def run_pad(args: argparse.Namespace) -> int:
                        beta=cfg.beta)
     print(f"PersRM on {args.model}: {len(train)} training pairs, {len(held)} held-out pairs")
     hist = train_persrm(rm, train, held, cfg, out_dir=args.out, progress=not args.quiet, log=print)
-    last = (hist["stage2"] or hist["stage1"] or [{}])[-1]
-    print(json.dumps({"out": args.out, "held_out_accuracy": last.get("accuracy"),
-                      "per_preference": last.get("per_preference")}, ensure_ascii=False))
+    sel = hist.get("stage2_selected")
+    if hist["stage2"] and sel:  # the kept head's epoch (best: the lowest held-out loss)
+        final = hist["stage2"][sel - 1]
+    elif hist["stage2"]:  # epoch 0: the head before stage 2 was kept
+        final = hist.get("stage2_start", hist["stage2"][-1])
+    else:
+        final = (hist["stage1"] or [{}])[-1]
+    print(json.dumps({"out": args.out, "held_out_accuracy": final.get("accuracy"),
+                      "per_preference": final.get("per_preference"), "stage2_selected_epoch": sel},
+                     ensure_ascii=False))
     return 0

@@ -189,3 +189,29 @@ def test_gradient_accumulation_equals_a_larger_batch(tiny_tokenizer, tmp_path):
         torch.testing.assert_close(p, params[1][n], atol=1e-6, rtol=1e-5)
         moved += int(not torch.equal(p, _persrm(tiny_tokenizer, seed=8).lm.state_dict()[n]))
     assert moved > 0
+
+
+@pytest.mark.parametrize("select", ["best", "last"])
+def test_stage2_keeps_the_head_with_the_lowest_held_out_loss(tiny_tokenizer, tmp_path, select):
+    """`best` keeps the head of the epoch with the lowest held-out loss (epoch 0 = before stage 2
+    counts), `last` the last one's: the kept head reproduces that epoch's held-out loss."""
+    from personalign.training.persrm.train import encode_pairs, evaluate_pairs
+
+    rm = _persrm(tiny_tokenizer, seed=4)
+    pairs = read_pairs(_write_pairs(tmp_path / "p.jsonl", PAIRS))
+    cfg = PersRMTrainConfig(epochs=0, head_epochs=6, batch_size=2, head_lr=0.5, max_prompt_tokens=16,
+                            max_response_tokens=8, chat_template=False, head_select=select)
+    held = pairs[:2]
+    hist = train_persrm(rm, pairs[2:], held, cfg, progress=False)
+    losses = [e["loss"] for e in hist["stage2"]]
+    final = evaluate_pairs(rm, encode_pairs(held, rm.tokenizer, cfg), stage=2, beta=cfg.beta)["loss"]
+    if select == "best":
+        all_losses = [hist["stage2_start"]["loss"], *losses]
+        k = hist["stage2_selected"]
+        assert all_losses[k] == min(all_losses) and k == all_losses.index(min(all_losses))
+        assert final == pytest.approx(min(all_losses), abs=1e-5)
+    else:
+        assert hist["stage2_selected"] == 6 and "stage2_start" not in hist
+        assert final == pytest.approx(losses[-1], abs=1e-5)
+    with pytest.raises(ValueError, match="`head_select` must be"):
+        PersRMTrainConfig(head_select="first")

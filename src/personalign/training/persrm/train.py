@@ -66,6 +66,9 @@ class PersRMTrainConfig:
         lr: stage-1 learning rate (AdamW, cosine schedule as in the paper's Appendix A).
         head_lr: stage-2 learning rate.
         head_weight_decay: stage-2 weight decay (keeps w_p near 1 for unseen preferences).
+        head_select: ``best`` keeps the head of the stage-2 epoch with the lowest held-out loss,
+            counting the head before stage 2 as epoch 0 (so stage 2 never worsens held-out loss);
+            ``last`` keeps the last epoch's. Without held-out pairs both keep the last.
         beta: β of Eq. 9.
         lora_r: LoRA rank.
         eval_fraction: share of pairs held out when no eval file is given (split by prompt).
@@ -82,6 +85,7 @@ class PersRMTrainConfig:
     lr: float = 2e-4
     head_lr: float = 1e-3
     head_weight_decay: float = 0.01
+    head_select: str = "best"
     beta: float = 1.0
     lora_r: int = 8
     eval_fraction: float = 0.1
@@ -100,6 +104,8 @@ class PersRMTrainConfig:
         for name in ("lr", "head_lr", "beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if self.head_select not in ("best", "last"):
+            raise ValueError(f"`head_select` must be 'best' or 'last', got {self.head_select!r}.")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"`eval_fraction` must lie in [0, 1), got {self.eval_fraction}.")
 
@@ -242,6 +248,18 @@ def train_persrm(
         pref_idx = torch.tensor([prefs.index(p.preference) for p in train], device=diffs.device)
         held_idx = torch.tensor([prefs.index(p.preference) for p in held], device=diffs.device)
         hopt = acc.prepare(torch.optim.AdamW(core.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay))
+
+        def held_out() -> dict[str, Any]:
+            with torch.no_grad():
+                w = 1.0 + core.head(enc[held_idx])
+                m = persrm_margins(w, held_diffs, torch.zeros_like(held_diffs), cfg.beta)
+            return _summary(m.tolist(), [p.preference for p in held])
+
+        best = None  # (held-out loss, epoch, head state): epoch 0 = the head before stage 2
+        if held and cfg.head_select == "best":
+            ev0 = held_out()
+            history["stage2_start"] = ev0
+            best = (ev0["loss"], 0, {k: v.detach().clone() for k, v in core.head.state_dict().items()})
         for epoch in range(cfg.head_epochs):
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"stage 2 epoch {epoch + 1}/{cfg.head_epochs}",
@@ -254,12 +272,17 @@ def train_persrm(
                     acc.backward(loss)
                     hopt.step()
                     hopt.zero_grad()
-            with torch.no_grad():
-                w = 1.0 + core.head(enc[held_idx])
-                m = persrm_margins(w, held_diffs, torch.zeros_like(held_diffs), cfg.beta)
-            ev = _summary(m.tolist(), [p.preference for p in held])
+            ev = held_out()
             history["stage2"].append({"epoch": epoch + 1, **ev})
             say(f"stage 2 epoch {epoch + 1}: held-out accuracy {ev['accuracy']:.3f} loss {ev['loss']:.4f}")
+            if best is not None and ev["loss"] < best[0]:
+                best = (ev["loss"], epoch + 1, {k: v.detach().clone() for k, v in core.head.state_dict().items()})
+        if best is not None:
+            core.head.load_state_dict(best[2])
+            history["stage2_selected"] = best[1]
+            say(f"stage 2: kept the head of epoch {best[1]} (lowest held-out loss {best[0]:.4f})")
+        else:
+            history["stage2_selected"] = cfg.head_epochs
     core.head.requires_grad_(False)
     core.eval()
     if out_dir is not None and acc.is_main_process:
