@@ -56,12 +56,10 @@ def check_same_tokenizer(a: Any, b: Any, name_a: str, name_b: str) -> None:
 
 
 def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
+    """A ``DynamicCache`` whose full-attention layers append in place (``views.cache.GrowingLayer``)."""
+    from personalign.views.cache import new_cache
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signatures
-        return DynamicCache()
+    return new_cache(model)
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,8 +84,11 @@ def _mergeable(cache: Any) -> bool:
     """Full-attention dynamic caches can be joined row-wise; sliding-window or static ones are not."""
     from transformers.cache_utils import DynamicLayer
 
+    from personalign.views.cache import GrowingLayer
+
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    return bool(layers) and all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized
+                                for layer in layers)
 
 
 def _cache_kwarg(model: Any) -> str:
