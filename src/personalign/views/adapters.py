@@ -39,9 +39,17 @@ __all__ = ["RowAdapterModel", "BASE_ADAPTER"]
 BASE_ADAPTER = "__base__"
 
 
+_CACHE_NAMES: dict[Any, str] = {}
+
+
 def _cache_name(fn: Any) -> str:
-    """The KV-cache keyword of a forward: ``cache`` (newer transformers) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    """The KV-cache keyword of a forward: ``cache`` (newer transformers) or ``past_key_values``
+    (read once per function: ``inspect.signature`` costs more than a decode step's bookkeeping)."""
+    key = getattr(fn, "__func__", fn)
+    name = _CACHE_NAMES.get(key)
+    if name is None:
+        name = _CACHE_NAMES[key] = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return name
 
 
 class RowAdapterModel(torch.nn.Module):
@@ -71,7 +79,9 @@ class RowAdapterModel(torch.nn.Module):
         from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        self._lean_plans: dict[tuple, list] = {}  # row pattern -> per-layer lean forward (or None) and state
+        self._lean_plans: dict[tuple, Any] = {}  # row pattern -> its plan (lean forwards and state)
+        # no prompt-learning adapter: the base model can be called directly (PEFT's wrapper only dispatches)
+        self._direct = not any(getattr(c, "is_prompt_learning", False) for c in peft_model.peft_config.values())
 
     @property
     def config(self) -> Any:
@@ -143,7 +153,9 @@ class RowAdapterModel(torch.nn.Module):
             for layer in plan.scaled:
                 saved.append((layer, layer.scaling[active]))
                 layer.scaling[active] = plan.on * layer.scaling[active]
-            return self.peft_model(**kw)
+            # the LoRA layers live inside the base model and PEFT's wrapper only dispatches to it,
+            # except for prompt-learning adapters, which add virtual tokens there
+            return self._lm(**kw) if self._direct else self.peft_model(**kw)
         finally:
             for d, _ in plan.swaps:
                 d.pop("forward", None)
