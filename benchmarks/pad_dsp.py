@@ -36,7 +36,7 @@ from personalign.eval.environment import environment_record
 from personalign.methods import get_method
 from personalign.methods.pad import PADConfig, PADMethod
 from personalign.training.persrm import PersRM
-from personalign.training.persrm.train import PairRecord, PersRMTrainConfig, train_persrm
+from personalign.training.persrm.train import PairRecord, PersRMTrainConfig, kept_stage2, train_persrm
 from personalign.types import Request
 from personalign.views import HFBackend
 from personalign.views.loading import load_model
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("stage1", "stage2"):
         if not hist[stage]:
             continue
-        kept = hist[stage][-1]
-        if stage == "stage2" and hist.get("stage2_selected") is not None:  # the head PAD decodes with
-            sel = hist["stage2_selected"]
-            kept = hist[stage][sel - 1] if sel else hist.get("stage2_start", kept)
+        kept = kept_stage2(hist) if stage == "stage2" else hist[stage][-1]  # stage 2: the head PAD decodes with
         acc_rows.append((stage, {by_pref[p]: v["accuracy"] for p, v in kept["per_preference"].items()}, kept["accuracy"]))
 
     # ---- scorer on the training split

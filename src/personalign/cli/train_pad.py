@@ -42,7 +42,13 @@ def register_pad(objectives: argparse._SubParsersAction) -> None:
 
 def run_pad(args: argparse.Namespace) -> int:
     from personalign.training.persrm import PersRM
-    from personalign.training.persrm.train import PersRMTrainConfig, read_pairs, split_by_prompt, train_persrm
+    from personalign.training.persrm.train import (
+        PersRMTrainConfig,
+        kept_stage2,
+        read_pairs,
+        split_by_prompt,
+        train_persrm,
+    )
 
     cfg = PersRMTrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, lr=args.lr, head_lr=args.head_lr, head_select=args.head_select,
@@ -60,14 +66,9 @@ def run_pad(args: argparse.Namespace) -> int:
                        beta=cfg.beta)
     print(f"PersRM on {args.model}: {len(train)} training pairs, {len(held)} held-out pairs")
     hist = train_persrm(rm, train, held, cfg, out_dir=args.out, progress=not args.quiet, log=print)
-    sel = hist.get("stage2_selected")
-    if hist["stage2"] and sel:  # the kept head's epoch (best: the lowest held-out loss)
-        final = hist["stage2"][sel - 1]
-    elif hist["stage2"]:  # epoch 0: the head before stage 2 was kept
-        final = hist.get("stage2_start", hist["stage2"][-1])
-    else:
-        final = (hist["stage1"] or [{}])[-1]
+    final = kept_stage2(hist) or (hist["stage1"] or [{}])[-1]
     print(json.dumps({"out": args.out, "held_out_accuracy": final.get("accuracy"),
-                      "per_preference": final.get("per_preference"), "stage2_selected_epoch": sel},
+                      "per_preference": final.get("per_preference"),
+                      "stage2_selected_epoch": hist.get("stage2_selected")},
                      ensure_ascii=False))
     return 0

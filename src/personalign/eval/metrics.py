@@ -188,17 +188,16 @@ def preference_accuracy(scorer: Any, pairs: Sequence[Any]) -> float:
     if not pairs:
         raise ValueError("`pairs` must hold at least one preference pair.")
     prompts = [p.prompt for p in pairs]
-    from personalign.eval.reward import uses_request_preference
+    from personalign.eval.reward import score_texts, uses_request_preference
 
-    kw: dict[str, Any] = {}
+    prefs = [getattr(p, "preference", None) for p in pairs]
     if uses_request_preference(scorer):  # e.g. the PersRM: each pair is scored under its own preference
-        missing = [getattr(p, "origin", "") or str(i) for i, p in enumerate(pairs) if not getattr(p, "preference", None)]
+        missing = [getattr(p, "origin", "") or str(i) for i, (p, q) in enumerate(zip(pairs, prefs)) if not q]
         if missing:
             raise ValueError(f"this scorer scores under each pair's `preference`, which pair(s) {missing[:5]} lack "
                              "(add a `preference` field, or fix one preference on the scorer).")
-        kw["preferences"] = [p.preference for p in pairs]
-    sc = scorer.score(prompts, [p.chosen for p in pairs], **kw)
-    sr = scorer.score(prompts, [p.rejected for p in pairs], **kw)
+    sc = score_texts(scorer, prompts, [p.chosen for p in pairs], prefs, what="pair")
+    sr = score_texts(scorer, prompts, [p.rejected for p in pairs], prefs, what="pair")
     if len(sc) != len(pairs) or len(sr) != len(pairs):
         raise ValueError(f"the scorer returned {len(sc)}/{len(sr)} scores for {len(pairs)} pairs.")
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sc, sr)) / len(pairs)
@@ -224,15 +223,9 @@ def _reward(prompts: list[str], responses: list[str], scorer: Any = None,
             preferences: list[str | None] | None = None) -> list[float]:
     if scorer is None:
         raise ValueError("metric 'reward' needs a scorer: bind one with .bind(scorer=...) or set `scorer` in the config.")
-    from personalign.eval.reward import uses_request_preference
+    from personalign.eval.reward import score_texts
 
-    if uses_request_preference(scorer):
-        if preferences is None or any(not q for q in preferences):
-            raise ValueError("metric 'reward': the scorer scores under each response's preference; every response "
-                             "needs one (or fix one preference on the scorer).")
-        out = scorer.score(prompts, responses, preferences=preferences)
-    else:
-        out = scorer.score(prompts, responses)
+    out = score_texts(scorer, prompts, responses, preferences)
     if len(out) != len(responses):
         raise ValueError(f"the reward scorer returned {len(out)} scores for {len(responses)} responses.")
     return [float(v) for v in out]

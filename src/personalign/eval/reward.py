@@ -38,7 +38,7 @@ import torch
 
 __all__ = ["RewardScorer", "FunctionScorer", "HFRewardScorer", "PersRMScorer", "BackboneRewardModel",
            "RewardLMView", "load_reward_scorer", "prompt_text", "reward_from_logprobs", "as_scorer",
-           "build_scorer", "import_object", "uses_request_preference"]
+           "build_scorer", "import_object", "uses_request_preference", "score_texts"]
 
 _HH_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: {response}"
 
@@ -94,7 +94,7 @@ class FunctionScorer:
 
 
 def _takes_preference(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts a ``preference`` argument (a parameter of that name, or ``**kwargs``)."""
+    """Whether ``fn`` has a parameter named ``preference`` that can be passed by keyword."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: called with two arguments
@@ -105,6 +105,19 @@ def _takes_preference(fn: Callable[..., Any]) -> bool:
 def uses_request_preference(scorer: Any) -> bool:
     """Whether ``scorer`` needs each request's preference passed to ``score`` (no fixed one)."""
     return bool(getattr(scorer, "uses_preference", False)) and getattr(scorer, "preference", None) is None
+
+
+def score_texts(scorer: Any, prompts: list[str], responses: list[str],
+                preferences: Sequence[str | None] | None = None, *, what: str = "response") -> list[float]:
+    """``scorer.score`` of the texts; a scorer that reads each row's preference (and has none fixed)
+    gets ``preferences``, which must then hold a non-empty text for every row (``what`` names a row
+    in the error)."""
+    if not uses_request_preference(scorer):
+        return scorer.score(prompts, responses)
+    if preferences is None or any(not q for q in preferences):
+        raise ValueError(f"the reward scores under each {what}'s preference; every {what} needs one "
+                         "(or fix one preference on the scorer).")
+    return scorer.score(prompts, responses, preferences=list(preferences))
 
 
 class BackboneRewardModel(torch.nn.Module):

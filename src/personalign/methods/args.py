@@ -37,6 +37,7 @@ from personalign.eval.reward import (
     RewardScorer,
     prompt_text,
     reward_from_logprobs,
+    score_texts,
     uses_request_preference,
 )
 from personalign.methods.api import METHODS, DecodeState, Method
@@ -175,11 +176,8 @@ class ARGSMethod(Method):
             for j in range(kmax):
                 prompts.append(p)
                 texts.append(tok.decode(state.generated[b] + [int(top_ids[b, j])], skip_special_tokens=True))
-                prefs.append(state.requests[b].preference or "")
-        if uses_request_preference(self.scorer):
-            r = self.scorer.score(prompts, texts, preferences=prefs)
-        else:
-            r = self.scorer.score(prompts, texts)
+                prefs.append(state.requests[b].preference)
+        r = score_texts(self.scorer, prompts, texts, prefs, what="request")
         rewards = torch.tensor(r, dtype=torch.float32, device=lp.device).view(B, kmax)
         keep = torch.arange(kmax, device=lp.device)[None, :] < k[:, None]
         scores = args_scores(lp, top_ids, rewards, state.extra["w"], keep)

@@ -20,7 +20,13 @@ import torch
 
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
-from personalign.eval.reward import PersRMScorer, RewardScorer, prompt_text, uses_request_preference
+from personalign.eval.reward import (
+    PersRMScorer,
+    RewardScorer,
+    prompt_text,
+    score_texts,
+    uses_request_preference,
+)
 from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.prompt_views import plain_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
@@ -115,11 +121,8 @@ class BestOfNMethod(Method):
             backend.step(inner, tok[:, None], lengths=(~done).long())
         texts = [backend.tokenizer().decode([t for t in s if t not in eos], skip_special_tokens=True) for s in samples]
         prompts = [prompt_text(state.requests[b].prompt) for b in range(B) for _ in range(n)]
-        if uses_request_preference(self.scorer):
-            prefs = [state.requests[b].preference or "" for b in range(B) for _ in range(n)]
-            scores = self.scorer.score(prompts, texts, preferences=prefs)
-        else:
-            scores = self.scorer.score(prompts, texts)
+        prefs = [state.requests[b].preference for b in range(B) for _ in range(n)]
+        scores = score_texts(self.scorer, prompts, texts, prefs, what="request")
         best = pick_best(scores, n)
         L = max(len(samples[b * n + best[b]]) for b in range(B))
         out = torch.zeros(B, L, dtype=torch.long)

@@ -28,7 +28,6 @@ Rows come and go between steps:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from personalign.types import ViewSpec
+from personalign.views.adapters import _cache_name
 
 __all__ = ["HFBackend", "HFViewState", "check_same_tokenizer"]
 
@@ -92,8 +92,7 @@ def _mergeable(cache: Any) -> bool:
 
 
 def _cache_kwarg(model: Any) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_name(model.forward)
 
 
 def _context_length(model: Any) -> int | None:

@@ -213,5 +213,8 @@ def test_stage2_keeps_the_head_with_the_lowest_held_out_loss(tiny_tokenizer, tmp
     else:
         assert hist["stage2_selected"] == 6 and "stage2_start" not in hist
         assert final == pytest.approx(losses[-1], abs=1e-5)
+    from personalign.training.persrm.train import kept_stage2
+
+    assert kept_stage2(hist)["loss"] == pytest.approx(final, abs=1e-5)  # what `train pad` reports
     with pytest.raises(ValueError, match="`head_select` must be"):
         PersRMTrainConfig(head_select="first")

@@ -29,7 +29,8 @@ from personalign.records import PAIR_TEXTS, Pair, PairWording, read_pair_records
 from personalign.training.persrm.loss import persrm_loss, persrm_margins
 from personalign.training.persrm.model import PersRM, cosine_decay, persrm_prompt_ids
 
-__all__ = ["PairRecord", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs"]
+__all__ = ["PairRecord", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs",
+           "kept_stage2"]
 
 logger = logging.getLogger(__name__)
 _FIELDS = (*PAIR_TEXTS, "preference")
@@ -171,6 +172,17 @@ def _summary(margins: Sequence[float], prefs: Sequence[str]) -> dict[str, Any]:
     loss = sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / len(margins)
     return {"accuracy": acc(margins), "loss": loss, "n": len(margins),
             "per_preference": {p: {"accuracy": acc(ms), "n": len(ms)} for p, ms in per.items()}}
+
+
+def kept_stage2(history: dict[str, Any]) -> dict[str, Any] | None:
+    """The held-out summary of the head ``train_persrm`` kept (``stage2_selected``; epoch 0 = the head
+    before stage 2), or None without stage-2 epochs."""
+    if not history.get("stage2"):
+        return None
+    sel = history.get("stage2_selected")
+    if sel:
+        return history["stage2"][sel - 1]
+    return history.get("stage2_start", history["stage2"][-1])
 
 
 def split_by_prompt(pairs: Sequence[PairRecord], fraction: float, seed: int) -> tuple[list[PairRecord], list[PairRecord]]:
