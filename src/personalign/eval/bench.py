@@ -184,12 +184,12 @@ def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]
 
 
 def _plain_generate_fn(main: Any, prompts: list[str], n: int) -> Callable[[], Any]:
-    from personalign.personas.prompts import build_prompt_ids
+    from personalign.personas.prompts import build_prompt_ids, pad_token_id
 
     tok, model = main.tokenizer, main.model
     rows = [build_prompt_ids(tok, p) for p in prompts]
     W = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_token_id(tok)
     ids = torch.full((len(rows), W), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):

@@ -262,7 +262,9 @@ class HFRewardScorer:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         _check_lengths(prompts, responses)
         dev = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        from personalign.personas.prompts import pad_token_id
+
+        pad = pad_token_id(self.tokenizer)
         out: list[float] = []
         for s in range(0, len(prompts), self.batch_size):
             rows = []

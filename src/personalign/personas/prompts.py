@@ -18,7 +18,12 @@ from typing import Any
 
 from personalign.types import Message
 
-__all__ = ["build_prompt_ids", "has_chat_template", "render_prompt", "to_messages"]
+__all__ = ["build_prompt_ids", "has_chat_template", "render_prompt", "to_messages", "pad_token_id"]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from personalign.config import check_int, check_positive
-from personalign.personas.prompts import build_prompt_ids
+from personalign.personas.prompts import build_prompt_ids, pad_token_id
 
 __all__ = ["RewardHeadResult", "reward_features", "fit_reward_head", "save_reward_classifier", "reward_input_ids",
            "RewardLoRAConfig", "RewardLoRAResult", "train_reward_lora"]
@@ -83,10 +83,6 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, max_length: int, devic
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-
 def _last_hidden(lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[N, D]: the backbone's last hidden state (after its final norm) at each row's last token."""
     return _backbone(lm)(**batch).last_hidden_state[:, -1]
@@ -97,7 +93,7 @@ def reward_features(lm: Any, tokenizer: Any, sequences: Sequence[Sequence[int]],
                     max_length: int = 1024, progress: bool = False) -> torch.Tensor:
     """float32 [N, D]: the backbone's last hidden state at each sequence's last token."""
     dev = next(lm.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     out = []
     starts = range(0, len(sequences), batch_size)
     if progress:
@@ -284,7 +280,7 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     sched = cosine_decay(opt, steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     core: _BradleyTerryRM = acc.unwrap_model(model)
-    pad, dev = _pad_id(tokenizer), acc.device
+    pad, dev = pad_token_id(tokenizer), acc.device
     history: list[dict[str, Any]] = []
 
     def evaluate(epoch: int, train_loss: float | None) -> None:
