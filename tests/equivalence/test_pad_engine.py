@@ -11,7 +11,7 @@ from personalign.decoding.sampling import SamplingConfig
 from personalign.methods.pad import PADConfig, PADMethod, pad_scores
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.persrm import PersRM
-from personalign.training.persrm.model import persrm_prompt_ids
+from personalign.training.persrm.model import persrm_prompt_ids, token_features
 from personalign.types import Request
 from personalign.views import HFBackend
 from tests.conftest import make_tiny_lm
@@ -28,6 +28,19 @@ def _persrm(tok, seed: int = 7) -> PersRM:
             if "lora_B" in n or n.startswith("head."):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return rm.eval()
+
+
+def _rule_token(base_lp, th_lp, ref_lp, dh, out_weight, w, beta: float, k: int, mode: str = "eq13") -> int:
+    """Eq. 13 (or the released rule) for one row, straight from the definitions: φ from
+    ``token_features`` over the base top-k, w_pᵀφ summed over the D features. Returns the argmax."""
+    top_lp, top_ids = base_lp[0].topk(k)
+    th = th_lp[0, top_ids]
+    if mode == "eq13":
+        phi = token_features(dh[0].float(), out_weight[top_ids].float(), th - ref_lp[0, top_ids])  # [k, D]
+        score = top_lp + beta * (phi * w[0].float()).sum(-1)
+    else:
+        score = (1 - beta) * top_lp + beta * th
+    return int(top_ids[score.argmax()])
 
 
 @torch.no_grad()
@@ -55,11 +68,33 @@ def _naive(rm: PersRM, base_lm, tok, cfg: PADConfig, n_new: int) -> list[list[in
                 base_lp = torch.log_softmax(base_lm(input_ids=torch.tensor([base_ids + gen])).logits[:, -1].float(), -1)
             h_th, th_lp = run(rm_ids, True)
             h_ref, ref_lp = run(rm_ids, False)
-            s = pad_scores(base_lp, th_lp, ref_lp, h_th - h_ref, rm.out_weight, w, torch.tensor([cfg.beta]),
-                           torch.tensor([cfg.k]), cfg.mode)
-            gen.append(int(s.argmax(-1)))
+            gen.append(_rule_token(base_lp, th_lp, ref_lp, h_th - h_ref, rm.out_weight, w, cfg.beta, cfg.k, cfg.mode))
         out.append(gen)
     return out
+
+
+@pytest.mark.parametrize("mode", ["eq13", "released"])
+def test_pad_scores_equal_the_rule_from_its_definitions(mode):
+    """``pad_scores`` (w_pᵀφ in closed form) equals log π_LM + β·w_pᵀφ with φ from ``token_features``
+    over each row's base top-k (its own k), and −inf everywhere else."""
+    g = torch.Generator().manual_seed(0)
+    B, V, D = 3, 50, 16
+    lps = [torch.log_softmax(3 * torch.randn(B, V, generator=g), -1) for _ in range(3)]
+    dh, w, W = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), torch.randn(V, D, generator=g)
+    beta, k = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 7, 1])
+    s = pad_scores(lps[0], lps[1], lps[2], dh, W, w, beta, k, mode)
+    for b in range(B):
+        top_lp, ids = lps[0][b].topk(int(k[b]))
+        th = lps[1][b, ids]
+        if mode == "eq13":
+            phi = token_features(dh[b], W[ids], th - lps[2][b, ids])
+            want = top_lp + beta[b] * (phi * w[b]).sum(-1)
+        else:
+            want = (1 - beta[b]) * top_lp + beta[b] * th
+        assert torch.allclose(s[b, ids], want, atol=1e-5)
+        rest = torch.ones(V, dtype=torch.bool)
+        rest[ids] = False
+        assert torch.isneginf(s[b, rest]).all()
 
 
 @pytest.mark.parametrize("mode", ["eq13", "released"])
@@ -141,9 +176,7 @@ def test_pad_with_a_chat_template(tiny_chat_tokenizer):
                     hr = rm._decoder()(input_ids=torch.tensor([r + gen])).last_hidden_state[:, -1]
                 ht = rm._decoder()(input_ids=torch.tensor([r + gen])).last_hidden_state[:, -1]
                 lps = [torch.log_softmax(rm.base_lm.lm_head(h).float(), -1) for h in (hb, ht, hr)]
-                s = pad_scores(lps[0], lps[1], lps[2], (ht - hr).float(), rm.out_weight, w, torch.tensor([1.5]),
-                               torch.tensor([5]))
-                gen.append(int(s.argmax(-1)))
+                gen.append(_rule_token(lps[0], lps[1], lps[2], ht - hr, rm.out_weight, w, 1.5, 5))
             expect.append(gen)
     assert [o.token_ids for o in outs] == expect
 
@@ -220,42 +253,102 @@ def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
 
 def test_lean_lora_forward_is_bit_identical_to_peft(tiny_tokenizer, monkeypatch):
     """The lean per-row LoRA forward computes PEFT's own ops in PEFT's order: equal bit for bit to the
-    per-row-scaled PEFT forward, on every row; the layers get their class forward back after; the
-    lean forwards are built once and rebuilt when a layer's state changes (here: its scaling)."""
+    per-row-scaled PEFT forward, on every row, without calling PEFT's forward; rows of no adapter
+    skip the delta (the backbone's logits); outside a router the layers are PEFT's; a layer whose
+    state changed since the plan (here: its scaling) takes PEFT's forward with the new scaling."""
     from personalign.views import adapters
     from personalign.views.adapters import RowAdapterModel
 
     rm = _persrm(tiny_tokenizer)
-    with torch.no_grad():  # a non-zero adapter, so the delta matters
-        for layer in RowAdapterModel(rm.lm, ("default",))._lora_layers:
-            layer.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
     ids = torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42], [1, 50, 51, 52]])
     pattern = ("__base__", "default", "__base__")
     router = RowAdapterModel(rm.lm, pattern)
     calls = []
-    real = adapters._lean_lora_forward
-    monkeypatch.setattr(adapters, "_lean_lora_forward", lambda *a: calls.append(1) or real(*a))
+    real = adapters._PEFT_LINEAR_FORWARD
+    monkeypatch.setattr(adapters, "_PEFT_LINEAR_FORWARD", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def peft_rows():  # a fresh router with no lean forward: PEFT's forward with per-row scaling
-        with monkeypatch.context() as m:
-            m.setattr(adapters, "_lean_lora_forward", lambda *a: None)
-            return RowAdapterModel(rm.lm, pattern)(input_ids=ids).logits
+    def peft_rows(x=ids):  # PEFT's forward with per-row scaling
+        slow = RowAdapterModel(rm.lm, pattern)
+        slow.lean_lora = False
+        return slow(input_ids=x).logits
 
+    n_layers = len(router._lora_layers)
     with torch.no_grad():
-        lean = router(input_ids=ids).logits
-        assert len(calls) == len(router._lora_layers) > 0
-        assert all("forward" not in layer.__dict__ for layer in router._lora_layers)  # restored
-        assert torch.equal(router(input_ids=ids).logits, lean) and len(calls) == len(router._lora_layers)  # reused
+        lean = router(input_ids=ids).logits  # several tokens a row: the adapter row's delta only
+        assert not calls and n_layers > 0 and torch.equal(router(input_ids=ids).logits, lean)
+        one = ids[:, -1:]  # one token a row (a decode step): the delta on every row, scaled per row
+        assert torch.equal(router(input_ids=one).logits, peft_rows(one)) and len(calls) == n_layers
+        calls.clear()
         peft = peft_rows()
+        assert len(calls) == n_layers
         with rm.lm.disable_adapter():
             base = rm.lm(input_ids=ids).logits
         assert torch.equal(lean, peft)
         assert torch.equal(lean[0], base[0]) and not torch.allclose(lean[1], base[1], atol=1e-4)
-        for layer in router._lora_layers:  # a state change: the lean forwards are rebuilt
+        assert torch.equal(rm.lm(input_ids=ids).logits[1], lean[1])  # outside a router: PEFT's forward
+        calls.clear()
+        assert torch.equal(RowAdapterModel(rm.lm, ("__base__",))(input_ids=ids).logits, base) and not calls
+        for layer in router._lora_layers:  # new weights, in place and by replacement: the plan reads them
+            layer.lora_B["default"].weight.mul_(1.5)
+        layer.lora_B["default"].weight.data = 2 * layer.lora_B["default"].weight.data
+        calls.clear()
+        moved = router(input_ids=one).logits
+        assert not calls and torch.equal(moved, peft_rows(one)) and not torch.allclose(moved[1], lean[1, -1:])
+        calls.clear()
+        for layer in router._lora_layers:  # a state change after the plan was built
             layer.scaling["default"] *= 3.0
         rescaled = router(input_ids=ids).logits
-        assert len(calls) == 2 * len(router._lora_layers)
-        assert torch.equal(rescaled, peft_rows()) and not torch.allclose(rescaled[1], lean[1], atol=1e-4)
+        assert len(calls) == n_layers
+        assert torch.equal(rescaled, peft_rows()) and not torch.allclose(rescaled[1], peft[1], atol=1e-4)
+
+
+def test_row_scaled_lora_gradients_equal_peft(tiny_tokenizer):
+    """With autograd on, the routed rows give the LoRA weights PEFT's gradients (the adapter rows'
+    delta only)."""
+    from personalign.views.adapters import RowAdapterModel
+
+    rm = _persrm(tiny_tokenizer)
+    ids = torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42], [1, 50, 51, 52]])
+    grads = []
+    for lean in (True, False):
+        router = RowAdapterModel(rm.lm, ("__base__", "default", "__base__"))
+        router.lean_lora = lean
+        rm.lm.zero_grad()
+        with torch.no_grad():  # a plan built without autograd is not reused with it
+            router(input_ids=ids[:, :1])
+        router(input_ids=ids).logits.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in rm.lm.named_parameters() if "lora_" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_row_lora_layers_survive_copies_and_other_dtypes(tiny_tokenizer):
+    """A deep copy or a pickle of a routed model is a model of its own (its layers follow its own
+    routers); in bfloat16 the routed rows stay bfloat16 and match PEFT's forward."""
+    import copy
+    import pickle
+
+    from personalign.views.adapters import RowAdapterModel, RowLoraLinear
+
+    rm = _persrm(tiny_tokenizer)
+    ids = torch.tensor([[1, 30, 31, 32], [1, 40, 41, 42]])
+    pattern = ("__base__", "default")
+    with torch.no_grad():
+        want = RowAdapterModel(rm.lm, pattern)(input_ids=ids).logits
+        for clone in (copy.deepcopy(rm.lm), pickle.loads(pickle.dumps(rm.lm))):
+            layer = next(m for m in clone.modules() if isinstance(m, RowLoraLinear))
+            assert layer._row_ctx is not next(m for m in rm.lm.modules() if isinstance(m, RowLoraLinear))._row_ctx
+            for m in clone.modules():
+                if isinstance(m, RowLoraLinear):
+                    m.lora_B["default"].weight.mul_(2.0)  # the clone's weights, not the original's
+            got = RowAdapterModel(clone, pattern)(input_ids=ids).logits
+            assert torch.equal(got[0], want[0]) and not torch.allclose(got[1], want[1], atol=1e-4)
+        half = copy.deepcopy(rm.lm).to(torch.bfloat16)
+        fast = RowAdapterModel(half, pattern)(input_ids=ids).logits
+        slow = RowAdapterModel(half, pattern)
+        slow.lean_lora = False
+        assert fast.dtype == torch.bfloat16 and torch.equal(fast, slow(input_ids=ids).logits)
 
 
 def test_args_with_the_persrm_reward_ranks_as_pad(tiny_tokenizer):

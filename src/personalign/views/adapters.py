@@ -7,17 +7,21 @@ its weights: ``"__base__"`` = the frozen backbone (PEFT's name for "no adapter")
 that LoRA adapter. All rows run in ONE forward over ONE copy of the base weights: e.g. the base
 view, π_ref and π_θ of PAD.
 
-How: with a single LoRA adapter (PAD's case) every LoRA layer's ``scaling`` becomes, for the
-duration of the forward, a per-row tensor ``[R, 1, 1]`` = α/r on the adapter's rows and 0 on the
-``__base__`` rows, so ``result + B(A(x)) · scaling`` adds the low-rank delta to the adapter rows
-only (exactly: ``y + δ·0 = y``). That costs a rank-r matmul on every row but no per-forward hook
+How: with a single LoRA adapter (PAD's case) every LoRA layer computes, for the duration of the
+forward, ``result + B(A(x)) · scaling`` with a per-row scaling ``[R, 1, 1]`` = α/r on the adapter's
+rows and 0 on the ``__base__`` rows, which adds the low-rank delta to the adapter rows only
+(exactly: ``y + δ·0 = y``). That costs a rank-r matmul on every row but no per-forward hook
 registration or sub-batch indexing, which made PEFT's own mixed batch (``adapter_names=``) ~40%
 slower per step on CPU; with several adapters we fall back to PEFT's mixed batch.
 
-For plain LoRA linears (``nn.Linear`` base, no dropout, no variant, not merged) the per-row-scaled
-delta runs as a lean forward installed for the duration of the call: PEFT's own tensor ops in
-PEFT's order, so bit-identical, without PEFT's ~50 µs of per-call Python per layer (≈ 8 ms per
-forward over SmolLM2's 210 LoRA layers). ``lean_lora = False`` keeps PEFT's forward.
+Plain LoRA linears (``nn.Linear`` base, no dropout, no variant, not merged) become
+``RowLoraLinear``s once per model: PEFT's class with a forward that, while a ``RowAdapterModel``
+forward runs, computes the per-row-scaled delta with PEFT's own tensor ops in PEFT's order (so
+bit-identical) without PEFT's ~50 µs of per-call Python per layer (≈ 8 ms per forward over SmolLM2's
+210 LoRA layers), and skips the delta when no row uses the adapter; at any other time it is PEFT's
+forward. A step selects its row pattern's plan with one assignment: no per-step loop over the
+layers, which on CPU costs about a millisecond once the forward has flushed them from the caches.
+``lean_lora = False`` keeps PEFT's forward (with the per-row scaling).
 
 It also keeps the input of the output head of its last forward (``last_hidden``, float
 ``[R, keep, D]``), which PAD's token features need (``training.persrm.model.token_features``).
@@ -79,7 +83,8 @@ class RowAdapterModel(torch.nn.Module):
         from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        self._lean_plans: dict[tuple, Any] = {}  # row pattern -> its plan (lean forwards and state)
+        self._ctx = _install_row_linears(self._lora_layers)
+        self._lean_plans: dict[tuple, _Plan] = {}  # row pattern -> its plan
         # no prompt-learning adapter: the base model can be called directly (PEFT's wrapper only dispatches)
         self._direct = not any(getattr(c, "is_prompt_learning", False) for c in peft_model.peft_config.values())
 
@@ -129,27 +134,27 @@ class RowAdapterModel(torch.nn.Module):
     def _row_scaled_forward(self, names: list[str], adapter: str | None, x: torch.Tensor, kw: dict) -> Any:
         """One forward with the LoRA delta of ``adapter`` scaled per row (0 on ``__base__`` rows).
 
-        Plain LoRA linears (the PersRM's case) run a lean forward for the duration of the call: the
-        same tensor ops as PEFT's ``Linear.forward`` in the same order (``W x + b``, then
-        ``+ B(A(x)) · scaling``), so the result is bit-identical, without PEFT's per-call Python
-        (argument checks, adapter loops, three nested module calls per layer), which on CPU cost
-        about as much as the matmuls of a one-token step. The lean forwards are built once per row
-        pattern and reused while every layer's state (merged, disabled, scaling) is unchanged; they
-        read the weights at every call. Other layers keep PEFT's forward with a per-row ``scaling``.
+        Plain PEFT LoRA linears are ``RowLoraLinear``s (installed once, see ``_install_row_linears``):
+        during this call they read their entry of the row pattern's plan from the model's shared
+        ``_RowContext``, so a step costs one assignment here instead of a loop over every LoRA layer.
+        Other LoRA layers (embeddings, quantized linears, ...) get PEFT's forward with a per-row
+        ``scaling`` for the duration of the call.
         """
         active = adapter or next(iter(self.peft_model.peft_config))
         if self.peft_model.active_adapter != active:
             self.peft_model.set_adapter(active)
         dtype = self.get_input_embeddings().weight.dtype  # the hidden states' dtype
-        key = (tuple(names), active, dtype, x.device, self.lean_lora)
+        grad = torch.is_grad_enabled()
+        key = (tuple(names), active, dtype, x.device, self.lean_lora, grad)
         plan = self._lean_plans.get(key)
-        if plan is None or _lora_states(plan.layers, active) != plan.states:
-            plan = self._build_plan(names, active, dtype, x.device)
-            self._lean_plans = {key: plan}  # one pattern at a time: decoding reuses it at every step
+        if plan is None:
+            plan = self._build_plan(names, active, dtype, x.device, grad)
+            if len(self._lean_plans) >= 8:  # a few row patterns (batch sizes) at a time
+                self._lean_plans.pop(next(iter(self._lean_plans)))
+            self._lean_plans[key] = plan
         saved = []
+        self._ctx.entries = plan.entries
         try:
-            for d, lean in plan.swaps:
-                d["forward"] = lean  # instance attribute: shadows the class method
             for layer in plan.scaled:
                 saved.append((layer, layer.scaling[active]))
                 layer.scaling[active] = plan.on * layer.scaling[active]
@@ -157,71 +162,166 @@ class RowAdapterModel(torch.nn.Module):
             # except for prompt-learning adapters, which add virtual tokens there
             return self._lm(**kw) if self._direct else self.peft_model(**kw)
         finally:
-            for d, _ in plan.swaps:
-                d.pop("forward", None)
+            self._ctx.entries = None
             for layer, value in saved:
                 layer.scaling[active] = value
 
-    def _build_plan(self, names: list[str], active: str, dtype: torch.dtype, device: torch.device) -> _Plan:
+    def _build_plan(self, names: list[str], active: str, dtype: torch.dtype, device: torch.device,
+                    grad: bool) -> _Plan:
         on = torch.tensor([a != BASE_ADAPTER for a in names], dtype=torch.float32, device=device)[:, None, None]
-        layers = [layer for layer in self._lora_layers if active in layer.scaling]
-        swaps, scaled = [], []
-        for layer in layers:
-            lean = _lean_lora_forward(layer, active, on, dtype) if self.lean_lora else None
-            if lean is not None:
-                swaps.append((layer.__dict__, lean))
+        slots = [k for k, a in enumerate(self.pattern) if a != BASE_ADAPTER]
+        rows = slice(slots[0], None, len(self.pattern)) if len(slots) == 1 else None
+        entries, scaled = {}, []
+        for layer in self._lora_layers:
+            if active not in layer.scaling:
+                continue
+            if isinstance(layer, _row_linear_class()):
+                entries[layer] = _RowEntry(layer, active, on, rows, dtype, lean=self.lean_lora, grad=grad)
             else:
                 scaled.append(layer)
-        return _Plan(layers=layers, states=_lora_states(layers, active), swaps=swaps, scaled=scaled, on=on)
+        return _Plan(entries=entries, scaled=scaled, on=on)
 
 
 @dataclass
 class _Plan:
-    """The lean forwards of one row pattern, valid while every layer's state is ``states``."""
+    """How one row pattern runs: an entry per ``RowLoraLinear``, the other LoRA layers, the row mask."""
 
-    layers: list
-    states: list
-    swaps: list  # (layer.__dict__, lean forward)
-    scaled: list  # layers run by PEFT's forward with a per-row scaling
+    entries: dict  # RowLoraLinear -> _RowEntry
+    scaled: list  # other LoRA layers: PEFT's forward with a per-row scaling
     on: torch.Tensor  # float [rows, 1, 1]: 1 on adapter rows
 
 
-def _lora_states(layers: list, adapter: str) -> list:
-    """What the lean forwards depend on besides the weights, per layer (one comprehension: this runs every step)."""
-    return [(bool(layer.merged_adapters), layer._disable_adapters, layer.scaling.get(adapter)) for layer in layers]
+class _RowContext:
+    """Shared by the ``RowLoraLinear``s of one PEFT model: the running plan's entries, or None
+    outside a ``RowAdapterModel`` forward (then the layers run PEFT's own forward)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict | None = None
 
 
-def _lean_lora_forward(layer: Any, adapter: str, on: torch.Tensor, dtype: torch.dtype) -> Any:
-    """A forward for a plain PEFT LoRA ``Linear`` with per-row scaling, or None when ``layer`` is not one.
+class _RowEntry:
+    """One LoRA linear under one row pattern.
 
-    Plain: an ``nn.Linear`` base layer, not merged, adapters enabled, no LoRA variant (DoRA, ...),
-    no dropout (``Identity`` or p = 0, whatever the train/eval mode), and weights of the hidden
-    states' dtype (PEFT would cast).
+    ``lean``: the layer is plain (an ``nn.Linear`` base, no dropout, no LoRA variant, no LoRA bias,
+    weights of the hidden states' dtype), so it runs PEFT's tensor ops in PEFT's order without
+    PEFT's per-call Python: on every row with the per-row scaling, or, when the adapter rows are
+    one view slot (``rows``, a strided slice) and each row feeds several tokens, on those rows only
+    (``y + δ·0 = y`` on the others). ``skip``: no row uses the adapter (``W x + b`` is what PEFT
+    computes with a zero scaling). Otherwise PEFT's forward with the per-row scaling ``on · scaling``.
+    The layer's state is checked at every call: merged, disabled or rescaled since the plan was
+    built, it takes PEFT's forward with the per-row scaling of its current state.
     """
-    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters or adapter in layer.lora_variant:
-        return None
+    __slots__ = ("adapter", "scaling", "on", "rows", "scale", "lean", "skip", "base_p", "a_p", "b_p", "b_copy",
+                 "b_t", "b_key")
+
+    def __init__(self, layer: Any, adapter: str, on: torch.Tensor, rows: slice | None, dtype: torch.dtype, *,
+                 lean: bool, grad: bool) -> None:
+        self.adapter, self.scaling, self.on, self.rows = adapter, layer.scaling[adapter], on, rows
+        self.scale = (on * self.scaling).to(dtype)
+        self.lean = lean and _plain_lora(layer, adapter, dtype)
+        self.skip = self.lean and not bool(on.any())
+        self.base_p = layer.base_layer._parameters
+        self.a_p = layer.lora_A._modules[adapter]._parameters if adapter in layer.lora_A else None
+        self.b_p = layer.lora_B._modules[adapter]._parameters if adapter in layer.lora_B else None
+        # B kept transposed as well (contiguous [r, out]): `h @ Bᵀ` is then a plain matrix product, about
+        # 2 µs a call faster on CPU than `linear(h, B)` with K = r. Only without autograd (the copy
+        # carries no gradient), and refreshed whenever B changes (its version counter or storage).
+        self.b_copy = self.lean and not grad and not self.b_p["weight"].is_inference()
+        self.b_t: torch.Tensor | None = None
+        self.b_key: tuple = ()
+
+    def lora_b(self, h: torch.Tensor) -> torch.Tensor:
+        """``lora_B(h)`` (no bias), float [..., out]."""
+        w = self.b_p["weight"]
+        if not self.b_copy:
+            return _linear(h, w)
+        key = (w._version, w.data_ptr())
+        if key != self.b_key:
+            self.b_t, self.b_key = w.detach().t().contiguous(), key
+        return torch.matmul(h, self.b_t)
+
+
+def _plain_lora(layer: Any, adapter: str, dtype: torch.dtype) -> bool:
+    """Whether ``layer`` (a PEFT LoRA ``Linear``) can run the lean ops for ``adapter``."""
+    if layer.merged or layer.disable_adapters or adapter in layer.lora_variant or adapter not in layer.lora_A:
+        return False
     base = layer.base_layer
     if type(base) is not torch.nn.Linear:
-        return None
-    mods = layer.lora_dropout._modules
-    drop = mods.get(adapter)
+        return False
+    drop = layer.lora_dropout._modules.get(adapter)
     if not (isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)):
-        return None
+        return False
     a_mod, b_mod = layer.lora_A._modules[adapter], layer.lora_B._modules[adapter]
     if (type(a_mod) is not torch.nn.Linear or type(b_mod) is not torch.nn.Linear or a_mod.bias is not None
             or b_mod.bias is not None):
-        return None
-    if a_mod.weight.dtype != dtype or base.weight.dtype != dtype:
-        return None
-    scaling = on * layer.scaling[adapter]
-    linear = torch.nn.functional.linear
-    base_p, a_p, b_p = base._parameters, a_mod._parameters, b_mod._parameters
+        return False
+    return a_mod.weight.dtype == dtype and b_mod.weight.dtype == dtype and base.weight.dtype == dtype
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs:  # not a plain call: PEFT's own forward (per-row scaling does not apply there)
-            raise TypeError("lean LoRA forward takes only the input tensor")
-        return linear(x, base_p["weight"], base_p["bias"]) + linear(linear(x, a_p["weight"]), b_p["weight"]) * scaling
 
-    return forward
+def _row_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``RowLoraLinear.forward``: the running plan's rule for this layer, else PEFT's forward."""
+    entries = self._row_ctx.entries
+    entry = None if entries is None or args or kwargs else entries.get(self)
+    if entry is None:
+        return _PEFT_LINEAR_FORWARD(self, x, *args, **kwargs)
+    if entry.lean and not self.merged_adapters and not self._disable_adapters and \
+            self.scaling[entry.adapter] == entry.scaling:
+        base = entry.base_p
+        y = _linear(x, base["weight"], base["bias"])
+        if entry.skip:
+            return y
+        rows = entry.rows
+        if rows is not None and x.dim() == 3 and x.shape[1] > 1:
+            # several tokens a row (a prefill): the delta of the adapter rows only, added in place
+            y[rows].add_(entry.lora_b(_linear(x[rows], entry.a_p["weight"])), alpha=entry.scaling)
+            return y
+        # PEFT's `result + lora_B(lora_A(x)) * scaling` on every row (scaling 0 off the adapter rows),
+        # the product and the sum in one kernel, into the fresh result
+        return y.addcmul_(entry.lora_b(_linear(x, entry.a_p["weight"])), entry.scale)
+    saved = self.scaling[entry.adapter]
+    self.scaling[entry.adapter] = entry.on * saved
+    try:
+        return _PEFT_LINEAR_FORWARD(self, x)
+    finally:
+        self.scaling[entry.adapter] = saved
+
+
+_linear = torch.nn.functional.linear
+_PEFT_LINEAR_FORWARD: Any = None
+_ROW_LINEAR: Any = None
+
+
+def _row_linear_class() -> type:
+    """``RowLoraLinear``: PEFT's LoRA ``Linear`` whose forward follows a ``RowAdapterModel``'s plan
+    while one runs (built on first use: PEFT is imported lazily)."""
+    global _ROW_LINEAR, _PEFT_LINEAR_FORWARD
+    if _ROW_LINEAR is None:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        _PEFT_LINEAR_FORWARD = LoraLinear.forward
+        _ROW_LINEAR = type("RowLoraLinear", (LoraLinear,), {
+            "forward": _row_lora_forward, "__module__": __name__, "__qualname__": "RowLoraLinear",
+            "__doc__": "A PEFT LoRA ``Linear`` that a ``RowAdapterModel`` can run per row (``views.adapters``)."})
+    return _ROW_LINEAR
+
+
+def __getattr__(name: str) -> Any:  # `RowLoraLinear` by name, for pickle and copies of a module
+    if name == "RowLoraLinear":
+        return _row_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _install_row_linears(layers: list) -> _RowContext:
+    """Turn the plain PEFT LoRA ``Linear``s of one model into ``RowLoraLinear``s sharing one context
+    (once per model; outside a ``RowAdapterModel`` forward they compute exactly PEFT's forward)."""
+    cls = _row_linear_class()
+    ctx = next((layer._row_ctx for layer in layers if isinstance(layer, cls)), None) or _RowContext()
+    for layer in layers:
+        if type(layer) is cls.__base__:
+            layer.__class__ = cls
+        if isinstance(layer, cls):
+            layer._row_ctx = ctx
+    return ctx
