@@ -44,7 +44,6 @@ from personalign.training.persrm.model import (
     PersRM,
     backbone_fingerprint,
     persrm_prompt_ids,
-    token_features,
 )
 from personalign.types import Request, StepOutput, ViewSpec
 from personalign.views.adapters import BASE_ADAPTER, RowAdapterModel
@@ -94,19 +93,24 @@ def pad_scores(base_logprobs: torch.Tensor, theta_logprobs: torch.Tensor, ref_lo
         mode: ``eq13`` or ``released``.
     """
     B, V = base_logprobs.shape
-    kmax = int(k.max())
+    kmax, kmin = int(k.max()), int(k.min())
     top_lp, top_ids = base_logprobs.topk(min(kmax, V), dim=-1)  # [B, k]
     th = theta_logprobs.gather(-1, top_ids)
     if mode == "eq13":
+        # w_pᵀφ(s, a), φ = Δh ⊙ W_a − (Δh·W_a − Δlog π(a))/D (``token_features``), summed in closed form:
+        # Σ_d w_d φ_d = W_a · (Δh ⊙ (w − w̄)) + w̄ · Δlog π(a), with w̄ the mean of w over the D dimensions
+        w = weights.float()
+        w_bar = w.mean(-1, keepdim=True)  # [B, 1]
+        u = delta_hidden.float() * (w - w_bar)  # [B, D]
         dlp = th - ref_logprobs.gather(-1, top_ids)  # [B, k]
-        w_rows = out_weight[top_ids].float()  # [B, k, D]
-        phi = token_features(delta_hidden.float()[:, None, :], w_rows, dlp)  # [B, k, D]
-        reward = (phi * weights.float()[:, None, :]).sum(-1)  # [B, k]
-        cand = top_lp + beta[:, None] * reward
+        # (a batched matrix product here costs ~1 ms a step on CPU: MKL's batch GEMM; a dot product does not)
+        reward = torch.linalg.vecdot(out_weight[top_ids].float(), u[:, None, :]).addcmul_(w_bar, dlp)  # [B, k]
+        cand = torch.addcmul(top_lp, beta[:, None], reward)
     else:
         cand = (1 - beta[:, None]) * top_lp + beta[:, None] * th
-    keep = torch.arange(top_ids.shape[1], device=k.device)[None, :] < k[:, None]
-    cand = cand.masked_fill(~keep.to(cand.device), float("-inf"))
+    if kmin < top_ids.shape[1]:  # rows with a smaller k keep fewer candidates
+        keep = torch.arange(top_ids.shape[1], device=k.device)[None, :] < k[:, None]
+        cand = cand.masked_fill(~keep.to(cand.device), float("-inf"))
     return torch.full((B, V), float("-inf"), device=cand.device).scatter(-1, top_ids, cand)
 
 
