@@ -191,3 +191,33 @@ def test_sequence_logprobs_match_naive(backend, tiny_lm):
     for p, c, g in zip(PROMPTS, conts, got):
         ref = [float(naive_next_logprobs(tiny_lm, p + c[:i])[c[i]]) for i in range(len(c))]
         assert torch.allclose(g, torch.tensor(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_one_token_steps_of_padded_rows_take_the_additive_mask(tiny_tokenizer, attn, monkeypatch):
+    """Padded rows' one-token steps hand attention a prepared additive 4-D mask (built once a step):
+    the same log-probs as transformers' own mask from the 2-D one, and as a full recompute."""
+    lm = make_tiny_lm(len(tiny_tokenizer))
+    lm.config._attn_implementation = attn
+    built = []
+    real = HFBackend._decode_mask
+    monkeypatch.setattr(HFBackend, "_decode_mask", lambda self, *a: built.append(1) or real(self, *a))
+    runs = []
+    for additive in (True, False):
+        be = HFBackend(lm, tiny_tokenizer)
+        be._additive_mask["main"] = additive
+        state = be.prefill([[ViewSpec(prompt_ids=p)] for p in PROMPTS])
+        seqs, lps = [list(p) for p in PROMPTS], []
+        for step in range(4):
+            tok = torch.tensor([[(5 * step + 3 * b) % 90 + 8] for b in range(len(seqs))])
+            lps.append(be.step(state, tok)[:, 0, -1])
+            for b, s in enumerate(seqs):
+                s.append(int(tok[b, 0]))
+        runs.append(lps)
+        if additive:
+            assert len(built) == 4
+            for b, s in enumerate(seqs):
+                assert_close_logprobs(lps[-1][b], naive_next_logprobs(lm, s))
+    assert len(built) == 4  # the 2-D run built none
+    for a, b in zip(*runs):
+        assert_close_logprobs(a, b)
