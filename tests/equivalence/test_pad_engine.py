@@ -3,6 +3,8 @@ with separate, uncached full forwards of π_LM, π_ref and π_θ per request and
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -75,31 +77,49 @@ def _naive(rm: PersRM, base_lm, tok, cfg: PADConfig, n_new: int) -> list[list[in
 
 @pytest.mark.parametrize("mode", ["eq13", "released"])
 def test_pad_scores_equal_the_rule_from_its_definitions(mode):
-    """``pad_scores`` (w_pᵀφ in closed form) equals log π_LM + β·w_pᵀφ with φ from ``token_features``
-    over each row's base top-k (its own k), and −inf everywhere else."""
+    """``pad_scores`` on the PersRM rows' log-probs (w_pᵀφ in closed form) equals log π_LM + β·w_pᵀφ
+    with φ from ``token_features`` over each row's base top-k (its own k), −inf elsewhere; from the
+    hidden states alone (a linear head, with a bias) it equals that up to a constant per row."""
     g = torch.Generator().manual_seed(0)
     B, V, D = 3, 50, 16
-    lps = [torch.log_softmax(3 * torch.randn(B, V, generator=g), -1) for _ in range(3)]
-    dh, w, W = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), torch.randn(V, D, generator=g)
+    W, bias = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    h_th, h_ref = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    base_lp = torch.log_softmax(3 * torch.randn(B, V, generator=g), -1)
+    th_lp, ref_lp = (torch.log_softmax(h @ W.T + bias, -1) for h in (h_th, h_ref))
+    w = torch.randn(B, D, generator=g)
     beta, k = torch.tensor([1.0, 0.5, 2.0]), torch.tensor([4, 7, 1])
-    s = pad_scores(lps[0], lps[1], lps[2], dh, W, w, beta, k, mode)
+    common = dict(beta=beta, k=k, mode=mode, out_weight=W, out_bias=bias, weights=w, delta_hidden=h_th - h_ref)
+    exact = pad_scores(base_lp, theta_logprobs=th_lp, ref_logprobs=ref_lp, **common)
+    hidden = pad_scores(base_lp, theta_hidden=h_th, **common)
     for b in range(B):
-        top_lp, ids = lps[0][b].topk(int(k[b]))
-        th = lps[1][b, ids]
+        top_lp, ids = base_lp[b].topk(int(k[b]))
+        th = th_lp[b, ids]
         if mode == "eq13":
-            phi = token_features(dh[b], W[ids], th - lps[2][b, ids])
+            phi = token_features(h_th[b] - h_ref[b], W[ids], th - ref_lp[b, ids])
             want = top_lp + beta[b] * (phi * w[b]).sum(-1)
         else:
             want = (1 - beta[b]) * top_lp + beta[b] * th
-        assert torch.allclose(s[b, ids], want, atol=1e-5)
+        assert torch.allclose(exact[b, ids], want, atol=1e-5)
+        shift = hidden[b, ids] - want
+        assert torch.allclose(shift, shift[0].expand_as(shift), atol=1e-4)  # one constant per row
+        assert int(hidden[b].argmax()) == int(exact[b].argmax())
         rest = torch.ones(V, dtype=torch.bool)
         rest[ids] = False
-        assert torch.isneginf(s[b, rest]).all()
+        assert torch.isneginf(exact[b, rest]).all() and torch.isneginf(hidden[b, rest]).all()
+    if mode == "eq13":  # the constant is not zero: the hidden form drops the normalizers
+        assert not torch.allclose(hidden[0, base_lp[0].topk(4).indices], exact[0, base_lp[0].topk(4).indices])
 
 
 @pytest.mark.parametrize("mode", ["eq13", "released"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_pad_engine_equals_naive(tiny_tokenizer, mode, shared):
+@pytest.mark.parametrize("hidden_only", [True, False])
+def test_pad_engine_equals_naive(tiny_tokenizer, mode, shared, hidden_only, monkeypatch):
+    """The engine picks what the rule from its definitions picks, with the PersRM rows' output head
+    skipped (a linear head: the scores from hidden states) or run (any other head: from log-probs)."""
+    from personalign.methods import pad as pad_module
+
+    if not hidden_only:  # a head the check does not find linear (soft-capped logits, say)
+        monkeypatch.setattr(pad_module, "output_head_is_linear", lambda lm: False)
     tok = tiny_tokenizer
     rm = _persrm(tok)
     cfg = PADConfig(k=5, beta=1.5, mode=mode)
@@ -109,6 +129,9 @@ def test_pad_engine_equals_naive(tiny_tokenizer, mode, shared):
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
     f0 = backend.forward_count
     outs = generate(method, reqs, backend, max_new_tokens=6, chat_template=False, ignore_eos=True)
+    rm_views = [m for k, m in backend.models.items() if k.startswith("persrm[")]
+    n_rm = 2 if mode == "eq13" else 1  # π_ref and π_θ, or π_θ
+    assert len(rm_views) == 1 and rm_views[0].logits.count(False) == (n_rm if hidden_only else 0)
     n_models = 1 if shared else 2
     assert backend.forward_count - f0 == n_models * 6  # one batched forward per model per step (prefill + 5)
     expect = _naive(rm, base_lm, tok, cfg, 6)
@@ -321,6 +344,47 @@ def test_row_scaled_lora_gradients_equal_peft(tiny_tokenizer):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_hidden_state_rows_skip_the_output_head(tiny_tokenizer):
+    """Rows of view slots without logits: the head runs on the other rows only, whose log-probs are
+    what a full head gives; the skipped rows read uniform; every row's hidden state is kept."""
+    from personalign.types import ViewSpec
+    from personalign.views.adapters import RowAdapterModel, output_head_is_linear
+
+    rm = _persrm(tiny_tokenizer)
+    assert output_head_is_linear(rm.base_lm)
+    pattern = ("__base__", "__base__", "default")
+    prompts = [[1, 30, 31, 32], [1, 40, 41], [1, 50, 51, 52, 53]]
+    got = {}
+    for name, logits in (("full", None), ("base only", (True, False, False))):
+        be = HFBackend(rm.base_lm, tiny_tokenizer, share_prefix=False)
+        be.add_model("rows", RowAdapterModel(rm.lm, pattern, logits))
+        state = be.prefill([[ViewSpec(prompt_ids=p, model="rows") for p in prompts]] * 2)
+        lps = [state.last_logprobs.clone()]
+        lps.append(be.step(state, torch.tensor([[7], [9]]))[:, :, -1])
+        got[name] = (lps, [state.last_hidden(k) for k in range(3)])
+    V = got["full"][0][0].shape[-1]
+    for full, part in zip(got["full"][0], got["base only"][0]):
+        assert torch.allclose(full[:, 0], part[:, 0], atol=1e-5)
+        assert torch.allclose(part[:, 1:], torch.full_like(part[:, 1:], -math.log(V)))
+    for a, b in zip(got["full"][1], got["base only"][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_output_head_check_tells_soft_capped_logits(tiny_tokenizer):
+    """A head followed by soft-capping (Gemma-2's logits) is not linear in the hidden state."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from personalign.views.adapters import output_head_is_linear
+
+    cfg = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    capped = Gemma2ForCausalLM(cfg).eval()
+    assert not output_head_is_linear(capped)
+    cfg.final_logit_softcapping = None
+    assert output_head_is_linear(Gemma2ForCausalLM(cfg).eval())
 
 
 def test_row_lora_layers_survive_copies_and_other_dtypes(tiny_tokenizer):

@@ -20,8 +20,13 @@ on one ``RowAdapterModel`` (the LoRA adapter on the θ rows only), so base, π_r
 batched forward over ONE copy of the weights; otherwise the PersRM views form a second group on
 the PersRM's own backbone (same tokenizer required).
 
+With a linear output head (checked once per model), the π_ref and π_θ rows need only their hidden
+states: their logits and log-normalizers add the same constant to every candidate's score
+(``pad_scores``), so the head runs on the base rows alone.
+
 Naive reference (the equivalence test): per request and step, full uncached forwards of π_LM, π_ref
-and π_θ on the text so far, hidden states from the decoder, then ``pad_scores``.
+and π_θ on the text so far, hidden states from the decoder, then the rule from its definitions
+(``token_features`` on the exact log-probs).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from personalign.training.persrm.model import (
     persrm_prompt_ids,
 )
 from personalign.types import Request, StepOutput, ViewSpec
-from personalign.views.adapters import BASE_ADAPTER, RowAdapterModel
+from personalign.views.adapters import BASE_ADAPTER, RowAdapterModel, output_head_is_linear
 
 __all__ = ["PADConfig", "PADMethod", "pad_scores", "attach_persrm", "persrm_key", "MODES"]
 
@@ -77,36 +82,57 @@ class PADConfig:
             raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}.")
 
 
-def pad_scores(base_logprobs: torch.Tensor, theta_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-               delta_hidden: torch.Tensor | None, out_weight: torch.Tensor | None, weights: torch.Tensor | None,
-               beta: torch.Tensor, k: torch.Tensor, mode: str = "eq13") -> torch.Tensor:
+def pad_scores(base_logprobs: torch.Tensor, *, beta: torch.Tensor, k: torch.Tensor, mode: str = "eq13",
+               out_weight: torch.Tensor | None = None, out_bias: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None, delta_hidden: torch.Tensor | None = None,
+               theta_hidden: torch.Tensor | None = None, theta_logprobs: torch.Tensor | None = None,
+               ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token scores of PAD, float [B, V]; −inf outside each row's base top-k.
+
+    Given the PersRM rows' log-probs, the scores are Eq. 13's (or the released rule's) exactly.
+    Without them they come from the hidden states and the output head alone (a linear head,
+    ``views.adapters.output_head_is_linear``), and equal those up to a constant per row: the
+    log-normalizers of π_θ and π_ref, which are the same for every candidate, so neither the
+    argmax nor the softmax over the candidates sees them. For Eq. 13 (``token_features``):
+
+        w_pᵀφ(s, a) = W_a · (Δh ⊙ (w − w̄)) + w̄ · Δlog π(a)   with   Δlog π(a) = W_a · Δh − Δ log Z,
+                    = W_a · (Δh ⊙ w) − w̄ · Δ log Z,
+
+    w̄ the mean of w over its D dimensions; for the released rule, log π_θ(a) = (W h_θ + b)_a − log Z_θ.
 
     Args:
         base_logprobs: log π_LM(· | s), float [B, V].
-        theta_logprobs: log π_θ(· | p, s), float [B, V].
-        ref_logprobs: log π_ref(· | p, s), float [B, V] (``eq13`` only).
-        delta_hidden: h_θ − h_ref at the current position, float [B, D] (``eq13`` only).
-        out_weight: the PersRM output head W, float [V_out, D] (``eq13`` only).
-        weights: w_p, float [B, D] (``eq13`` only).
         beta: float [B]. k: long [B].
         mode: ``eq13`` or ``released``.
+        out_weight, out_bias: the PersRM output head W float [V_out, D] and its bias (or None).
+        weights: w_p, float [B, D] (``eq13``).
+        delta_hidden: h_θ − h_ref at the current position, float [B, D] (``eq13``).
+        theta_hidden: h_θ, float [B, D] (``released`` without ``theta_logprobs``).
+        theta_logprobs, ref_logprobs: log π_θ(· | p, s) and log π_ref(· | p, s), float [B, V] (optional;
+            ``ref_logprobs`` for ``eq13`` only).
     """
     B, V = base_logprobs.shape
     kmax, kmin = int(k.max()), int(k.min())
     top_lp, top_ids = base_logprobs.topk(min(kmax, V), dim=-1)  # [B, k]
-    th = theta_logprobs.gather(-1, top_ids)
+    w_rows = None if out_weight is None else out_weight[top_ids].float()  # [B, k, D]
+    # (dot products: a batched matrix product here costs ~1 ms a step on CPU, MKL's batch GEMM)
     if mode == "eq13":
-        # w_pᵀφ(s, a), φ = Δh ⊙ W_a − (Δh·W_a − Δlog π(a))/D (``token_features``), summed in closed form:
-        # Σ_d w_d φ_d = W_a · (Δh ⊙ (w − w̄)) + w̄ · Δlog π(a), with w̄ the mean of w over the D dimensions
         w = weights.float()
-        w_bar = w.mean(-1, keepdim=True)  # [B, 1]
-        u = delta_hidden.float() * (w - w_bar)  # [B, D]
-        dlp = th - ref_logprobs.gather(-1, top_ids)  # [B, k]
-        # (a batched matrix product here costs ~1 ms a step on CPU: MKL's batch GEMM; a dot product does not)
-        reward = torch.linalg.vecdot(out_weight[top_ids].float(), u[:, None, :]).addcmul_(w_bar, dlp)  # [B, k]
+        dh = delta_hidden.float()
+        if theta_logprobs is None:
+            reward = torch.linalg.vecdot(w_rows, (dh * w)[:, None, :])
+        else:
+            w_bar = w.mean(-1, keepdim=True)  # [B, 1]
+            dlp = theta_logprobs.gather(-1, top_ids) - ref_logprobs.gather(-1, top_ids)  # [B, k]
+            reward = torch.linalg.vecdot(w_rows, (dh * (w - w_bar))[:, None, :]).addcmul_(w_bar, dlp)
         cand = torch.addcmul(top_lp, beta[:, None], reward)
     else:
+        if theta_logprobs is not None:
+            th = theta_logprobs.gather(-1, top_ids)
+        else:
+            th = torch.linalg.vecdot(w_rows, theta_hidden.float()[:, None, :])
+            if out_bias is not None:
+                th = th + out_bias.float()[top_ids]
         cand = (1 - beta[:, None]) * top_lp + beta[:, None] * th
     if kmin < top_ids.shape[1]:  # rows with a smaller k keep fewer candidates
         keep = torch.arange(top_ids.shape[1], device=k.device)[None, :] < k[:, None]
@@ -114,8 +140,9 @@ def pad_scores(base_logprobs: torch.Tensor, theta_logprobs: torch.Tensor, ref_lo
     return torch.full((B, V), float("-inf"), device=cand.device).scatter(-1, top_ids, cand)
 
 
-def persrm_key(pattern: tuple[str, ...]) -> str:
-    return "persrm[" + ",".join("base" if a == BASE_ADAPTER else "theta" for a in pattern) + "]"
+def persrm_key(pattern: tuple[str, ...], logits: tuple[bool, ...]) -> str:
+    names = ("base" if a == BASE_ADAPTER else "theta" for a in pattern)
+    return "persrm[" + ",".join(n + ("" if f else ":h") for n, f in zip(names, logits)) + "]"
 
 
 def attach_persrm(backend: Any, persrm: PersRM) -> bool:
@@ -152,9 +179,12 @@ class PADMethod(Method):
         adapters = {"base": BASE_ADAPTER, "ref": BASE_ADAPTER, "theta": ADAPTER}
         rm_roles = roles if shared else roles[1:]
         pattern = tuple(adapters[r] for r in rm_roles)
-        key = persrm_key(pattern)
+        # with a linear head, π_ref and π_θ rows need only their hidden states (see pad_scores)
+        hidden_only = output_head_is_linear(self.persrm.base_lm)
+        logits = tuple(r == "base" or not hidden_only for r in rm_roles)
+        key = persrm_key(pattern, logits)
         if key not in backend.models:
-            backend.add_model(key, RowAdapterModel(self.persrm.lm, pattern), self.persrm.tokenizer)
+            backend.add_model(key, RowAdapterModel(self.persrm.lm, pattern, logits), self.persrm.tokenizer)
         keys = [key] * len(roles) if shared else ["main"] + [key] * (len(roles) - 1)
         return keys, roles
 
@@ -171,6 +201,7 @@ class PADMethod(Method):
             raise ValueError(f"`mode` must be the same for every request of a batch, got {sorted(modes)}.")
         dev = state.views.last_logprobs.device
         state.extra["mode"] = modes.pop()
+        state.extra["hidden_only"] = output_head_is_linear(self.persrm.base_lm)  # as in `_layout`
         state.extra["beta"] = torch.tensor([c.beta for c in state.configs], dtype=torch.float32, device=dev)
         state.extra["k"] = torch.tensor([c.k for c in state.configs], dtype=torch.long, device=dev)
         if state.extra["mode"] == "eq13":
@@ -179,22 +210,26 @@ class PADMethod(Method):
             state.extra["w"] = w.float().to(dev)
 
     # ---------------------------------------------------------------- step
-    def _delta_hidden(self, state: DecodeState, backend: Any) -> torch.Tensor:
-        """h_θ − h_ref of the current position, float [B, D], from the PersRM views' last forward."""
-        roles = [s.role for s in state.views.specs[0]]
-        h_ref = state.views.last_hidden(roles.index("ref")).float()
-        h_theta = state.views.last_hidden(roles.index("theta")).float()
-        return (h_theta - h_ref).to(state.views.last_logprobs.device)
-
     def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
         lp = state.next_logprobs(backend)  # [B, K, V]
-        mode = state.extra["mode"]
-        if mode == "eq13":
-            scores = pad_scores(lp[:, 0], lp[:, 2], lp[:, 1], self._delta_hidden(state, backend),
-                                self.persrm.out_weight.detach(), state.extra["w"], state.extra["beta"],
-                                state.extra["k"], mode)
+        views = state.views
+        roles = [s.role for s in views.specs[0]]
+        dev = views.last_logprobs.device
+        hidden_only = state.extra["hidden_only"]
+        h_theta = views.last_hidden(roles.index("theta")).float().to(dev)
+        head = self.persrm.base_lm.get_output_embeddings()
+        args: dict[str, Any] = dict(beta=state.extra["beta"], k=state.extra["k"], mode=state.extra["mode"],
+                                    out_weight=head.weight.detach(), out_bias=head.bias)
+        if state.extra["mode"] == "eq13":
+            h_ref = views.last_hidden(roles.index("ref")).float().to(dev)
+            args.update(weights=state.extra["w"], delta_hidden=h_theta - h_ref)
+            if not hidden_only:
+                args.update(theta_logprobs=lp[:, roles.index("theta")], ref_logprobs=lp[:, roles.index("ref")])
+        elif hidden_only:
+            args.update(theta_hidden=h_theta)
         else:
-            scores = pad_scores(lp[:, 0], lp[:, 1], None, None, None, None, state.extra["beta"], state.extra["k"], mode)
+            args.update(theta_logprobs=lp[:, roles.index("theta")])
+        scores = pad_scores(lp[:, roles.index("base")], **args)
         tokens = sample(scores, state.sampling, generator, state.row_generators)
         state.pending = tokens[:, None]
         return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))

@@ -24,7 +24,9 @@ layers, which on CPU costs about a millisecond once the forward has flushed them
 ``lean_lora = False`` keeps PEFT's forward (with the per-row scaling).
 
 It also keeps the input of the output head of its last forward (``last_hidden``, float
-``[R, keep, D]``), which PAD's token features need (``training.persrm.model.token_features``).
+``[R, keep, D]``), which PAD's token features need (``training.persrm.model.token_features``), and
+runs the head only on the rows of view slots that need logits (``logits``): PAD's π_ref and π_θ
+rows need only their hidden states when the head is linear (``output_head_is_linear``).
 Rows run different weights, so the backend must not share a prompt prefix across them
 (``mixed_rows = True`` turns it off).
 """
@@ -32,13 +34,14 @@ Rows run different weights, so the backend must not share a prompt prefix across
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["RowAdapterModel", "BASE_ADAPTER"]
+__all__ = ["RowAdapterModel", "BASE_ADAPTER", "output_head_is_linear"]
 
 BASE_ADAPTER = "__base__"
 
@@ -56,21 +59,56 @@ def _cache_name(fn: Any) -> str:
     return name
 
 
+_LINEAR_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def output_head_is_linear(lm: Any) -> bool:
+    """Whether ``lm``'s logits are its output head's affine map of the head's input, ``W h + b``
+    (no soft-capping, scaling or other step after the head), checked once per model on a two-token
+    forward. Then the logits of a row follow from its hidden state alone."""
+    if lm in _LINEAR_HEADS:
+        return _LINEAR_HEADS[lm]
+    head = lm.get_output_embeddings()
+    linear = False
+    if isinstance(head, torch.nn.Linear):
+        captured: list[torch.Tensor] = []
+        hook = head.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+        try:
+            with torch.inference_mode():
+                logits = lm(input_ids=torch.tensor([[0, 1]], device=head.weight.device), use_cache=False).logits
+                if captured:
+                    mapped = torch.nn.functional.linear(captured[-1], head.weight, head.bias)
+                    linear = mapped.shape == logits.shape and torch.allclose(mapped.float(), logits.float(),
+                                                                              rtol=1e-4, atol=1e-4)
+        finally:
+            hook.remove()
+    _LINEAR_HEADS[lm] = linear
+    return linear
+
+
 class RowAdapterModel(torch.nn.Module):
     """A view of ``peft_model`` whose rows use the adapters of ``pattern`` (cycled b-major).
 
     Args:
         peft_model: a ``peft.PeftModel`` over a causal LM (in eval mode while decoding).
         pattern: adapter name per view slot of the group, e.g. ``("__base__", "default")``.
+        logits: per view slot, whether its rows need the output head (default: all). Rows that do
+            not are views whose method reads only their hidden state (``last_hidden``): the head
+            runs on the other rows only, and the forward's logits hold those rows alone, in order
+            (``logit_rows``); ``HFBackend`` gives the others uniform log-probs.
     """
 
     mixed_rows = True
     lean_lora = True  # False: PEFT's own LoRA forward with a per-row scaling (same values, slower)
 
-    def __init__(self, peft_model: Any, pattern: Sequence[str]) -> None:
+    def __init__(self, peft_model: Any, pattern: Sequence[str], logits: Sequence[bool] | None = None) -> None:
         super().__init__()
         if not pattern:
             raise ValueError("`pattern` must name at least one adapter (or '__base__').")
+        if logits is not None and len(logits) != len(pattern):
+            raise ValueError(f"`logits` must give one flag per view slot ({len(pattern)}), got {len(logits)}.")
+        self.logits = tuple(bool(f) for f in logits) if logits is not None else (True,) * len(pattern)
+        self._logit_rows: dict[tuple, torch.Tensor | None] = {}
         known = set(getattr(peft_model, "peft_config", {}))
         bad = [a for a in pattern if a != BASE_ADAPTER and a not in known]
         if bad:
@@ -108,6 +146,15 @@ class RowAdapterModel(torch.nn.Module):
             raise ValueError(f"{rows} rows do not split into groups of {n} views {self.pattern}.")
         return [self.pattern[r % n] for r in range(rows)]
 
+    def logit_rows(self, rows: int, device: Any = None) -> torch.Tensor | None:
+        """long [R']: the rows of a ``rows``-row forward whose logits it returns; None when all are."""
+        key = (rows, device)
+        if key not in self._logit_rows:
+            n = len(self.pattern)
+            keep = [r for r in range(rows) if self.logits[r % n]]
+            self._logit_rows[key] = None if len(keep) == rows else torch.tensor(keep, dtype=torch.long, device=device)
+        return self._logit_rows[key]
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: Any = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
@@ -116,7 +163,12 @@ class RowAdapterModel(torch.nn.Module):
         cache = kwargs.pop("past_key_values", cache)
         names = self.row_adapters(int(x.shape[0]))
         captured: list[torch.Tensor] = []
-        hook = self.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.append(i[0]))
+        rows = self.logit_rows(len(names), x.device)
+
+        def head_input(module: Any, args: tuple) -> tuple | None:  # record it; the head runs on `rows` only
+            captured.append(args[0])
+            return None if rows is None else (args[0].index_select(0, rows), *args[1:])
+        hook = self.get_output_embeddings().register_forward_pre_hook(head_input)
         try:
             kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep,

@@ -299,8 +299,12 @@ class HFBackend:
             logits_to_keep=kept,
             **{self._cache_kw[model]: cache},
         )
-        logits = out.logits[..., : self.vocab_size]
-        return torch.log_softmax(logits.float(), dim=-1)
+        lp = torch.log_softmax(out.logits[..., : self.vocab_size].float(), dim=-1)
+        if lp.shape[0] != rows:  # the model ran its output head on some rows only (hidden-state views)
+            full = lp.new_full((rows, *lp.shape[1:]), -math.log(self.vocab_size))
+            full[self.models[model].logit_rows(rows, lp.device)] = lp
+            lp = full
+        return lp
 
     def _decode_mask(self, model: str, mask: torch.Tensor) -> torch.Tensor:
         """The 2-D mask of a one-token step as the additive 4-D mask ``[R, 1, 1, S]`` attention adds.
