@@ -263,7 +263,9 @@ class PADMethod(Method):
             what = "untrained PersRM (fresh LoRA r=8, zero head; timing does not depend on training)"
         be = HFBackend(rm.base_lm, main.tokenizer)
         method = cls(persrm=rm)
-        method.bench_note = f"{what} on the same backbone: base, π_ref, π_θ views in one batched forward"
+        method.bench_note = (f"{what} on the same backbone: base, π_ref, π_θ views in one batched forward"
+                             + ("; output head on the base rows only (linear head)"
+                                if output_head_is_linear(rm.base_lm) else ""))
         return method, be
 
 
