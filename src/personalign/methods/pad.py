@@ -115,7 +115,6 @@ def pad_scores(base_logprobs: torch.Tensor, *, beta: torch.Tensor, k: torch.Tens
     kmax, kmin = int(k.max()), int(k.min())
     top_lp, top_ids = base_logprobs.topk(min(kmax, V), dim=-1)  # [B, k]
     w_rows = None if out_weight is None else out_weight[top_ids].float()  # [B, k, D]
-    # (dot products: a batched matrix product here costs ~1 ms a step on CPU, MKL's batch GEMM)
     if mode == "eq13":
         w = weights.float()
         dh = delta_hidden.float()
