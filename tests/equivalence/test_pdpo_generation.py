@@ -17,7 +17,8 @@ from personalign.training.user_model import UserIndex, UserModel, encode_user_te
 from personalign.types import Request
 from personalign.views import HFBackend
 from personalign.views.loading import LoadedModel
-from tests.conftest import assert_close_logprobs, make_tiny_lm
+from tests.conftest import make_tiny_lm
+from tests.numerics import assert_close_logprobs
 
 PROMPTS = ["tell me a story about a cat", "the dog", "once upon a time there was a little girl", "a happy story"]
 USERS = ["alice", "bob", "nobody", "carol"]
@@ -81,7 +82,7 @@ def test_step_logprobs_equal_recomputation(setup, tiny_tokenizer):
                 if spec.prefix_embeds is not None:
                     e = torch.cat([spec.prefix_embeds[None], e], 1)
                 want = torch.log_softmax(model(inputs_embeds=e).logits[0, -1].float(), -1)
-            assert_close_logprobs(state.last_logprobs[b, 0], want, atol=1e-5)
+            assert_close_logprobs(state.last_logprobs[b, 0], want, model)
 
 
 def test_mixed_batch_equals_each_alone(setup):

@@ -7,7 +7,7 @@ import torch
 
 from personalign.types import ViewSpec
 from personalign.views import HFBackend
-from tests.conftest import assert_close_logprobs
+from tests.numerics import assert_close_logprobs
 
 
 def test_per_view_tokens_equal_separate_groups(tiny_lm, tiny_tokenizer):
@@ -22,7 +22,7 @@ def test_per_view_tokens_equal_separate_groups(tiny_lm, tiny_tokenizer):
     sa = apart.prefill(views, groups=[[0], [1]])
     for k in range(2):
         ref = apart.step(sa, feed[:, k], views=[k])
-        assert_close_logprobs(lp[:, k], ref[:, 0], atol=1e-5)
-    assert_close_logprobs(st.last_logprobs, sa.last_logprobs, atol=1e-5)
+        assert_close_logprobs(lp[:, k], ref[:, 0], tiny_lm)
+    assert_close_logprobs(st.last_logprobs, sa.last_logprobs, tiny_lm)
     with pytest.raises(ValueError, match="per-view `tokens`"):
         together.step(st, feed[:, :1].expand(2, 3, 2).contiguous())

@@ -12,6 +12,8 @@ import torch
 
 drift = pytest.importorskip("personalign.personas.drift", reason="the Drift profile API is not on this branch")
 
+from tests.numerics import drift_weights_atol  # noqa: E402
+
 from personalign.decoding.loop import generate  # noqa: E402
 from personalign.decoding.sampling import SamplingConfig  # noqa: E402
 from personalign.types import Request  # noqa: E402
@@ -43,7 +45,9 @@ def test_feedback_updates_drift_online_and_the_next_request_uses_it(live):
             stored = c.get("/v1/profiles/gina").json()["drift_profile"]
             fitted = drift.fit_profile(live.backend, pairs).to_dict()
             assert stored["num_pairs"] == len(pairs)
-            assert torch.allclose(_weights(stored), _weights(fitted), atol=1e-5)
+            # the server scored each pair alone, the fit all at once: float32 rounding of the forwards
+            atol = drift_weights_atol(live.backend, pairs, float(drift.DriftProfile.from_dict(fitted).v.norm()))
+            assert float((_weights(stored) - _weights(fitted)).abs().max()) <= atol
 
         r = c.post("/v1/chat/completions", json=chat).json()
         assert r["personalization"]["method"] == "drift" and r["personalization"]["drift"]["num_pairs"] == 2
@@ -54,8 +58,9 @@ def test_feedback_updates_drift_online_and_the_next_request_uses_it(live):
         assert c.delete("/v1/feedback/g1").json()["unfolded"] is True
         stored = c.get("/v1/profiles/gina").json()["drift_profile"]
         assert stored["num_pairs"] == 1
-        assert torch.allclose(_weights(stored), _weights(drift.fit_profile(live.backend, pairs[:1]).to_dict()),
-                              atol=1e-5)
+        one = drift.fit_profile(live.backend, pairs[:1]).to_dict()
+        atol = drift_weights_atol(live.backend, pairs[:1], float(drift.DriftProfile.from_dict(one).v.norm()))
+        assert float((_weights(stored) - _weights(one)).abs().max()) <= atol
 
 
 def test_malformed_drift_profile_is_rejected(live):

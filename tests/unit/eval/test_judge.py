@@ -21,6 +21,7 @@ from personalign.eval.judge import (
     judge_pairs,
     parse_scores,
 )
+from tests.numerics import assert_close_forward
 
 
 @pytest.mark.parametrize(("first", "second", "result"), [
@@ -183,7 +184,7 @@ def test_local_judge_matches_direct_logprobs(tiny_lm, tiny_chat_tokenizer):
     for it, v in zip(items, verdicts):
         p = judge.prompt_ids(it)
         la, lb = (float(be.sequence_logprobs([p], [[i]])[0][0]) for i in ids)
-        assert v.score_a == pytest.approx(la, abs=1e-4) and v.score_b == pytest.approx(lb, abs=1e-4)
+        assert_close_forward(torch.tensor([v.score_a, v.score_b]), torch.tensor([la, lb]), tiny_lm)
         assert v.winner == ("A" if la > lb else "B")
     with pytest.raises(ValueError, match="one distinct token"):
         LocalJudge(be, labels=("yes", "yes"))

@@ -15,6 +15,7 @@ from personalign.methods.pad import PADConfig
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request
 from personalign.views import HFBackend
+from tests.numerics import assert_close_forward
 
 PROMPTS = ["tell me a story about a cat", "what is the sun"]
 LIKED = {"happy", "sun", "cat", "good", "friend"}
@@ -34,7 +35,8 @@ def test_scorers_follow_the_protocol(tiny_lm, tiny_tokenizer):
     texts = ["the cat was happy .", "a", "the sun is a big star and the sky is blue ."]
     batched = hf.score(["tell me"] * 3, texts)
     alone = [hf.score(["tell me"], [t])[0] for t in texts]
-    assert batched == pytest.approx(alone, abs=1e-5)  # padding does not change a row's reward
+    # padding does not change a row's reward (up to float32 reordering of the padded forward)
+    assert_close_forward(torch.tensor(batched), torch.tensor(alone), tiny_lm)
     with pytest.raises(ValueError, match="same length"):
         fs.score(["x"], [])
 
@@ -192,7 +194,8 @@ def test_best_of_n_with_the_persrm_reward_per_request_preference(tiny_tokenizer)
     for o, r in zip(outs, reqs):
         st = o.stats["best_of_n"]
         expect = rm.sequence_reward([r.prompt], [o.text], [r.preference], chat_template=False)[0]
-        assert st["scores"][st["chosen"]] == pytest.approx(expect, abs=1e-4)
+        # a sum of token rewards over other batch shapes: to the float32 bound at the sum's size
+        assert_close_forward(torch.tensor(st["scores"][st["chosen"]]), torch.tensor(expect), rm.lm)
     # same samples (same seed), different preference -> different rewards
     assert outs[0].stats["best_of_n"]["scores"] != outs[1].stats["best_of_n"]["scores"]
 

@@ -15,6 +15,7 @@ from personalign.personas.drift import DriftProfile, steer_identity
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request
 from personalign.views import HFBackend
+from tests.numerics import forward_atol
 
 POOL = AttributePool("you are a friend", (
     Attribute("formal", "you are a formal friend"),
@@ -46,7 +47,9 @@ def test_one_hot_weights_reduce_to_one_attribute_difference(S, j, beta, seed):
     w[:, j] = 1.0
     out = drift_scores(lp, w, torch.full((3,), beta))
     ref = lp[:, 0] + (lp[:, 2 + j] - lp[:, 1]) / beta
-    assert torch.allclose(out, ref, atol=1e-5)
+    # exact: the einsum adds S − 1 products 0·x = +0 to the one term 1·(h_j − h_base), in any order,
+    # then divides by β as the reference does
+    assert torch.equal(out, ref)
     # zero weights: the plain LLM
     assert torch.equal(drift_scores(lp, torch.zeros(3, S), torch.full((3,), beta)), lp[:, 0])
 
@@ -108,7 +111,10 @@ def test_decoding_equals_formula_from_separate_uncached_forwards(tiny_lm, steer_
         view_models = [tiny_lm] + [steer] * (len(specs) - 1)
         for t in range(4):
             ref = _naive_step(view_models, specs, outs[b].token_ids[:t], [w for _, _, w in sel], beta)
-            assert torch.allclose(trace[t][b].double(), ref, atol=1e-4), (b, t)
+            # every view's log-probs to the float32 bound, amplified by the formula's (1/β) Σ|p_i| · 2
+            amp = 1 + 2 * sum(abs(w) for _, _, w in sel) / beta
+            atol = amp * max(forward_atol(m, ref.float()) for m in view_models)
+            assert float((trace[t][b].double() - ref).abs().max()) <= atol, (b, t)
         assert outs[b].token_ids[0] == int(trace[0][b].argmax())  # greedy follows the Drift scores
     assert outs[0].stats["drift_attributes"] == {n: w for n, _, w in p0.selected()}
 

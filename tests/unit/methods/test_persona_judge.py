@@ -19,8 +19,8 @@ from personalign import HFBackend, Request, SamplingConfig, generate
 from personalign.methods import get_method
 from personalign.methods.persona_judge import PersonaJudgeConfig, PersonaJudgeMethod
 from personalign.types import ViewSpec
-from tests.conftest import assert_close_logprobs
 from tests.crafted_backend import CraftedBackend
+from tests.numerics import assert_close_logprobs
 
 PJ = get_method("persona_judge")
 TOK_A, TOK_B, TOK_C = 40, 50, 60
@@ -193,7 +193,7 @@ def test_caches_after_rejection_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer
             toks = torch.tensor([p + [0] * (W - len(p)) for p in pend])
             be.step(st.views, toks, torch.tensor([len(p) for p in pend]), views=[k])
             fresh = be.prefill([[ViewSpec(prompt_ids=views[b][k].prompt_ids + tuple(acc[b]))] for b in range(2)])
-            assert_close_logprobs(st.views.last_logprobs[:, k], fresh.last_logprobs[:, 0], atol=2e-5)
+            assert_close_logprobs(st.views.last_logprobs[:, k], fresh.last_logprobs[:, 0], tiny_lm)
     assert rejected >= 2  # rejections happened, so roll-backs were exercised
 
 
@@ -216,7 +216,7 @@ def test_lockstep_caches_equal_fresh_prefill(tiny_lm, tiny_chat_tokenizer, extra
         assert st.views.fed.tolist() == [[len(e)] * K for e in emitted]
         fresh = be.prefill([[ViewSpec(prompt_ids=views[b][k].prompt_ids + tuple(emitted[b])) for k in range(K)]
                             for b in range(2)])
-        assert_close_logprobs(st.views.last_logprobs, fresh.last_logprobs, atol=2e-5)
+        assert_close_logprobs(st.views.last_logprobs, fresh.last_logprobs, tiny_lm)
     rejected = sum(n < 3 for b in range(2) for n in st.row_stats(b)["accepted_per_round"])
     assert rejected >= 1  # rounds ended early (a rejection), not only after λ + 1 tokens
 

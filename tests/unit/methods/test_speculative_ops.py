@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from personalign.methods.ops import greedy_accept, residual_probs, speculative_accept
+from tests.numerics import reduction_atol
 
 
 def _probs(*rows):
@@ -97,7 +98,7 @@ def test_residual_never_takes_the_drafts_excess_in_float16():
     pf = p16.float() / p16.float().sum(-1, keepdim=True)
     qf = q16.float() / q16.float().sum(-1, keepdim=True)
     assert torch.isfinite(ours).all()
-    assert torch.allclose(ours.sum(-1), torch.ones(n_pairs), atol=1e-5)
+    assert torch.allclose(ours.sum(-1), torch.ones(n_pairs), atol=2 * reduction_atol(V, 1.0))  # a float32 sum
     excess = pf > qf
     has_excess = (pf - qf).clamp(min=0).sum(-1) > 1e-6
     assert bool((ours[has_excess] * ~excess[has_excess]).sum() == 0)  # support ⊆ {p > q}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.numerics import drift_weights_atol
 
 from personalign.personas.attributes import Attribute, AttributePool
 from personalign.personas.drift import (
@@ -153,12 +154,15 @@ def test_online_add_and_remove_match_batch_fit(backend):
     before = backend.forward_count
     assert online.add_pairs(backend, PAIRS[1:]) == 2
     assert backend.forward_count - before == 2  # the old pair is not rescored
-    assert torch.allclose(online.weights, full.weights, atol=1e-5)
+    # the pairs were scored in other batches (1 + 2 against 3): float32 rounding of the forwards
+    atol = drift_weights_atol(backend, PAIRS, float(full.v.norm()))
+    assert float((online.weights - full.weights).abs().max()) <= atol < 0.05
     assert online.pair_ids == full.pair_ids
     assert online.add_pairs(backend, PAIRS[:1]) == 0  # already known: skipped
     online.remove_pair(PAIRS[2])
     two = fit_profile(backend, PAIRS[:2], POOL, top_m=2)
-    assert torch.allclose(online.weights, two.weights, atol=1e-5)
+    assert float((online.weights - two.weights).abs().max()) <= drift_weights_atol(backend, PAIRS[:2],
+                                                                                  float(two.v.norm()))
     online.remove_pair(0)
     assert online.pair_ids == [PAIRS[1].pair_id]
     with pytest.raises(ValueError, match="not in this profile"):
@@ -171,7 +175,7 @@ def test_profile_round_trip(tmp_path, backend):
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["num_pairs"] == 3 and data["steer_model"]["tokenizer_fingerprint"]
     back = DriftProfile.load(path)
-    assert torch.allclose(back.weights, prof.weights, atol=1e-5)
+    assert torch.equal(back.weights, prof.weights)  # the same W and L (JSON keeps float32 exactly), same solver
     assert [n for n, _, _ in back.selected()] == [n for n, _, _ in prof.selected()]
     assert back.pool == prof.pool and back.solver == "logistic"
     data["version"] = 99

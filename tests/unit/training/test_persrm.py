@@ -11,6 +11,7 @@ import torch
 from personalign.training.persrm import PersRM, persrm_loss, persrm_margins, token_features
 from personalign.training.persrm.train import PersRMTrainConfig, read_pairs, train_persrm
 from tests.conftest import make_tiny_lm
+from tests.numerics import reduction_atol
 
 PAIRS = [
     {"prompt": "tell me a story about a cat", "chosen": "the cat was happy .", "rejected": "the dog was sad .",
@@ -41,7 +42,10 @@ def test_token_features_sum_to_log_ratio():
     dh, W, dlp = torch.randn(3, 5, 16, generator=g), torch.randn(3, 5, 16, generator=g), torch.randn(3, 5, generator=g)
     phi = token_features(dh, W, dlp)
     assert phi.shape == (3, 5, 16)
-    torch.testing.assert_close(phi.sum(-1), dlp, atol=1e-5, rtol=0)
+    # φ = c − (Σc − Δlog π)/D with c = Δh ⊙ W_a: two float32 sums of the D terms c, so the identity holds
+    # to two reductions' rounding at the size of c
+    atol = 2 * reduction_atol(16, float((dh * W).abs().max()))
+    assert float((phi.sum(-1) - dlp).abs().max()) <= atol
 
 
 def test_eq9_golden_hand_picked_logprobs():
@@ -186,7 +190,9 @@ def test_gradient_accumulation_equals_a_larger_batch(tiny_tokenizer, tmp_path):
         params.append({n: p.detach().clone() for n, p in rm.lm.named_parameters() if "lora_" in n})
     moved = 0
     for n, p in params[0].items():
-        torch.testing.assert_close(p, params[1][n], atol=1e-6, rtol=1e-5)
+        # the two runs sum the same two pairs' gradients in another order (one batch against two
+        # accumulated): the weights part by the float32 rounding of one AdamW step, ≲ lr · 1e-4
+        torch.testing.assert_close(p, params[1][n], atol=0.01 * 1e-4, rtol=1e-5)
         moved += int(not torch.equal(p, _persrm(tiny_tokenizer, seed=8).lm.state_dict()[n]))
     assert moved > 0
 

@@ -15,6 +15,7 @@ from personalign.training.user_model import (
     load_user_model,
     save_user_model,
 )
+from tests.numerics import reduction_atol
 
 D = 6
 
@@ -49,12 +50,14 @@ def test_cluster_formula(weighting):
     w = m.weights[rows]
     w = torch.softmax(w, -1) if weighting == "softmax" else w
     naive = torch.stack([sum(w[b, k] * m.centers[k] for k in range(3)) for b in range(3)])
-    assert torch.allclose(m.implicit(rows), naive, atol=1e-6)
+    # a matrix product against a Python sum of the same 3 terms: one reduction's rounding
+    assert float((m.implicit(rows) - naive).abs().max()) <= reduction_atol(3, float(naive.abs().max()))
 
 
 def test_cluster_weightings_start_equal():
     a, b = make("cluster", weighting="softmax"), make("cluster", weighting="linear")
-    assert torch.allclose(a.implicit(torch.arange(5)), b.implicit(torch.arange(5)), atol=1e-6)
+    want = b.implicit(torch.arange(5))
+    assert float((a.implicit(torch.arange(5)) - want).abs().max()) <= reduction_atol(3, float(want.abs().max()))
 
 
 def test_one_hot_cluster_weights_pick_a_center():
