@@ -93,3 +93,13 @@ def test_bench_json_rows_and_ratio(capsys, stories):
     assert rows[0]["time_ratio"] == 1.0
     for r in rows:
         assert r["ms_per_token"] > 0 and r["batch_size"] == 2 and r["environment"]["torch"]
+
+
+def test_a_missing_reward_model_path_is_one_clear_line(capsys, tmp_path, tiny_lm, tiny_tokenizer):
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    rc, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "m"), "--method", "args", "--reward-model",
+                         str(tmp_path / "no-such-rm"), "--prompt", "the cat")
+    assert rc == 2 and "`reward_model` path" in err and "does not exist" in err and "Repo id" not in err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("personalign")

@@ -109,7 +109,7 @@ def run_rm(args: argparse.Namespace) -> int:
         model, weight = out.model, out.weight
         meta["linear"] = {"train_accuracy": res.train_accuracy, "eval_accuracy": res.eval_accuracy}
         meta.update(train_accuracy=out.train_accuracy, eval_accuracy=out.eval_accuracy,
-                    lora=config_to_dict(lora_cfg), history=out.history)
+                    lora={**config_to_dict(lora_cfg), "target_modules": list(out.lora_targets)}, history=out.history)
     save_reward_classifier(model, tok, weight, args.out, meta=meta)
     print(json.dumps({"out": args.out, **meta}, indent=2))
     return 0

@@ -173,12 +173,17 @@ class RewardLMView(torch.nn.Module):
 
     @classmethod
     def from_classifier(cls, model: Any, vocab_size: int, label: int = 0) -> RewardLMView:
+        """The view of a reward model: a ``BackboneRewardModel`` or a transformers sequence classifier
+        (its decoder is the model's ``base_model``, its head ``score`` or ``classifier``)."""
         if isinstance(model, BackboneRewardModel):
             return cls(model.decoder, model.score, vocab_size, label)
         head = getattr(model, "score", None) or getattr(model, "classifier", None)
-        dec = getattr(model, "model", None) or getattr(model, "transformer", None)
-        if head is None or dec is None:
-            raise ValueError(f"cannot find the decoder and reward head of {type(model).__name__} for a cached reward view.")
+        dec = getattr(model, "base_model", None)
+        if head is None or dec is None or dec is model or not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"cannot build a cached reward view of {type(model).__name__}: it needs a decoder (`base_model`) and "
+                "a linear head `score` or `classifier`, as transformers' *ForSequenceClassification models and "
+                "`personalign train rm` reward models have.")
         return cls(dec, head, vocab_size, label)
 
     @property
@@ -307,15 +312,59 @@ class PersRMScorer:
         return self.persrm.sequence_reward(prompts, responses, prefs, chat_template=self.chat_template)
 
 
-def load_reward_scorer(path: str, *, device: str = "cpu", label: int = 0) -> HFRewardScorer:
-    """A local sequence-classification checkpoint as an ``HFRewardScorer``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+REWARD_HEAD_FILE = "reward_head.safetensors"  # a linear reward head beside a causal LM (``train rm``)
 
+
+def load_reward_model(path: str, *, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a local reward model directory: a transformers sequence classifier, or
+    a causal LM with a linear reward head beside it (``reward_head.safetensors``, what ``train rm``
+    writes for architectures without a sequence-classification class), as a ``BackboneRewardModel``.
+
+    Raises:
+        ValueError: naming what is wrong with the path: missing, not a model directory, or a model
+            that is not a reward model.
+    """
+    from pathlib import Path
+
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    from personalign.views.loading import check_model_dir
+
+    d = check_model_dir(path, "reward_model", hint="a reward model directory (from `personalign train rm`)")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        cfg = AutoConfig.from_pretrained(str(d))
+        tok = AutoTokenizer.from_pretrained(str(d))
     except (OSError, ValueError) as e:
-        raise ValueError(f"could not load `reward_model` {path!r} as a sequence-classification model: {e}") from e
+        raise ValueError(f"could not load `reward_model` {path!r}: {e}") from e
+    head_file = Path(d) / REWARD_HEAD_FILE
+    archs = list(getattr(cfg, "architectures", None) or [])
+    try:
+        if head_file.is_file():
+            from safetensors.torch import load_file
+
+            lm = AutoModelForCausalLM.from_pretrained(str(d)).to(device).eval()
+            weight = load_file(str(head_file))["weight"]
+            model = BackboneRewardModel(lm.base_model, int(weight.shape[-1]), num_labels=int(weight.shape[0]))
+            with torch.no_grad():
+                model.score.weight.copy_(weight.to(model.score.weight))
+            return model.eval(), tok
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ValueError(
+                f"`reward_model` {path!r} is a {', '.join(archs) or cfg.model_type} checkpoint, not a reward model (no "
+                f"sequence-classification head, no {REWARD_HEAD_FILE}); train one on it with `personalign train rm`.")
+        return AutoModelForSequenceClassification.from_pretrained(str(d)).to(device).eval(), tok
+    except OSError as e:
+        raise ValueError(f"could not load `reward_model` {path!r}: {e}") from e
+
+
+def load_reward_scorer(path: str, *, device: str = "cpu", label: int = 0) -> HFRewardScorer:
+    """A local reward model directory (``load_reward_model``) as an ``HFRewardScorer``."""
+    model, tok = load_reward_model(path, device=device)
     return HFRewardScorer(model, tok, label=label)  # model is loaded here: no recursion
 
 

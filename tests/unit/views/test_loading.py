@@ -51,3 +51,33 @@ def test_random_weight_preset_shapes():
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]) == (4096, 32, 128256)
     with pytest.raises(ValueError, match="preset"):
         load_model("not-a-preset", random_weights=True)
+
+
+def test_local_path_errors_say_what_is_wrong(tmp_path, tiny_lm, tiny_tokenizer):
+    """A directory without config.json, a directory of GGUF files only, a file that is no model: each
+    error names the field and what the path lacks (not a hub-id message from huggingface_hub)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"`model` directory '.*empty' has no config.json"):
+        load_model(str(empty))
+    ggufs = tmp_path / "ggufs"
+    ggufs.mkdir()
+    (ggufs / "a.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds GGUF files \['a.gguf'\] and no config.json: pass the file"):
+        load_model(str(ggufs))
+
+
+def test_reward_model_path_errors(tmp_path, tiny_lm, tiny_tokenizer):
+    from personalign.eval.reward import load_reward_model
+
+    with pytest.raises(ValueError, match=r"`reward_model` path '/nonexistent/rm' does not exist; expected a reward"):
+        load_reward_model("/nonexistent/rm")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"`reward_model` '.*file.bin' is a file"):
+        load_reward_model(str(tmp_path / "file.bin"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_reward_model(str(tmp_path))
+    tiny_lm.save_pretrained(tmp_path / "lm")
+    tiny_tokenizer.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"is a LlamaForCausalLM checkpoint, not a reward model .* `personalign train rm`"):
+        load_reward_model(str(tmp_path / "lm"))

@@ -71,6 +71,9 @@ def save_checkpoint(
         "metrics": metrics or {},
         "environment": environment_record(),
     }
+    peft_config = getattr(lm, "peft_config", {}).get("default")
+    if peft_config is not None:  # the modules the adapter covers (resolved per architecture, training.lora)
+        record["lora_targets"] = sorted(peft_config.target_modules)
     (d / "config.json").write_text(json.dumps(record, indent=1, default=str))
     return d
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from personalign.training.pdpo.data import TokenizedPair
 from personalign.training.user_model import UserModel
+from personalign.views.masks import padded_mask
 
 __all__ = ["PersonalizedLM", "PersonalizedRewardModel", "REWARD_HEADS", "base_identity", "check_base_identity",
            "pack_rows"]
@@ -82,8 +83,8 @@ class PersonalizedLM(nn.Module):
         embeds, mask, pos = pack_rows(self.input_embeddings(), prefixes, seqs)
         n_resp = torch.tensor([len(r) for r in responses], device=mask.device)
         keep = int(n_resp.max()) + 1
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                         logits_to_keep=keep).logits  # [R, keep, V]
+        logits = self.lm(inputs_embeds=embeds, attention_mask=padded_mask(self.lm, mask, pos), position_ids=pos,
+                         use_cache=False, logits_to_keep=keep).logits  # [R, keep, V]
         logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # column j predicts kept column j + 1
         targets = torch.zeros(len(seqs), keep - 1, dtype=torch.long, device=mask.device)
         valid = torch.zeros(len(seqs), keep - 1, dtype=torch.bool, device=mask.device)
@@ -162,8 +163,8 @@ class PersonalizedRewardModel(nn.Module):
                 raise ValueError("a linear-head reward model takes no user text (its e_u must be one vector).")
             prefixes = [None] * len(seqs)
         embeds, mask, pos = pack_rows(embed, prefixes, seqs)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                      output_hidden_states=True, logits_to_keep=1)
+        out = self.lm(inputs_embeds=embeds, attention_mask=padded_mask(self.lm, mask, pos), position_ids=pos,
+                      use_cache=False, output_hidden_states=True, logits_to_keep=1)
         last = out.hidden_states[-1][:, -1].float()  # [R, D], left padding: the last column is real
         if self.value_head is not None:
             return self.value_head(last)[:, 0]

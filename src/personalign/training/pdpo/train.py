@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from personalign.config import check_int, check_positive, config_to_dict
+from personalign.training.lora import fan_in_fan_out, lora_targets
 from personalign.training.pdpo.checkpoint import save_checkpoint
 from personalign.training.pdpo.data import PreferencePair, TokenizedPair, tokenize_pairs
 from personalign.training.pdpo.loss import (
@@ -71,7 +72,7 @@ class PDPOTrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ()  # module names; () = PEFT's default for the architecture
+    lora_targets: tuple[str, ...] = ()  # module names; () = every attention and MLP projection (training.lora)
     learning_rate: float = 5e-5  # LoRA (and value-head) learning rate
     user_learning_rate: float = 0.0  # user-model learning rate; 0 = learning_rate
     epochs: int = 2
@@ -160,8 +161,9 @@ def _setup(base: Any, train_pairs: Sequence[PreferencePair], config: PDPOTrainCo
     evals = tokenize_pairs(eval_pairs, base.tokenizer, **tok_kw) if eval_pairs else []
     torch.manual_seed(config.seed)
     identity = base_identity(base.model, base.name, getattr(base, "gguf_file", None))
+    targets = lora_targets(base.model, config.lora_targets, what=f"the P-DPO base model {base.name!r}")
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_targets) or None, bias="none")
+                      target_modules=list(targets), fan_in_fan_out=fan_in_fan_out(base.model, targets), bias="none")
     with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
         warnings.filterwarnings("ignore", category=FutureWarning)
         lm = get_peft_model(base.model, lora)

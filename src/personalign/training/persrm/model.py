@@ -33,24 +33,13 @@ from typing import Any
 import torch
 
 from personalign.personas.prompts import build_prompt_ids
+from personalign.training.lora import LEGACY_LLAMA_TARGETS, fan_in_fan_out, lora_targets
 
 __all__ = ["PersRMConfig", "PersRM", "token_features", "backbone_fingerprint", "persrm_prompt_ids",
-           "PERSRM_SYSTEM", "ADAPTER", "LORA_TARGETS",
-           "lora_targets", "cosine_decay"]
+           "PERSRM_SYSTEM", "ADAPTER", "cosine_decay"]
 
 ADAPTER = "default"
 PERSRM_SYSTEM = "Your task is to generate a response by considering the following preference: {preference}"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_targets(model: Any, requested: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The module names of ``requested`` (default ``LORA_TARGETS``) that exist in ``model``, in order;
-    an error naming them when none does."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = tuple(t for t in (requested or LORA_TARGETS) if t in names)
-    if not targets:
-        raise ValueError(f"none of the LoRA `target_modules` {list(requested or LORA_TARGETS)} exist in the backbone.")
-    return targets
 
 
 def cosine_decay(optimizer: Any, steps: int) -> Any:
@@ -70,7 +59,8 @@ class PersRMConfig:
         fingerprint: ``backbone_fingerprint`` of that backbone; loading onto another one is refused.
         lora_r: LoRA rank (the paper: 8, all layers).
         lora_alpha: LoRA scaling numerator.
-        target_modules: module names that get LoRA (never the output head).
+        target_modules: module names that get LoRA (never the output head); ``create`` resolves them
+            per architecture (``training.lora``: every attention and MLP projection).
         beta: β of Eq. 9 used in training.
     """
 
@@ -79,7 +69,7 @@ class PersRMConfig:
     fingerprint: str = ""
     lora_r: int = 8
     lora_alpha: int = 16
-    target_modules: tuple[str, ...] = LORA_TARGETS
+    target_modules: tuple[str, ...] = LEGACY_LLAMA_TARGETS
     beta: float = 1.0
 
     def __post_init__(self) -> None:
@@ -160,11 +150,11 @@ class PersRM(torch.nn.Module):
         """Inject a fresh LoRA adapter into ``backbone`` (in place) and add a zero value head."""
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_targets(backbone, target_modules)
+        targets = lora_targets(backbone, target_modules, what="the PersRM backbone")
         config = PersRMConfig(backbone=name, gguf_file=gguf_file, fingerprint=backbone_fingerprint(backbone, tokenizer),
                               lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets, beta=beta)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(targets),
-                          bias="none", task_type="CAUSAL_LM")
+                          fan_in_fan_out=fan_in_fan_out(backbone, targets), bias="none", task_type="CAUSAL_LM")
         return cls(get_peft_model(backbone, lora), tokenizer, config)
 
     @property
@@ -298,7 +288,7 @@ class PersRM(torch.nn.Module):
         if not p.is_file():
             raise ValueError(f"`persrm` {ckpt_dir!r} is not a PersRM checkpoint (no persrm.json).")
         c = json.loads(p.read_text())["config"]
-        c["target_modules"] = tuple(c.get("target_modules", LORA_TARGETS))
+        c["target_modules"] = tuple(c.get("target_modules", LEGACY_LLAMA_TARGETS))
         return PersRMConfig(**c)
 
     @classmethod
