@@ -117,28 +117,48 @@ def test_lora_targets_are_the_architectures_projections(name, models, caplog):
         lora_targets(model, [targets[0], "not_a_module"])  # a partial match is an error, never silent
 
 
-def test_persrm_and_pdpo_adapters_cover_fused_projections(tok, models, tmp_path):
-    """Phi-3's fused qkv_proj / gate_up_proj get LoRA (they were skipped with Llama's names), and the
-    chosen modules are stored with the PersRM and the P-DPO checkpoint."""
+# the architectures whose trainers failed or silently covered part of the model with Llama's names
+TRAINED = ["Phi-3 (sliding window)", "OLMo-2", "Cohere", "Granite", "GPT-2", "GPT-NeoX", "Falcon", "OPT", "Gemma-3"]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_trainers_put_lora_on_every_projection_and_store_them(name, tok, models, tmp_path):
+    """PAD's PersRM (``train pad``), P-DPO (``train pdpo``) and the reward LoRA (``train rm --lora``) train
+    one step on each architecture, with LoRA on exactly its projections (fused ones too), stored with
+    the PersRM and the P-DPO checkpoint."""
     import copy
     import json
 
     from personalign.training.pdpo.data import PreferencePair
     from personalign.training.pdpo.train import PDPOTrainConfig, train_pdpo
     from personalign.training.persrm import PersRM
+    from personalign.training.persrm.train import PairRecord, PersRMTrainConfig, train_persrm
+    from personalign.training.reward_head import RewardLoRAConfig, reward_input_ids, train_reward_lora
 
-    model = models("Phi-3 (sliding window)")
-    rm = PersRM.create(copy.deepcopy(model), tok, name="phi3")
-    assert set(rm.config.target_modules) == EXPECTED_PROJECTIONS["Phi-3 (sliding window)"]
-    covered = {n.rsplit(".", 2)[-2] for n, _ in rm.lm.named_modules() if n.endswith("lora_A")}
-    assert covered == set(rm.config.target_modules)
-    pairs = [PreferencePair(prompt="tell me a story", chosen="the cat was happy", rejected="no", user_id=u)
+    model = models(name)
+    want = set(projection_names(model))
+    if name in EXPECTED_PROJECTIONS:
+        assert want == EXPECTED_PROJECTIONS[name]
+    rm = PersRM.create(copy.deepcopy(model), tok, name=name)
+    assert set(rm.config.target_modules) == want
+    assert {n.rsplit(".", 2)[-2] for n, _ in rm.lm.named_modules() if n.endswith("lora_A")} == want
+    pairs = [PairRecord(prompt="tell me a story", chosen="the cat was happy .", rejected="no .", preference=p)
+             for p in ("happy", "concise")]
+    train_persrm(rm, pairs, [], PersRMTrainConfig(epochs=1, head_epochs=1, batch_size=2, max_prompt_tokens=16,
+                                                  max_response_tokens=8, chat_template=False), progress=False)
+    rm.save(str(tmp_path / "persrm"))
+    assert set(PersRM.read_config(str(tmp_path / "persrm")).target_modules) == want
+
+    users = [PreferencePair(prompt="tell me a story", chosen="the cat was happy", rejected="no", user_id=u)
              for u in ("a", "b")] * 2
-    base = LoadedModel(model=copy.deepcopy(model), tokenizer=tok, name="phi3")
+    base = LoadedModel(model=copy.deepcopy(model), tokenizer=tok, name=name)
     cfg = PDPOTrainConfig(user_tokens=2, batch_size=2, epochs=1, max_prompt_tokens=16, max_response_tokens=8)
-    train_pdpo(base, pairs, cfg, out=tmp_path / "ck", progress=False)
-    record = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert set(record["lora_targets"]) == EXPECTED_PROJECTIONS["Phi-3 (sliding window)"]
+    train_pdpo(base, users, cfg, out=tmp_path / "pdpo", progress=False)
+    assert set(json.loads((tmp_path / "pdpo" / "config.json").read_text())["lora_targets"]) == want
+
+    seqs = [(reward_input_ids(tok, "tell me", "the cat was happy ."), reward_input_ids(tok, "tell me", "no ."))]
+    out = train_reward_lora(model, tok, seqs, [], RewardLoRAConfig(epochs=1, batch_size=1), progress=False)
+    assert set(out.lora_targets) == want
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -257,11 +257,13 @@ def train_persrm(
             held_diffs = _cached_diffs(core, held)
             prefs = sorted({p.preference for p in train} | {p.preference for p in held})
             enc = core.encode_preferences(prefs)
-        pref_idx = torch.tensor([prefs.index(p.preference) for p in train], device=diffs.device)
-        held_idx = torch.tensor([prefs.index(p.preference) for p in held], device=diffs.device)
+        pref_idx = torch.tensor([prefs.index(p.preference) for p in train], dtype=torch.long, device=diffs.device)
+        held_idx = torch.tensor([prefs.index(p.preference) for p in held], dtype=torch.long, device=diffs.device)
         hopt = acc.prepare(torch.optim.AdamW(core.head.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay))
 
         def held_out() -> dict[str, Any]:
+            if not held:  # no held-out pairs: nothing to measure
+                return _summary([], [])
             with torch.no_grad():
                 w = 1.0 + core.head(enc[held_idx])
                 m = persrm_margins(w, held_diffs, torch.zeros_like(held_diffs), cfg.beta)
