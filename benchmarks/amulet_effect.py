@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from personalign.decoding.loop import generate
-from personalign.eval.environment import environment_record
+from personalign.environment import environment_record
 from personalign.eval.style_metrics import METRICS, mean_metrics
 from personalign.methods import get_method
 from personalign.types import Request

@@ -17,8 +17,7 @@ from transformers import DynamicCache
 
 import personalign.views.hf as hf
 from personalign.decoding.loop import generate
-from personalign.eval.bench import BENCH_PREFERENCES, BENCH_PROMPTS
-from personalign.methods import get_method
+from personalign.eval.bench import BENCH_PREFERENCES, BENCH_PROMPTS, bench_method
 from personalign.types import Request
 from personalign.views.loading import load_model
 
@@ -32,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     m = load_model(args.model)
     reqs = [Request(prompt=BENCH_PROMPTS[0], preference=BENCH_PREFERENCES[0])]
-    runs = {name: get_method(name).for_bench(hf.HFBackend(m.model, m.tokenizer), m) for name in args.methods.split(",")}
+    runs = {name: bench_method(name, m, hf.HFBackend(m.model, m.tokenizer))[:2] for name in args.methods.split(",")}
     ways = {"growing (engine)": hf._new_cache, "dynamic (cat)": lambda model: DynamicCache(config=model.config)}
     times: dict[tuple[str, str], list[float]] = {}
     tokens: dict[tuple[str, str], list[int]] = {}

@@ -216,7 +216,7 @@ def main() -> None:
                 ]:
                     rows.setdefault(name, {}).setdefault(user, {}).setdefault(k, []).append(acc)
         rows.setdefault("Bradley–Terry head, 500 pairs", {})[user] = {500: [bt_acc(feat, user_pairs(user, rm_q), test)]}
-    from personalign.eval.environment import environment_record
+    from personalign.environment import environment_record
 
     config = {**vars(args), "out": os.path.relpath(args.out, REPO)}
     result = {"config": config, "environment": environment_record(lm.model), "attributes": list(names),

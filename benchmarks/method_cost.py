@@ -1,6 +1,6 @@
 """Deterministic and CPU-time cost of decoding methods relative to ``base`` (B = 1, greedy, EOS ignored).
 
-For each method (built by its ``for_bench`` hook, as in ``personalign bench``) and each generation
+For each method (built by ``eval.bench.bench_method``, as in ``personalign bench``) and each generation
 length: model forwards of the decoding steps (prefill excluded) and token-rows they feed (real tokens
 × rows), both per emitted token after the first (which comes from the prefill); and the median over
 ``--repeats`` interleaved runs of wall time and of this process's CPU time, each divided by ``base``'s.
@@ -21,7 +21,7 @@ import time
 import torch
 
 from personalign.decoding.loop import generate
-from personalign.eval.bench import BENCH_PREFERENCES, BENCH_PROMPTS
+from personalign.eval.bench import BENCH_PREFERENCES, BENCH_PROMPTS, bench_method
 from personalign.methods import get_method
 from personalign.types import Request
 from personalign.views import HFBackend
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     main_be = HFBackend(lm.model, lm.tokenizer)
     runs = {"base": (get_method("base")(), main_be)}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        runs[name] = get_method(name).for_bench(main_be, lm)
+        runs[name] = bench_method(name, lm, main_be)[:2]
         if args.previous and name == "persona_judge":
             runs["persona_judge[block]"] = (get_method(name)(second_preference=BENCH_PREFERENCES[4],
                                                              schedule="block"), main_be)
         if args.previous and name == "pad":
-            m, be = get_method(name).for_bench(main_be, lm)
+            m, be, _ = bench_method(name, lm, main_be)
             generate(m, [Request(prompt="Hi", preference="Be brief.")], be, max_new_tokens=1)  # registers the views
             for model in be.models.values():
                 if hasattr(model, "lean_lora"):

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
+from personalign.assembly import Resources, build_backend, build_method
 from personalign.decoding.loop import generate
-from personalign.eval.environment import environment_record
+from personalign.environment import environment_record
 from personalign.methods import get_method
-from personalign.methods.pad import PADConfig, PADMethod
+from personalign.records import PreferencePair
 from personalign.training.persrm import PersRM
-from personalign.training.persrm.train import PairRecord, PersRMTrainConfig, kept_stage2, train_persrm
+from personalign.training.persrm.train import PersRMTrainConfig, kept_stage2, train_persrm
 from personalign.types import Request
-from personalign.views import HFBackend
-from personalign.views.loading import load_model
+from personalign.views.loading import LoadedModel, load_model
 
 DOMAINS = ["academy", "business", "entertainment", "literature"]
 STYLES = DOMAINS + ["normal"]
@@ -55,13 +55,13 @@ SHARED = Path(os.environ.get("PERSONALIGN_SHARED") or next(
 DEFAULT_DATA = SHARED / "data" / "dsp" / "domain_specific_preference.json"
 
 
-def make_pairs(rows: list[dict], domains: list[str], rng: random.Random) -> list[PairRecord]:
+def make_pairs(rows: list[dict], domains: list[str], rng: random.Random) -> list[PreferencePair]:
     out = []
     for r in rows:
         for d in domains:
             other = rng.choice([s for s in STYLES if s != d])
-            out.append(PairRecord(prompt=r["query"], chosen=r["responses"][d], rejected=r["responses"][other],
-                                  preference=PREFERENCES[d]))
+            out.append(PreferencePair(prompt=r["query"], chosen=r["responses"][d], rejected=r["responses"][other],
+                                      preference=PREFERENCES[d]))
     return out
 
 
@@ -154,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     scorer_acc = float((clf.predict(held_texts) == __import__("numpy").array(held_y)).mean())
 
     # ---- generation on held-out queries
-    backend = HFBackend(rm.base_lm, lm.tokenizer)
+    res = Resources(model=LoadedModel(model=rm.base_lm, tokenizer=lm.tokenizer, name=lm.name), persrm=rm)
+    backend = build_backend(res, ["base", "preference_prompting", "pad"])  # PAD's views attached once
     gen_rows = held_rows[: args.gen_queries]
     methods = {
         "base": get_method("base")(),
         "preference_prompting": get_method("preference_prompting")(),
-        "pad (eq13)": PADMethod(PADConfig(k=args.k, beta=args.beta), persrm=rm),
-        "pad (released)": PADMethod(PADConfig(k=args.k, beta=args.beta, mode="released"), persrm=rm),
+        "pad (eq13)": build_method("pad", {"k": args.k, "beta": args.beta}, backend, res),
+        "pad (released)": build_method("pad", {"k": args.k, "beta": args.beta, "mode": "released"}, backend, res),
     }
     gens: dict[str, dict[str, list[str]]] = {}
     for name, method in methods.items():

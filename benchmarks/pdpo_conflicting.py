@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from personalign.assembly import Resources, build_backend, build_method
 from personalign.decoding.loop import generate
 from personalign.decoding.sampling import SamplingConfig
 from personalign.methods.pdpo import PDPOMethod
@@ -99,8 +100,10 @@ def end_logprob(method: PDPOMethod, backend: HFBackend, reqs: list[Request], out
 def generation_stats(ckpt: Path, prompts: list[str], seen: list[str], max_new_tokens: int) -> dict[str, dict[str, float]]:
     """Mean generated length and mean end-token log-prob per group; every (user, prompt) in one batch via ``pdpo``."""
     lm = load_model(str(SHARED / "models" / "stories260k"), dtype="float32")
-    backend = HFBackend(lm.model, lm.tokenizer)
-    method = PDPOMethod.from_checkpoint(str(ckpt), backend, name="stories260k")
+    lm.name = "stories260k"
+    resources = Resources(model=lm, pdpo_checkpoint=str(ckpt))
+    backend = build_backend(resources, ["pdpo"])
+    method = build_method("pdpo", {}, backend, resources)
     # sampled at temperature 1 (each row its own seed): greedy decoding of a 260K-parameter model
     # loops and never ends, so it would hide the end-of-response probability the users disagree on
     reqs = [Request(prompt=p, user=u, seed=1000 * int(u) + j) for u in seen for j, p in enumerate(prompts)]

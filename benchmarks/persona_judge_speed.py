@@ -3,7 +3,7 @@ schedule (``lockstep``: one batched forward of every view per token; ``block``: 
 
 Greedy, EOS ignored, the bench prompts and preferences of ``personalign bench`` (request b has
 preference ``BENCH_PREFERENCES[b]``; the second preference is ``BENCH_PREFERENCES[4]``, as in the
-method's ``for_bench``). Forwards and token-rows (tokens fed × rows, over all forwards after the
+bench's ``bench_method``). Forwards and token-rows (tokens fed × rows, over all forwards after the
 prefill) are deterministic; time is the median of ``--repeats`` interleaved runs per row after a
 warm-up, relative to ``base`` through the same loop and backend in the same process
 (``personalign bench`` gives the ratio to ``model.generate``).

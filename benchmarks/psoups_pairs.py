@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from personalign.decoding.loop import generate
     from personalign.decoding.sampling import SamplingConfig
-    from personalign.eval.environment import environment_record
+    from personalign.environment import environment_record
     from personalign.methods import get_method
     from personalign.types import Request
     from personalign.views import HFBackend

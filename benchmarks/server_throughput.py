@@ -23,9 +23,9 @@ import time
 
 import httpx
 
-from personalign.cli.main import build_parser
-from personalign.cli.serve import build_methods
-from personalign.eval.environment import environment_record
+from personalign.assembly import build_methods
+from personalign.environment import environment_record
+from personalign.methods import METHODS
 from personalign.server import EngineWorker, Limits, Store, create_app
 from personalign.views import HFBackend
 from personalign.views.loading import load_model
@@ -81,7 +81,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     lm = load_model(a.model, dtype="float32")
     backend = HFBackend(lm.model, lm.tokenizer)
-    methods, _ = build_methods(build_parser().parse_args(["serve", "--model", a.model]), backend)
+    methods, _ = build_methods(METHODS.names(), backend)
     tmp = tempfile.mkdtemp()
     admin = "bench-admin"
     rows = []

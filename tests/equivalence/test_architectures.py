@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from personalign import METHODS, HFBackend, LoadedModel, Request, SamplingConfig, generate, get_method
+from personalign.eval.bench import bench_method
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.lora import lora_targets, projection_names
 from personalign.types import ViewSpec
@@ -84,7 +85,7 @@ def test_every_method_runs_and_returns_valid_ids(name, tok, models):
     reqs = [Request(prompt="tell me a story about a cat and a dog and a bird", preference="very funny"),
             Request(prompt="why ?", preference="formal and concise")]
     for method_name in METHODS.names():
-        method, backend = METHODS.get(method_name).for_bench(HFBackend(main.model, tok), main)
+        method, backend, _ = bench_method(method_name, main, HFBackend(main.model, tok))
         outs = generate(method, reqs, backend, max_new_tokens=4, ignore_eos=True,
                         sampling=SamplingConfig(temperature=1.0), generator=torch.Generator().manual_seed(0))
         for o in outs:
@@ -132,7 +133,7 @@ def test_trainers_put_lora_on_every_projection_and_store_them(name, tok, models,
     from personalign.training.pdpo.data import PreferencePair
     from personalign.training.pdpo.train import PDPOTrainConfig, train_pdpo
     from personalign.training.persrm import PersRM
-    from personalign.training.persrm.train import PairRecord, PersRMTrainConfig, train_persrm
+    from personalign.training.persrm.train import PersRMTrainConfig, train_persrm
     from personalign.training.reward_head import RewardLoRAConfig, reward_input_ids, train_reward_lora
 
     model = models(name)
@@ -142,7 +143,7 @@ def test_trainers_put_lora_on_every_projection_and_store_them(name, tok, models,
     rm = PersRM.create(copy.deepcopy(model), tok, name=name)
     assert set(rm.config.target_modules) == want
     assert {n.rsplit(".", 2)[-2] for n, _ in rm.lm.named_modules() if n.endswith("lora_A")} == want
-    pairs = [PairRecord(prompt="tell me a story", chosen="the cat was happy .", rejected="no .", preference=p)
+    pairs = [PreferencePair(prompt="tell me a story", chosen="the cat was happy .", rejected="no .", preference=p)
              for p in ("happy", "concise")]
     train_persrm(rm, pairs, [], PersRMTrainConfig(epochs=1, head_epochs=1, batch_size=2, max_prompt_tokens=16,
                                                   max_response_tokens=8, chat_template=False), progress=False)
@@ -163,9 +164,14 @@ def test_trainers_put_lora_on_every_projection_and_store_them(name, tok, models,
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_reward_model_saves_loads_scores_and_serves_cached_views(name, tok, models, tmp_path):
-    from personalign.eval.reward import BackboneRewardModel, HFRewardScorer, RewardLMView, load_reward_model
     from personalign.methods.args import ARGSConfig, ARGSMethod
     from personalign.training.reward_head import save_reward_classifier
+    from personalign.views.reward import (
+        BackboneRewardModel,
+        HFRewardScorer,
+        RewardLMView,
+        load_reward_model,
+    )
 
     model = models(name)
     w = torch.randn(model.get_input_embeddings().embedding_dim, generator=torch.Generator().manual_seed(0))

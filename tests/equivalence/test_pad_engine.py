@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from personalign.assembly import attach_persrm
 from personalign.decoding.loop import generate
 from personalign.decoding.sampling import SamplingConfig
 from personalign.methods.pad import PADConfig, PADMethod, pad_scores
@@ -31,6 +32,11 @@ def _persrm(tok, seed: int = 7) -> PersRM:
             if "lora_B" in n or n.startswith("head."):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return rm.eval()
+
+
+def _pad_on(backend, rm, cfg=None):
+    """A PAD method over ``backend`` with the PersRM's views attached first (what assembly does)."""
+    return PADMethod(cfg, persrm=rm, shared=attach_persrm(backend, rm))
 
 
 def _rule_token(base_lp, th_lp, ref_lp, dh, out_weight, w, beta: float, k: int, mode: str = "eq13") -> int:
@@ -128,11 +134,12 @@ def test_pad_engine_equals_naive(tiny_tokenizer, mode, shared, hidden_only, monk
     cfg = PADConfig(k=5, beta=1.5, mode=mode)
     base_lm = None if shared else make_tiny_lm(len(tok), layers=1)
     backend = HFBackend(rm.base_lm if shared else base_lm, tok, share_prefix=False)  # exact forward count
-    method = PADMethod(cfg, persrm=rm)
+    method = _pad_on(backend, rm, cfg)
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
     f0 = backend.forward_count
     outs = generate(method, reqs, backend, max_new_tokens=6, chat_template=False, ignore_eos=True)
-    rm_views = [m for k, m in backend.models.items() if k.startswith("persrm[")]
+    keys = {v.model for v in method.build_views(reqs[0], cfg, backend, False)}  # the views this mode decodes
+    rm_views = [backend.models[k] for k in keys if k.startswith("persrm[")]
     n_rm = 2 if mode == "eq13" else 1  # π_ref and π_θ, or π_θ
     assert len(rm_views) == 1 and rm_views[0].logits.count(False) == (n_rm if hidden_only else 0)
     n_models = 1 if shared else 2
@@ -151,7 +158,7 @@ def test_pad_stochastic_stays_in_base_top_k(tiny_tokenizer):
     tok = tiny_tokenizer
     rm = _persrm(tok)
     backend = HFBackend(rm.base_lm, tok)
-    method = PADMethod(PADConfig(k=2), persrm=rm)
+    method = _pad_on(backend, rm, PADConfig(k=2))
     g = torch.Generator().manual_seed(0)
     reqs = [Request(prompt=PROMPTS[0], preference=PREFS[0])] * 3
     outs = generate(method, reqs, backend, max_new_tokens=5, chat_template=False, ignore_eos=True,
@@ -175,7 +182,7 @@ def test_mixed_adapter_rows_never_share_a_prefix(tiny_tokenizer):
     cfg = PADConfig(k=5, beta=1.5)
     backend = HFBackend(rm.base_lm, tok)  # share_prefix=True
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
-    outs = generate(PADMethod(cfg, persrm=rm), reqs, backend, max_new_tokens=6, chat_template=False, ignore_eos=True)
+    outs = generate(_pad_on(backend, rm, cfg), reqs, backend, max_new_tokens=6, chat_template=False, ignore_eos=True)
     assert [o.token_ids for o in outs] == _naive(rm, None, tok, cfg, 6)
 
 
@@ -186,7 +193,7 @@ def test_pad_with_a_chat_template(tiny_chat_tokenizer):
     backend = HFBackend(rm.base_lm, tok)
     cfg = PADConfig(k=5, beta=1.5)
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
-    outs = generate(PADMethod(cfg, persrm=rm), reqs, backend, max_new_tokens=4, chat_template=True, ignore_eos=True)
+    outs = generate(_pad_on(backend, rm, cfg), reqs, backend, max_new_tokens=4, chat_template=True, ignore_eos=True)
     specs = [o.prompt_token_ids for o in outs]
     assert specs[0] == list(build_prompt_ids(tok, PROMPTS[0], chat_template=True))
     rm_ids = persrm_prompt_ids(tok, PROMPTS[0], PREFS[0], chat_template=True)
@@ -233,12 +240,12 @@ def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
     import asyncio
 
     from personalign.methods.base import BaseMethod
-    from personalign.server.worker import EngineWorker, Job
+    from personalign.server.worker import Delta, Done, EngineWorker, Job
 
     tok = tiny_tokenizer
     rm = _persrm(tok)
-    method = PADMethod(PADConfig(k=5, beta=1.5), persrm=rm)
     backend = HFBackend(rm.base_lm, tok, share_prefix=False)
+    method = _pad_on(backend, rm, PADConfig(k=5, beta=1.5))
     w = EngineWorker(backend, {"pad": method, "base": BaseMethod()}, batch_wait=0.0, chat_template=False)
     greedy = SamplingConfig(temperature=0.0)
 
@@ -246,10 +253,10 @@ def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
         parts = []
         while True:
             ev = await asyncio.wait_for(job.events.get(), 60)
-            if ev[0] == "done":
+            if isinstance(ev, Done):
                 return "".join(parts)
-            assert ev[0] == "delta", ev
-            parts.append(ev[1])
+            assert isinstance(ev, Delta), ev
+            parts.append(ev.text)
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -264,7 +271,7 @@ def test_pad_batches_joined_in_one_forward_equal_each_alone(tiny_tokenizer):
         for j in later:
             w.submit(j)
         texts = await asyncio.gather(*(collect(j) for j in [first] + later))
-        return [head[1] + texts[0]] + texts[1:], [first] + later
+        return [head.text + texts[0]] + texts[1:], [first] + later
 
     w.start()
     try:
@@ -487,14 +494,15 @@ def test_args_with_the_persrm_reward_ranks_as_pad(tiny_tokenizer):
     rewards: the prefix's part is the same for every candidate) picks what Eq. 13 picks with
     β = w·β_PersRM — here through ARGS' text path, which re-encodes every candidate text (and so
     cannot follow a special token: the texts agree up to the first one)."""
-    from personalign.eval.reward import PersRMScorer
     from personalign.methods.args import ARGSConfig, ARGSMethod
+    from personalign.training.persrm.scorer import PersRMScorer
 
     tok = tiny_tokenizer
     rm = _persrm(tok, seed=3)
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
-    pad = generate(PADMethod(PADConfig(k=4, beta=0.8 * rm.config.beta), persrm=rm), reqs,
-                   HFBackend(rm.base_lm, tok), max_new_tokens=6, chat_template=False, ignore_eos=True)
+    be = HFBackend(rm.base_lm, tok)
+    pad = generate(_pad_on(be, rm, PADConfig(k=4, beta=0.8 * rm.config.beta)), reqs, be, max_new_tokens=6,
+                   chat_template=False, ignore_eos=True)
     args = ARGSMethod(ARGSConfig(k=4, w=0.8), scorer=PersRMScorer(rm, chat_template=False))
     policy = make_tiny_lm(len(tok))  # the backbone without the adapter: PAD's π_LM
     out = generate(args, reqs, HFBackend(policy, tok), max_new_tokens=6, chat_template=False, ignore_eos=True)
@@ -502,6 +510,7 @@ def test_args_with_the_persrm_reward_ranks_as_pad(tiny_tokenizer):
     for a, b in zip(out, pad):  # equal up to a special token, which the text path cannot re-encode
         n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(b.token_ids))
         assert n >= 3 and (n == len(b.token_ids) or b.token_ids[n] in special or a.token_ids[n] in special), (a, b)
-    base = generate(PADMethod(PADConfig(k=4, beta=0.0), persrm=rm), reqs, HFBackend(rm.base_lm, tok),
+    be0 = HFBackend(rm.base_lm, tok)
+    base = generate(_pad_on(be0, rm, PADConfig(k=4, beta=0.0)), reqs, be0,
                     max_new_tokens=6, chat_template=False, ignore_eos=True)
     assert [o.token_ids for o in base] != [o.token_ids for o in pad]  # the reward changes the text

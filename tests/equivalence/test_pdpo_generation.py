@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from personalign.decoding.loop import generate
-from personalign.methods import get_method
 from personalign.methods.pdpo import PDPOMethod
 from personalign.training.pdpo.data import PreferencePair
 from personalign.training.pdpo.train import PDPOTrainConfig, train_pdpo
@@ -134,17 +133,22 @@ def test_from_checkpoint_and_mismatch(tiny_tokenizer, tmp_path):
              for i in range(4)]
     res = train_pdpo(base, pairs, PDPOTrainConfig(user_tokens=2, batch_size=4, epochs=1, learning_rate=1e-2),
                      out=tmp_path / "ck", progress=False)
-    backend = HFBackend(make_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer)
-    method = get_method("pdpo").from_checkpoint(str(tmp_path / "ck"), backend, name="tiny")
+    from personalign.assembly import Resources, build_backend, build_method
+
+    res_ = Resources(model=LoadedModel(model=make_tiny_lm(len(tiny_tokenizer)), tokenizer=tiny_tokenizer, name="tiny"),
+                     pdpo_checkpoint=str(tmp_path / "ck"))
+    backend = build_backend(res_, ["pdpo"])
+    method = build_method("pdpo", {}, backend, res_)
     out = generate(method, [Request(prompt="a story", user="1")], backend, max_new_tokens=5, ignore_eos=True,
                    chat_template=False)[0]
     # the merged model decodes like the trained adapter model under the user's soft prompt
     res.model.eval()
     prefix = res.model.users.implicit(torch.tensor([2]))[0].detach()
     assert out.token_ids == naive_greedy(res.model.lm, prefix, tiny_tokenizer("a story")["input_ids"], 5)
-    other = HFBackend(make_tiny_lm(len(tiny_tokenizer), hidden=16), tiny_tokenizer)
+    other = Resources(model=LoadedModel(model=make_tiny_lm(len(tiny_tokenizer), hidden=16), tokenizer=tiny_tokenizer,
+                                        name="other"), pdpo_checkpoint=str(tmp_path / "ck"))
     with pytest.raises(ValueError, match="was trained on base model 'tiny'"):
-        get_method("pdpo").from_checkpoint(str(tmp_path / "ck"), other, name="other")
+        build_method("pdpo", {}, build_backend(other, ["pdpo"]), other)
 
 
 def test_config_errors():

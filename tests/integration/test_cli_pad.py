@@ -54,7 +54,8 @@ def test_cli_bad_input(pairs_file, tmp_path, capsys, stories):
     assert "bad.jsonl:2: `preference` must be a non-empty string" in capsys.readouterr().err
     assert main(["generate", "--model", str(STORIES), "--method", "pad", "--preference", "happy",
                  "--prompt", "Once", "--no-chat-template"]) == 2
-    assert "needs `--persrm DIR`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "it needs a PersRM" in err and "`--persrm DIR`" in err
     assert main(["generate", "--model", str(STORIES), "--method", "pad", "--persrm", str(tmp_path),
                  "--preference", "happy", "--prompt", "Once", "--param", "k=0"]) == 2
     assert "`k` must be an integer >= 1" in capsys.readouterr().err
@@ -67,11 +68,11 @@ def test_generate_with_a_reward_function_file(tmp_path, capsys, stories):
     """`--reward-function path/file.py:name`: args and best_of_n score with a Python function of
     (prompt, response, preference); the CLI's tokens equal the library's with the same function."""
     from personalign.decoding.loop import generate
-    from personalign.eval.reward import FunctionScorer, import_object
     from personalign.methods.args import ARGSConfig, ARGSMethod
     from personalign.types import Request
     from personalign.views import HFBackend
     from personalign.views.loading import load_model
+    from personalign.views.reward import FunctionScorer, import_object
 
     f = tmp_path / "rewards.py"
     f.write_text("def named_words(prompt, response, preference):\n"

@@ -117,7 +117,7 @@ def test_generate_mismatched_base_model(files, capsys, tmp_path):
                       str(tmp_path / "other"), "--user", "u1", "--prompt", "hi", "--max-new-tokens", "2"], capsys)
     assert rc == 2 and "was trained on base model" in err
     rc, _, err = run(["generate", "--method", "pdpo", "--model", str(files / "model"), "--prompt", "hi"], capsys)
-    assert rc == 2 and "needs `--checkpoint DIR`" in err
+    assert rc == 2 and "it needs a P-DPO checkpoint" in err and "`--checkpoint DIR`" in err
     rc, _, err = run(["generate", "--method", "pdpo", "--checkpoint", str(tmp_path), "--prompt", "hi"], capsys)
     assert rc == 2 and "is not a P-DPO checkpoint" in err
 

@@ -142,11 +142,12 @@ def test_config_errors(tmp_path, tiny_dir, over, msg):
         _config(tmp_path, tiny_dir, **over)
 
 
-def test_method_cli_flags_are_validated(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
-    cfg = _config(tmp_path, tiny_dir, methods=[{"name": "base", "cli": {"profile": "x.json"}}], judge=None)
-    lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
-    with pytest.raises(ValueError, match="not options of method 'base'"):
-        run_eval(cfg, models={"tiny": lm})
+def test_method_cli_flags_are_validated(tmp_path, tiny_dir):
+    """A resource the method does not read is refused when the config is read, before any model loads."""
+    with pytest.raises(ValueError, match=r"`methods\[base\].resources` \['drift_profile'\] are not options of method 'base'"):
+        _config(tmp_path, tiny_dir, methods=[{"name": "base", "cli": {"profile": "x.json"}}], judge=None)
+    with pytest.raises(ValueError, match=r"not options of method 'drift'"):
+        _config(tmp_path, tiny_dir, methods=[{"name": "drift", "resources": {"persrm": "x"}}], judge=None)
 
 
 def test_eval_cli_end_to_end(tmp_path, tiny_dir, capsys):
@@ -183,7 +184,7 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
     assert set(method_names()) <= {m.name for m in cfg.methods}  # every registered decoding method
     by_name = {m.name: m for m in cfg.methods}
     # args is guided by the benchmark's target reward, a file loaded by path; it scores under each preference
-    from personalign.eval.reward import FunctionScorer, import_object
+    from personalign.views.reward import FunctionScorer, import_object
 
     fn = import_object(str(REPO / by_name["args"].cli["reward_function"]))
     texts = cfg.preferences
@@ -199,7 +200,7 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
 def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
                                                                 monkeypatch):
     """A method needing a file and a second model (like Drift's profile and steering model) gets both from
-    the config entry's `cli` mapping, through its own add_cli_arguments / extra_models / from_cli hooks."""
+    the config entry's `resources` mapping (assembly loads the steering model beside the main one)."""
     from personalign.methods import METHODS
     from personalign.methods.base import BaseMethod
 
@@ -207,31 +208,25 @@ def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_d
 
     class NeedsInputs(BaseMethod):
         name = "needs_inputs"
+        uses = ("drift_profile", "steer")  # the resources it reads
 
         @classmethod
-        def add_cli_arguments(cls, parser):
-            parser.add_argument("--profile-file")
-            parser.add_argument("--steer-model")
-
-        @classmethod
-        def extra_models(cls, args, load):
-            return {"steer": load(args.steer_model, None)} if args.steer_model else {}
-
-        @classmethod
-        def from_cli(cls, args, params, backend):
-            seen["profile"] = Path(args.profile_file).read_text()
-            seen["models"] = sorted(backend.models)
-            return cls.from_params(params)
+        def from_resources(cls, config, loaded):
+            seen["profile"] = Path(loaded.drift_profile).read_text()
+            seen["steer"] = loaded.steer_key
+            return cls(config)
 
     monkeypatch.setitem(METHODS._entries, "needs_inputs", NeedsInputs)
     profile = tmp_path / "profile.txt"
     tmp_path.mkdir(parents=True, exist_ok=True)
     profile.write_text("likes cats")
-    entry = {"name": "needs_inputs", "cli": {"profile_file": str(profile), "steer_model": str(tiny_dir)}}
+    entry = {"name": "needs_inputs", "resources": {"profile": str(profile), "steer_model": str(tiny_dir)}}
     cfg = _config(tmp_path, tiny_dir, methods=[entry], judge=None)
     res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
-    assert seen == {"profile": "likes cats", "models": ["main", "steer"]}
+    assert seen == {"profile": "likes cats", "steer": "steer"}
     assert len(res.generations) == 6 and {g["method_name"] for g in res.generations} == {"needs_inputs"}
+    with pytest.raises(ValueError, match=r"unknown key 'colour'; valid: \["):
+        _config(tmp_path, tiny_dir, methods=[{"name": "base", "resources": {"colour": 1}}], judge=None)
 
 
 def test_request_params_expand_per_preference_and_share_batches(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
@@ -281,7 +276,7 @@ def test_request_params_errors(tmp_path, tiny_dir, entry, msg):
         _config(tmp_path, tiny_dir, methods=[entry], judge=None)
 
 
-def test_method_with_cli_inputs_runs_on_its_own_copy_of_the_model(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+def test_method_with_resources_runs_on_its_own_copy_of_the_model(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
                                                                    monkeypatch):
     """A method that loads a checkpoint into the model it is given (as pad and pdpo do) must not change
     the shared model that the next methods and the judge use: base after it decodes as base alone."""
@@ -292,17 +287,14 @@ def test_method_with_cli_inputs_runs_on_its_own_copy_of_the_model(tmp_path, tiny
 
     class Mutates(BaseMethod):
         name = "mutates"
+        uses = ("pdpo",)
 
         @classmethod
-        def add_cli_arguments(cls, parser):
-            parser.add_argument("--checkpoint")
-
-        @classmethod
-        def from_cli(cls, args, params, backend):
-            with torch.no_grad():  # "merge an adapter" into the main model
-                for p in backend.models["main"].parameters():
+        def from_resources(cls, config, loaded):
+            with torch.no_grad():  # "merge an adapter" into the main model it is given
+                for p in loaded.main.model.parameters():
                     p.mul_(0.5)
-            return cls.from_params(params)
+            return cls(config)
 
     monkeypatch.setitem(METHODS._entries, "mutates", Mutates)
     lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")

@@ -8,8 +8,8 @@ import json
 import sys
 
 from personalign.cli.common import add_model_options, load_from_args
+from personalign.environment import environment_record
 from personalign.eval.bench import format_scaling, format_table, format_targets, resolve_methods, run_bench
-from personalign.eval.environment import environment_record
 from personalign.views import HFBackend
 
 HELP = "Time decoding methods against plain model.generate (same prompts, same run)."
@@ -40,15 +40,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     methods = resolve_methods(args.methods)
     main = load_from_args(args)
-    # read by the methods' for_bench hooks (trained helpers instead of untrained ones)
-    main.bench_options = {"persrm": args.persrm, "reward_model": args.reward_model,
-                          "steer": load_from_args(args, args.steer_model) if args.steer_model else None}
+    # trained helpers for the presets (eval.bench.bench_method) instead of untrained ones
+    options = {"persrm": args.persrm, "reward_model": args.reward_model,
+               "steer": load_from_args(args, args.steer_model) if args.steer_model else None}
     backend = HFBackend(main.model, main.tokenizer)
     env = environment_record(main.model)
     all_rows = []
     for b in args.batch_size or [1]:
         rows = run_bench(main, backend, methods, batch_size=b, max_new_tokens=args.max_new_tokens,
-                         repeats=args.repeats, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                         repeats=args.repeats, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                         options=options)
         all_rows.extend(rows)
     if args.json:
         for r in all_rows:

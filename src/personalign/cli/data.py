@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from personalign.eval.datasets import (
+    check_pairs,
+    convert,
+    detect_layout,
+    load_pairs,
+    load_prompts,
+    read_records,
+)
+
 HELP = "Convert between data layouts (prompts, trl, dsp, hh) and check pair files."
 
 
@@ -28,8 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from personalign.eval.datasets import convert
-
     users = [u.strip() for u in args.users.split(",") if u.strip()]
     errors: list[str] = []
     n, report = convert(args.input, args.output, to=args.to, layout=args.layout, users=users,
@@ -43,8 +50,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from personalign.eval.datasets import check_pairs, detect_layout, load_pairs, load_prompts, read_records
-
     layout = args.layout
     if layout == "auto":
         layout = detect_layout(next(iter(read_records(args.input)))[1])

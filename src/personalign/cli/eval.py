@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from personalign.eval.config import load_eval_config
+from personalign.eval.harness import run_eval
 
 HELP = "Evaluate methods × preferences × prompts from a YAML config (resumable); tables, plots, run record."
 
@@ -20,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
 
-    from personalign.eval.config import load_eval_config
-    from personalign.eval.harness import run_eval
 
     cfg = load_eval_config(args.config)
     if args.limit is not None:

@@ -14,6 +14,9 @@ import logging
 from pathlib import Path
 
 from personalign.cli.common import add_model_options, load_from_args
+from personalign.personas.attributes import default_pool, load_attribute_file
+from personalign.personas.drift import DriftProfile, fit_pairs, fit_profile
+from personalign.views import HFBackend
 
 HELP = "Fit a user's profile from preference pairs (drift)."
 TARGETS = ("drift",)
@@ -49,8 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from personalign.personas.drift import DriftProfile
-
     if args.report:
         prof = DriftProfile.load(args.report)
         chart = prof.plot(args.chart or Path(args.report).with_suffix(".png"))
@@ -66,10 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from personalign.personas.attributes import default_pool, load_attribute_file
-    from personalign.personas.drift import fit_profile, load_pairs
-    from personalign.views import HFBackend
-
     for flag in ("pairs", "model", "out"):
         if not getattr(args, flag):
             raise ValueError(f"`--{flag}` is required to fit (or pass --report PROFILE.json).")
@@ -79,12 +76,12 @@ def _fit(args: argparse.Namespace) -> int:
     if not 1 <= args.top_m <= len(pool):
         raise ValueError(f"`--top-m` must be in [1, {len(pool)}] (the attribute pool size), got {args.top_m}.")
     counter = _WarningCounter()
-    logging.getLogger("personalign.personas.pairs").addHandler(counter)
+    logging.getLogger("personalign.personas.drift").addHandler(counter)
     try:
-        pairs, skipped = load_pairs(args.pairs)
-        eval_pairs = load_pairs(args.eval_pairs)[0] if args.eval_pairs else None
+        pairs, skipped = fit_pairs(args.pairs)
+        eval_pairs = fit_pairs(args.eval_pairs)[0] if args.eval_pairs else None
     finally:
-        logging.getLogger("personalign.personas.pairs").removeHandler(counter)
+        logging.getLogger("personalign.personas.drift").removeHandler(counter)
     lm = load_from_args(args)
     backend = HFBackend(lm.model, lm.tokenizer)
     prof = fit_profile(backend, pairs, pool, top_m=args.top_m, solver=args.solver,

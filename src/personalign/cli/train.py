@@ -13,9 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.cli.train_pad import register_pad
 from personalign.cli.train_rm import register_rm
+from personalign.config import config_from_mapping
+from personalign.training.pdpo.data import read_training_pairs
+from personalign.training.pdpo.train import PDPOTrainConfig, train_pdpo, train_prm
 
 HELP = ("Train what a method needs: pad (PersRM), pdpo, dpo, prm (personalized reward model), "
         "rm (a linear reward head for --reward-model).")
@@ -112,15 +117,11 @@ def _register_prm(objectives: Any) -> None:
 
 
 def _config(args: argparse.Namespace, flags: dict[str, str], fixed: dict[str, Any] | None = None) -> Any:
-    from personalign.config import config_from_mapping
-    from personalign.training.pdpo.train import PDPOTrainConfig
-
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"`--config` file {args.config!r} does not exist.")
-        import yaml
 
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
@@ -140,10 +141,8 @@ def _config(args: argparse.Namespace, flags: dict[str, str], fixed: dict[str, An
 
 
 def _data(args: argparse.Namespace) -> tuple[list[Any], list[Any] | None, list[str] | None]:
-    from personalign.training.pdpo.data import load_pairs
-
-    train = load_pairs(args.pairs)
-    evals = load_pairs(args.eval_pairs, require_user=False) if args.eval_pairs else None
+    train = read_training_pairs(args.pairs)
+    evals = read_training_pairs(args.eval_pairs, require_user=False) if args.eval_pairs else None
     users = None
     if args.users:
         path = Path(args.users)
@@ -170,8 +169,6 @@ def _report(result: Any) -> int:
 
 
 def _train(args: argparse.Namespace, config: Any, objective: str) -> int:
-    from personalign.training.pdpo.train import train_pdpo, train_prm
-
     train, evals, users = _data(args)  # fail on bad data before loading the model
     base = _load_base(args)
     fn = train_prm if objective == "prm" else train_pdpo

@@ -6,11 +6,17 @@ import argparse
 import json
 
 from personalign.cli.common import add_model_options, load_from_args
+from personalign.training.persrm import PersRM
+from personalign.training.persrm.train import (
+    PersRMTrainConfig,
+    kept_stage2,
+    read_pairs,
+    split_by_prompt,
+    train_persrm,
+)
 
 
 def register_pad(objectives: argparse._SubParsersAction) -> None:
-    from personalign.training.persrm.train import PersRMTrainConfig
-
     d = PersRMTrainConfig()
     help_ = "Train a PAD personalized reward model (LoRA π_θ over the frozen backbone + preference head)."
     p = objectives.add_parser("pad", help=help_, description=help_)
@@ -41,15 +47,6 @@ def register_pad(objectives: argparse._SubParsersAction) -> None:
 
 
 def run_pad(args: argparse.Namespace) -> int:
-    from personalign.training.persrm import PersRM
-    from personalign.training.persrm.train import (
-        PersRMTrainConfig,
-        kept_stage2,
-        read_pairs,
-        split_by_prompt,
-        train_persrm,
-    )
-
     cfg = PersRMTrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, lr=args.lr, head_lr=args.head_lr, head_select=args.head_select,
                             beta=args.beta,

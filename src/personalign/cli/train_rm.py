@@ -16,7 +16,20 @@ import json
 import sys
 from typing import Any
 
+import torch
+
 from personalign.cli.common import add_model_options, load_from_args
+from personalign.config import config_to_dict
+from personalign.eval.datasets import load_pairs
+from personalign.training.persrm.train import split_by_prompt
+from personalign.training.reward_head import (
+    RewardLoRAConfig,
+    fit_reward_head,
+    reward_features,
+    reward_input_ids,
+    save_reward_classifier,
+    train_reward_lora,
+)
 
 HELP = "Bradley–Terry reward model (linear head; --lora: + LoRA fine-tune) -> a --reward-model checkpoint."
 
@@ -49,18 +62,7 @@ def register_rm(objectives: Any) -> None:
 
 
 def run_rm(args: argparse.Namespace) -> int:
-    import torch
 
-    from personalign.eval.datasets import load_pairs
-    from personalign.training.persrm.train import split_by_prompt
-    from personalign.training.reward_head import (
-        RewardLoRAConfig,
-        fit_reward_head,
-        reward_features,
-        reward_input_ids,
-        save_reward_classifier,
-        train_reward_lora,
-    )
 
     if not 0 <= args.eval_fraction < 1:
         raise ValueError(f"`--eval-fraction` must lie in [0, 1), got {args.eval_fraction}.")
@@ -98,8 +100,6 @@ def run_rm(args: argparse.Namespace) -> int:
             "eval_accuracy": res.eval_accuracy, "seed": args.seed}
     model, weight = lm.model, res.weight
     if lora_cfg is not None:
-        from personalign.config import config_to_dict
-
         pair_ids = list(zip(seqs[0::2], seqs[1::2]))
         train = [q for q, p in zip(pair_ids, pairs) if p.prompt not in held_prompts]
         held = [q for q, p in zip(pair_ids, pairs) if p.prompt in held_prompts]

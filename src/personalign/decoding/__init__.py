@@ -1,7 +1,8 @@
-"""The decoding loop (``decoding.loop``), the sampler and stopping rules.
+"""Decoding: the method contract (``decoding.method``), THE loop (``decoding.loop``), the sampler and
+the stopping rules.
 
-``generate``/``stream``/``decode`` live in ``personalign.decoding.loop`` (imported at top level as
-``personalign.generate``); this package init stays import-light because methods import the sampler.
+``generate``/``stream``/``decode`` live in ``personalign.decoding.loop`` (exported at top level as
+``personalign.generate``); methods build on ``decoding.method`` and ``decoding.sampling``.
 """
 
 from personalign.decoding.sampling import SamplingConfig, SamplingParams, sample

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from personalign.decoding.method import DecodeState, Method
 from personalign.decoding.sampling import SamplingConfig, SamplingParams
 from personalign.decoding.stopping import RowText, eos_ids_of
-from personalign.methods.api import DecodeState, Method
-from personalign.types import GenerationOutput, Request
+from personalign.types import GenerationOutput, Request, ViewSpec
+from personalign.views.base import Backend
 
-__all__ = ["generate", "stream", "decode", "TextDelta", "StepEvent"]
+__all__ = ["generate", "stream", "decode", "plan_request", "RequestPlan", "PromptTooLong", "TextDelta", "StepEvent"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,45 @@ class TextDelta:
     finish_reason: str | None = None
 
 
+class PromptTooLong(ValueError):
+    """A request's prompt (one of its views) does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One request validated and encoded once (``plan_request``): its config and its views.
+
+    ``decode`` takes plans instead of re-deriving them, so a server validates a request once, in its
+    HTTP route, and the engine and the loop reuse what the route built.
+    """
+
+    request: Request
+    config: Any
+    views: list[ViewSpec]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.views[0].prompt_ids)
+
+
+def plan_request(method: Method, request: Request, backend: Backend, chat_template: bool = True) -> RequestPlan:
+    """The request's config (its params over the method's defaults) and views, checked against the
+    models' contexts.
+
+    Raises:
+        ValueError: a bad parameter or a request the method cannot decode (no preference, ...);
+            ``PromptTooLong`` when a view's prompt fills a model's context.
+    """
+    config = method.config_for(request)
+    views = method.build_views(request, config, backend, chat_template)
+    for spec in views:
+        ctx = backend.context_length(spec.model)
+        if ctx is not None and spec.length >= ctx:
+            raise PromptTooLong(f"the prompt is {spec.length} tokens (with the method's {spec.role or 'view'} prompt); "
+                                f"the model's context is {ctx} tokens.")
+    return RequestPlan(request=request, config=config, views=views)
+
+
 def _validate(requests: Sequence[Request], max_new_tokens: int | Sequence[int], B: int) -> list[int]:
     if B == 0:
         raise ValueError("`requests` must hold at least one request.")
@@ -59,7 +99,7 @@ def _validate(requests: Sequence[Request], max_new_tokens: int | Sequence[int], 
 def decode(
     method: Method,
     requests: Sequence[Request],
-    backend: Any,
+    backend: Backend,
     *,
     max_new_tokens: int | Sequence[int] = 128,
     sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
@@ -68,8 +108,12 @@ def decode(
     chat_template: bool = True,
     ignore_eos: bool = False,
     on_row: Callable[[int, list[int], str | None], str | None] | None = None,
+    plans: Sequence[RequestPlan] | None = None,
 ) -> Iterator[StepEvent | list[GenerationOutput]]:
     """Run the loop, yielding ``StepEvent``s as tokens are appended and finally the outputs list.
+
+    ``plans`` (one per request, from ``plan_request``) reuse configs and views built beforehand;
+    without them the loop plans every request itself.
 
     ``on_row(b, new_tokens, reason)``, when given, is called after every step for each row that was
     still running, with the tokens the step appended to it and the loop's finish reason (None while
@@ -83,8 +127,12 @@ def decode(
     samplings = [sampling] * B if isinstance(sampling, SamplingConfig) else list(sampling)
     if len(samplings) != B:
         raise ValueError(f"`sampling` must be one SamplingConfig or {B}, got {len(samplings)}.")
-    configs = [method.config_for(r) for r in requests]
-    views = [method.build_views(r, c, backend, chat_template) for r, c in zip(requests, configs)]
+    if plans is None:
+        plans = [plan_request(method, r, backend, chat_template) for r in requests]
+    elif len(plans) != B or any(p.request is not r for p, r in zip(plans, requests)):
+        raise ValueError("`plans` must hold one plan per request, for those requests, in order.")
+    configs = [p.config for p in plans]
+    views = [p.views for p in plans]
     # Clamp each row's budget to the context left after its longest view.
     for b in range(B):
         for spec in views[b]:
@@ -180,7 +228,7 @@ def _row_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return g
 
 
-def generate(method: Method, requests: Sequence[Request], backend: Any, **kwargs: Any) -> list[GenerationOutput]:
+def generate(method: Method, requests: Sequence[Request], backend: Backend, **kwargs: Any) -> list[GenerationOutput]:
     """Decode ``requests`` with ``method`` and return one ``GenerationOutput`` per request."""
     result: list[GenerationOutput] = []
     for event in decode(method, requests, backend, **kwargs):
@@ -189,7 +237,7 @@ def generate(method: Method, requests: Sequence[Request], backend: Any, **kwargs
     return result
 
 
-def stream(method: Method, requests: Sequence[Request], backend: Any, **kwargs: Any) -> Iterator[TextDelta]:
+def stream(method: Method, requests: Sequence[Request], backend: Backend, **kwargs: Any) -> Iterator[TextDelta]:
     """Decode and yield text deltas as they become safe to show (see ``RowText.delta``)."""
     tok = backend.tokenizer()
     stop = kwargs.get("stop", ())

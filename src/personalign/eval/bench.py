@@ -20,23 +20,37 @@ once) plus the runtime peak. ``footprint / generate`` is the memory ratio the ta
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from personalign.assembly import Resources, build_backend, build_method
 from personalign.decoding.loop import generate
-from personalign.methods import get_method
+from personalign.decoding.method import Method
+from personalign.methods import METHODS, get_method
+from personalign.methods.pdpo import PDPOMethod
+from personalign.personas.attributes import default_pool
+from personalign.personas.drift import DriftProfile, steer_identity
+from personalign.personas.prompts import build_prompt_ids, pad_token_id
+from personalign.training.persrm.model import PersRM
+from personalign.training.user_model import UserIndex, UserModel
 from personalign.types import Request
+from personalign.views.adapters import output_head_is_linear
+from personalign.views.base import Backend
+from personalign.views.hf import HFBackend
+from personalign.views.loading import LoadedModel
+from personalign.views.reward import BackboneRewardModel, HFRewardScorer, load_reward_scorer
 
-__all__ = ["BenchRow", "run_bench", "BENCH_PROMPTS", "BENCH_PREFERENCES", "format_table", "format_scaling",
-           "format_targets", "resolve_methods", "weights_mb", "FOOTPRINT_TARGETS"]
+__all__ = ["BenchRow", "run_bench", "bench_method", "BENCH_PROMPTS", "BENCH_PREFERENCES", "format_table",
+           "format_scaling", "format_targets", "resolve_methods", "weights_mb", "FOOTPRINT_TARGETS"]
 
 # memory targets on the footprint (weights + runtime peak) / generate's, at B = 1
 FOOTPRINT_TARGETS = {"pad": 1.15}
@@ -59,6 +73,104 @@ BENCH_PREFERENCES = [
     "Generate a response that is friendly, witty, funny, and humorous, like a close friend.",
     "Generate a response in an unfriendly manner.",
 ]
+
+
+# ----------------------------------------------------------------------------- presets
+def bench_method(name: str, main: LoadedModel, backend: HFBackend, options: Mapping[str, Any] | None = None
+                 ) -> tuple[Method, HFBackend, str]:
+    """``(method, backend, note)``: method ``name`` as the bench times it, on ``main``.
+
+    Methods that need trained parts get untrained ones unless ``options`` names trained ones
+    (``persrm``: a PersRM checkpoint; ``reward_model``: a reward model directory; ``steer``: a loaded
+    steering model): timing does not depend on training. Every method is built by assembly, as the
+    CLI and the server build it.
+    """
+    opts = dict(options or {})
+    preset = _PRESETS.get(name)
+    if preset is not None:
+        return preset(name, main, backend, opts)
+    return build_method(name, {}, backend), backend, _NOTES.get(name, "")
+
+
+_NOTES = {
+    "amulet": "T = 60, α = λ = 2, η = 10; two views (preference, plain) in one batched forward",
+    "linear_alignment": "r = 1, top-p 0.9; two views (preference, plain) in one batched forward",
+}
+
+
+def _pad(name: str, main: LoadedModel, backend: HFBackend, opts: dict) -> tuple[Method, HFBackend, str]:
+    backbone = copy.deepcopy(main.model)  # the other rows (and model.generate) stay free of the adapter
+    if opts.get("persrm"):
+        rm, what = PersRM.load(opts["persrm"], backbone, main.tokenizer), f"PersRM {opts['persrm']}"
+    else:
+        rm = PersRM.create(backbone, main.tokenizer, name=main.name).eval()
+        what = "untrained PersRM (fresh LoRA r=8, zero head; timing does not depend on training)"
+    res = Resources(model=LoadedModel(model=rm.base_lm, tokenizer=main.tokenizer, name=main.name), persrm=rm)
+    be = build_backend(res, ["pad"])
+    note = (f"{what} on the same backbone: base, π_ref, π_θ views in one batched forward"
+            + ("; output head on the base rows only (linear head)" if output_head_is_linear(rm.base_lm) else ""))
+    return build_method("pad", {}, be, res), be, note
+
+
+def _reward_guided(name: str, main: LoadedModel, backend: HFBackend, opts: dict) -> tuple[Method, HFBackend, str]:
+    if opts.get("reward_model"):
+        scorer = load_reward_scorer(opts["reward_model"], device=str(next(main.model.parameters()).device))
+        what = opts["reward_model"]
+    else:
+        scorer = HFRewardScorer(BackboneRewardModel(main.model.base_model, main.model.config.hidden_size),
+                                main.tokenizer)
+        what = "a fresh linear head on the same backbone (untrained; timing does not depend on training)"
+    res = Resources(model=main, reward_model=scorer)
+    be = build_backend(res, [name])
+    method = build_method(name, {}, be, res)
+    if name == "best_of_n":
+        return method, be, f"N=4 samples in one batch; reward model: {what}"
+    if getattr(method, "reward_key", None) is None:
+        return method, be, f"k=10; reward model {what} (tokenizer differs: text re-tokenized, no reward cache)"
+    return method, be, f"k=10; cached reward views (k per request, one batched forward per step); reward model: {what}"
+
+
+def _drift(name: str, main: LoadedModel, backend: HFBackend, opts: dict) -> tuple[Method, HFBackend, str]:
+    """Seven attributes of the built-in pool with fixed unit-norm weights; steered by the LLM itself, or
+    by the bench's ``steer`` model."""
+    pool = default_pool()
+    names = pool.names[:7]
+    w = 1 / len(names) ** 0.5
+    steer = opts.get("steer")
+    small = steer if steer is not None else main
+    prof = DriftProfile.from_weights(pool, {n: w * (-1) ** i for i, n in enumerate(names)},
+                                     steer_identity(small.model, small.tokenizer, small.name), top_m=7)
+    params = {"profile": prof.to_dict(), "top_m": 7}  # the profile travels as its JSON dict
+    if steer is None:
+        be = backend
+        params["steer_model"] = "main"
+        note = "7 attributes, hand-set weights (no fitting), steering model = the LLM itself"
+    else:
+        res = Resources(model=main, steer_model=steer)
+        be = build_backend(res, ["drift"])
+        params["steer_model"] = "steer"
+        note = f"7 attributes, hand-set weights (no fitting), steering model = {steer.name}"
+    return build_method("drift", params, be), be, note
+
+
+def _pdpo(name: str, main: LoadedModel, backend: HFBackend, opts: dict) -> tuple[Method, HFBackend, str]:
+    users = UserModel.for_model(backend.models["main"], kind="individual", num_users=8, user_tokens=10)
+    users.to(backend.device("main"))
+    method = PDPOMethod(users=users, index=UserIndex([f"user{i}" for i in range(1, 9)]))
+    return method, backend, "untrained individual user model, T_u = 10 (timing only)"
+
+
+def _persona_judge(name: str, main: LoadedModel, backend: HFBackend, opts: dict) -> tuple[Method, HFBackend, str]:
+    second = BENCH_PREFERENCES[4]
+    method = build_method("persona_judge", {"second_preference": second}, backend)
+    return method, backend, (f"λ=4, alternating roles, lockstep schedule; each request's preference vs "
+                             f"second_preference={second!r}")
+
+
+_PRESETS: dict[str, Callable[..., tuple[Method, HFBackend, str]]] = {
+    "pad": _pad, "args": _reward_guided, "best_of_n": _reward_guided, "drift": _drift, "pdpo": _pdpo,
+    "persona_judge": _persona_judge,
+}
 
 
 @dataclass
@@ -184,8 +296,6 @@ def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]
 
 
 def _plain_generate_fn(main: Any, prompts: list[str], n: int) -> Callable[[], Any]:
-    from personalign.personas.prompts import build_prompt_ids, pad_token_id
-
     tok, model = main.tokenizer, main.model
     rows = [build_prompt_ids(tok, p) for p in prompts]
     W = max(len(r) for r in rows)
@@ -207,15 +317,19 @@ def _plain_generate_fn(main: Any, prompts: list[str], n: int) -> Callable[[], An
 
 def run_bench(
     main: Any,
-    backend: Any,
+    backend: Backend,
     methods: Sequence[str],
     *,
     batch_size: int = 1,
     max_new_tokens: int = 64,
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[BenchRow]:
-    """Time ``model.generate`` and each method on the same prompts; ratios are method / generate."""
+    """Time ``model.generate`` and each method on the same prompts; ratios are method / generate.
+
+    ``options`` (``persrm``, ``reward_model``, ``steer``) give the presets trained helpers
+    (``bench_method``)."""
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if max_new_tokens < 1:
@@ -232,15 +346,14 @@ def run_bench(
     }
     weights = {"generate": weights_mb(main.model)}
     skipped: list[BenchRow] = []
-    for name, cls in classes.items():
+    for name in classes:
         try:
-            method, be = cls.for_bench(backend, main)
+            method, be, note = bench_method(name, main, backend, options)
         except ValueError as e:  # a method that cannot be built here is reported, not fatal
             skipped.append(BenchRow(method=name, batch_size=batch_size, new_tokens=max_new_tokens,
                                     ms_per_token=float("nan"), tokens_per_s=float("nan"), peak_mem_mb=float("nan"),
                                     note=f"skipped: {e}"))
             continue
-        note = getattr(method, "bench_note", "")
         weights[name] = weights_mb(*be.models.values(), method)
 
         def fn(method: Any = method, be: Any = be) -> Any:
@@ -275,7 +388,6 @@ def run_bench(
 
 def resolve_methods(spec: str) -> list[str]:
     """``"all"`` -> every registered method; else the comma-separated names (validated)."""
-    from personalign.methods import METHODS
 
     if spec.strip() == "all":
         return METHODS.names()

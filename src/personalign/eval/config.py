@@ -24,9 +24,10 @@ Example (every key but ``models``, ``methods``, ``prompts`` and ``preferences`` 
 
 ``${shared}`` expands to ``$PERSONALIGN_SHARED`` or else ``../shared`` of the working directory;
 other ``${VAR}`` expand from the environment. Relative data paths are taken from the working
-directory. Method ``params`` go to the method's config dataclass; ``cli`` holds the method's own
-``personalign generate`` flags (``{profile: FILE}`` -> ``--profile FILE``) for its extra inputs
-(a Drift profile, a PersRM or P-DPO checkpoint); ``cli: {flag: true}`` passes a bare flag.
+directory. Method ``params`` go to the method's config dataclass; ``resources`` holds its extra
+inputs, the fields of ``assembly.Resources`` or their CLI flags' names (``{profile: FILE}``,
+``{persrm: DIR}``, ``{checkpoint: DIR}``, ``{reward_function: "file.py:name"}``); ``cli`` is the older
+name of the same mapping.
 The harness passes no ``--preference``: every request carries its own preference text.
 
 ``request_params`` are per-request method parameters (``Request.params``, merged over the method's
@@ -34,12 +35,13 @@ config for that row), so one method entry can give each preference its own input
 preferences still share batches: in their string values ``${preference}`` expands to the
 preference id (``P1A``) and ``${preference_text}`` to its text; ``${shared}`` and ``${ENV}`` expand
 as in paths. E.g. one Drift profile per preference (``profile: "runs/drift_${preference}.json"``) or
-the P-DPO user id of each preference (``user: "${preference}"``). (``cli`` values are read once per
+the P-DPO user id of each preference (``user: "${preference}"``). (``resources`` are loaded once per
 method, not per request, so they take no ``${preference}``.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -49,7 +51,11 @@ from typing import Any
 
 import yaml
 
+from personalign.assembly import method_resources
 from personalign.config import config_from_mapping
+from personalign.decoding.sampling import SamplingConfig
+from personalign.eval.metrics import get_metric
+from personalign.methods import get_method, method_names
 
 __all__ = ["EvalConfig", "ModelSpec", "MethodSpec", "GenerationSpec", "JudgeSpec", "MetricSpec", "PairMetricSpec",
            "load_eval_config", "parse_eval_config", "expand_path", "expand_request_params"]
@@ -102,6 +108,13 @@ class ModelSpec:
             raise ValueError("`models[].name` and `models[].path` must be non-empty strings.")
 
 
+# a method entry's `resources` keys -> assembly.Resources fields (the CLI flags' names are accepted too)
+RESOURCE_KEYS = {"persrm": "persrm", "reward_model": "reward_model", "reward_label": "reward_label",
+                 "reward_function": "reward_function", "pdpo_checkpoint": "pdpo_checkpoint",
+                 "checkpoint": "pdpo_checkpoint", "drift_profile": "drift_profile", "profile": "drift_profile",
+                 "steer_model": "steer_model", "steer_gguf_file": "steer_gguf_file"}
+
+
 @dataclass(frozen=True, kw_only=True)
 class MethodSpec:
     """A registered method with its parameters."""
@@ -109,17 +122,17 @@ class MethodSpec:
     name: str  # registry name
     label: str = ""  # label in tables (default: name); must be unique
     params: dict[str, Any] = field(default_factory=dict)  # the method's config fields
-    cli: dict[str, Any] = field(default_factory=dict)  # the method's own CLI flags
+    resources: dict[str, Any] = field(default_factory=dict)  # its inputs (``RESOURCE_KEYS``): paths of checkpoints
+    cli: dict[str, Any] = field(default_factory=dict)  # the same under the name of their CLI flags (older configs)
     request_params: dict[str, Any] = field(default_factory=dict)  # per request; ${preference} expands
 
     def __post_init__(self) -> None:
-        from personalign.methods import get_method
-
         cls = get_method(self.name)
         if not self.label:
             object.__setattr__(self, "label", self.name)
-        if not all(isinstance(x, Mapping) for x in (self.params, self.cli, self.request_params)):
-            raise ValueError(f"`methods[{self.label}].params`, `.cli` and `.request_params` must be mappings.")
+        if not all(isinstance(x, Mapping) for x in (self.params, self.resources, self.cli, self.request_params)):
+            raise ValueError(f"`methods[{self.label}].params`, `.resources` and `.request_params` must be mappings.")
+        self.resource_fields()  # unknown keys -> error now
         fields = getattr(getattr(cls, "Config", None), "__dataclass_fields__", None)
         if fields is not None:
             unknown = sorted(set(self.request_params) - set(fields))
@@ -127,6 +140,27 @@ class MethodSpec:
                 raise ValueError(f"`methods[{self.label}].request_params` has unknown keys {unknown}; "
                                  f"method {self.name!r} takes {sorted(fields)}.")
         expand_request_params(self.request_params, "P", "text")  # unknown ${VAR} -> error now, not mid-run
+
+    def resource_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(Resources fields, method params)`` of ``resources`` (and the older ``cli``): each key is a
+        ``Resources`` field (or its CLI flag's name), else a config field of the method (P-DPO's
+        ``user``), else an error listing the valid keys."""
+
+        fields = set(getattr(get_method(self.name).Config, "__dataclass_fields__", {}))
+        res, params = {}, {}
+        for k, v in {**self.cli, **self.resources}.items():
+            if k in RESOURCE_KEYS:
+                res[RESOURCE_KEYS[k]] = expand_path(v) if isinstance(v, str) else v
+            elif k in fields:
+                params[k] = v
+            else:
+                raise ValueError(f"`methods[{self.label}].resources` has unknown key {k!r}; valid: "
+                                 f"{sorted(set(RESOURCE_KEYS) | fields)}.")
+        unused = sorted(set(res) - method_resources(self.name))
+        if unused:
+            raise ValueError(f"`methods[{self.label}].resources` {unused} are not options of method {self.name!r} "
+                             f"(it reads {sorted(method_resources(self.name)) or 'none'}).")
+        return res, params
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,8 +176,6 @@ class GenerationSpec:
     chat_template: bool = True
 
     def __post_init__(self) -> None:
-        from personalign.decoding.sampling import SamplingConfig
-
         if self.max_new_tokens < 1:
             raise ValueError(f"`generation.max_new_tokens` must be >= 1, got {self.max_new_tokens}.")
         if self.batch_size < 1:
@@ -160,8 +192,6 @@ class MetricSpec:
     scorer: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        from personalign.eval.metrics import get_metric
-
         m = get_metric(self.metric)
         if m.kind != "response":
             raise ValueError(f"`metrics` holds per-response metrics; {self.metric!r} is a {m.kind} metric "
@@ -268,8 +298,6 @@ def _preferences(raw: Any) -> dict[str, str]:
     if not isinstance(raw, Mapping):
         raise ValueError("config: `preferences` must be {path: FILE, select: [IDs]} or an inline {ID: text} mapping.")
     if "path" in raw:
-        import json
-
         bad = set(raw) - {"path", "select"}
         if bad:
             raise ValueError(f"config: unknown `preferences` keys {sorted(bad)}; valid: path, select.")
@@ -300,8 +328,6 @@ def _preferences(raw: Any) -> dict[str, str]:
 
 
 def _methods(raw: Any) -> tuple[MethodSpec, ...]:
-    from personalign.methods import method_names
-
     items = raw if isinstance(raw, list) else [raw]
     out: list[MethodSpec] = []
     for it in items:

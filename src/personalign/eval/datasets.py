@@ -29,7 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personalign.records import DatasetError, Pair, pair_fields, read_records, short_repr, text_field
+from personalign.records import (
+    _ASSISTANT,
+    _PROMPT_KEYS,
+    DSP_DOMAINS,
+    DSP_USERS,
+    LAYOUTS,
+    DatasetError,
+    PreferencePair,
+    detect_layout,
+    dsp_to_pairs,
+    load_pairs,
+    read_records,
+    short_repr,
+    split_hh_dialogue,
+    text_field,
+)
 
 __all__ = [
     "DatasetError", "PromptRecord", "PreferencePair", "PairReport", "DSP_DOMAINS", "DSP_USERS",
@@ -39,27 +54,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DSP_DOMAINS = ("academy", "business", "entertainment", "literature", "normal")
-DSP_USERS = ("academy", "business", "entertainment", "literature")
-LAYOUTS = ("prompts", "trl", "dsp", "hh")
-_ASSISTANT = "\n\nAssistant:"
-_PROMPT_KEYS = ("prompt", "question", "query", "instruction")
 
 
 @dataclass(frozen=True)
 class PromptRecord:
     id: str
     prompt: str
-
-
-@dataclass(frozen=True)
-class PreferencePair(Pair):
-    """One comparison: ``chosen`` is preferred to ``rejected`` for ``prompt`` (by ``user_id``)."""
-
-    user_id: str | None = None
-    user_text: str | None = None
-    preference: str | None = None
-    origin: str = field(default="", compare=False)  # "file:line", for reports
 
 
 def _where(path: Path | str, line: int) -> str:
@@ -99,102 +99,6 @@ def load_prompts(path: str | Path, *, limit: int | None = None) -> list[PromptRe
 
 
 # ----------------------------------------------------------------------------- pairs
-def detect_layout(rec: Any) -> str:
-    """The layout of one record: ``trl``, ``dsp``, ``hh`` or ``prompts``."""
-    if isinstance(rec, dict):
-        if "responses" in rec and "query" in rec:
-            return "dsp"
-        if "chosen" in rec or "rejected" in rec:
-            return "trl" if "prompt" in rec else "hh"
-        if "text" in rec and isinstance(rec["text"], list):
-            return "hh"
-        if any(k in rec for k in _PROMPT_KEYS):
-            return "prompts"
-    if isinstance(rec, str):
-        return "prompts"
-    raise ValueError(f"cannot tell the layout of record {short_repr(rec)}; expected one of {', '.join(LAYOUTS)}.")
-
-
-def load_pairs(path: str | Path, *, layout: str = "auto", users: Sequence[str] = DSP_USERS,
-               on_error: str = "raise", errors: list[str] | None = None) -> list[PreferencePair]:
-    """Preference pairs from a ``trl``, ``dsp`` or ``hh`` file (see the module docstring).
-
-    Args:
-        layout: ``auto`` (from the first record), ``trl``, ``dsp`` or ``hh``.
-        users: the DSP users (domains) to make pairs for.
-        on_error: ``raise`` the first malformed record's ``DatasetError``, or ``skip`` malformed
-            records (each message is logged and appended to ``errors``). Unreadable files and
-            invalid JSON always raise.
-    """
-    if layout not in ("auto", "trl", "dsp", "hh"):
-        raise ValueError(f"`layout` must be one of auto, trl, dsp, hh, got {layout!r}.")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
-    pairs: list[PreferencePair] = []
-    for line, rec in read_records(path):
-        try:
-            layout = _parse_pair_record(rec, _where(path, line), layout, users, pairs)
-        except DatasetError as e:
-            if on_error == "raise":
-                raise
-            logger.warning("skipping malformed record: %s", e)
-            if errors is not None:
-                errors.append(str(e))
-    if not pairs:
-        raise DatasetError(f"{path}: no preference pairs.")
-    return pairs
-
-
-def _parse_pair_record(rec: Any, where: str, layout: str, users: Sequence[str], pairs: list[PreferencePair]) -> str:
-    """Append the pairs of one record; returns the file's layout (fixed by its first record)."""
-    lay = layout
-    if lay == "auto":
-        try:
-            lay = detect_layout(rec)
-        except ValueError as e:
-            raise DatasetError(f"{where}: {e}") from None
-        if lay == "prompts":
-            raise DatasetError(f"{where}: this is a prompt record, not a preference pair "
-                               "(expected `chosen` and `rejected`, or DSP `responses`).")
-    if not isinstance(rec, dict):
-        raise DatasetError(f"{where}: a {lay} record must be a JSON object, got {short_repr(rec)}.")
-    if lay == "trl":
-        pairs.append(_trl_pair(rec, where))
-    elif lay == "dsp":
-        pairs.extend(dsp_to_pairs([rec], users=users, where=where))
-    else:
-        pairs.append(_hh_pair(rec, where))
-    return lay
-
-
-def _trl_pair(rec: dict, where: str) -> PreferencePair:
-    return PreferencePair(**pair_fields(rec, where), origin=where)  # type: ignore[arg-type]
-
-
-def dsp_to_pairs(records: Iterable[dict], *, users: Sequence[str] = DSP_USERS, where: str = "") -> list[PreferencePair]:
-    """DSP records -> pairs: for each user domain ``d``, ``responses[d]`` beats every other response."""
-    bad = [u for u in users if u not in DSP_DOMAINS]
-    if bad:
-        raise ValueError(f"`users` must be DSP domains {DSP_DOMAINS}, got {bad}.")
-    out = []
-    for rec in records:
-        q = text_field(rec, "query", where)
-        resp = rec.get("responses")
-        if not isinstance(resp, dict):
-            raise DatasetError(f"{where}: field `responses` must be an object with keys {', '.join(DSP_DOMAINS)}.")
-        for d in DSP_DOMAINS:
-            if d not in resp:
-                raise DatasetError(f"{where}: missing field `responses.{d}` (a non-empty string).")
-            if not isinstance(resp[d], str) or not resp[d].strip():
-                raise DatasetError(f"{where}: field `responses.{d}` must be a non-empty string, got {short_repr(resp[d])}.")
-        for u in users:
-            for other in DSP_DOMAINS:
-                if other != u:
-                    out.append(PreferencePair(prompt=q, chosen=resp[u], rejected=resp[other], user_id=u,  # type: ignore[arg-type]
-                                              origin=where))
-    return out
-
-
 def pairs_to_dsp(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     """Pairs labelled with DSP users -> DSP records (inverse of ``dsp_to_pairs``).
 
@@ -221,41 +125,6 @@ def pairs_to_dsp(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
         r["normal"] = normal.pop()
         out.append({"query": q, "responses": {d: r[d] for d in DSP_DOMAINS}})
     return out
-
-
-def split_hh_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """``(prompt, chosen_response, rejected_response)`` of two HH dialogues sharing their history."""
-    n = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        n += 1
-    cut = chosen.rfind(_ASSISTANT, 0, n)  # the last turn marker lying wholly in the shared history
-    if cut < 0:
-        raise ValueError("the two dialogues share no history ending in '\\n\\nAssistant:'.")
-    k = cut + len(_ASSISTANT)
-    return chosen[:k], chosen[k:].strip(), rejected[k:].strip()
-
-
-def _hh_pair(rec: dict, where: str) -> PreferencePair:
-    if "text" in rec:
-        texts = rec["text"]
-        if not isinstance(texts, list) or len(texts) != 2 or not all(isinstance(t, str) and t for t in texts):
-            raise DatasetError(f"{where}: field `text` must be a list of two non-empty dialogues, got {short_repr(texts)}.")
-        a, b = texts
-        score = rec.get("score")
-        if score is not None:
-            if not (isinstance(score, list) and len(score) == 2 and all(isinstance(s, (int, float)) for s in score)):
-                raise DatasetError(f"{where}: field `score` must be a list of two numbers, got {short_repr(score)}.")
-            if score[1] > score[0]:
-                a, b = b, a
-    else:
-        a, b = text_field(rec, "chosen", where), text_field(rec, "rejected", where)
-    try:
-        prompt, c, r = split_hh_dialogue(a, b)  # type: ignore[arg-type]
-    except ValueError as e:
-        raise DatasetError(f"{where}: field `chosen`/`rejected`: {e}") from None
-    return PreferencePair(prompt=prompt, chosen=c, rejected=r, origin=where)
 
 
 def pair_to_hh(p: PreferencePair) -> dict[str, str]:

@@ -11,19 +11,17 @@ Outputs in ``output_dir``:
 * ``summary.csv`` (long format) and ``results.md`` (tables, see ``eval.report``); PNG plots.
 * ``run.json`` — the config, the methods' resolved configs, environment (versions, device, commit).
 
-Every method in the registry runs through the same path: the method's own CLI hooks
-(``add_cli_arguments`` / ``extra_models`` / ``from_cli``) receive the config entry's ``cli`` flags,
-so a method needing extra inputs (a profile, a checkpoint) gets them exactly as from
-``personalign generate``. No ``--preference`` is passed: each request carries its preference, and
+Every method in the registry is built by the same path as ``personalign generate`` and the server:
+``personalign.assembly`` (a method needing extra inputs, a profile or a checkpoint, gets them from the
+entry's ``resources``, mapped to ``assembly.Resources``). Each request carries its preference, and
 the entry's ``request_params`` (with ``${preference}`` expanded, see ``eval.config``) go into each
-request's ``params``. A method entry with ``cli`` inputs is built on its own copy of the model
+request's ``params``. A method entry with ``resources`` is built on its own copy of the model
 (loading a PersRM or a P-DPO checkpoint injects or merges adapters into the model it is given), so
 the methods after it and the local judge see the untouched model.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import hashlib
@@ -36,8 +34,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from personalign.assembly import Resources, build_backend
+from personalign.assembly import build_method as assemble_method
+from personalign.decoding.loop import decode
+from personalign.decoding.sampling import SamplingConfig
+from personalign.environment import environment_record
 from personalign.eval.config import (
     EvalConfig,
     GenerationSpec,
@@ -47,6 +51,12 @@ from personalign.eval.config import (
     expand_request_params,
 )
 from personalign.eval.datasets import PromptRecord, load_pairs, load_prompts
+from personalign.eval.judge import HTTPJudge, LocalJudge, judge_pairs
+from personalign.eval.metrics import preference_accuracy
+from personalign.eval.report import summarize, write_report
+from personalign.eval.reward import build_scorer
+from personalign.types import Request
+from personalign.views import HFBackend, LoadedModel, load_model
 
 __all__ = ["run_eval", "EvalResult", "build_method", "read_jsonl_records", "item_key"]
 
@@ -109,63 +119,21 @@ def _repair_tail(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- methods
-def _method_args(cls: Any, spec: MethodSpec, model: ModelSpec) -> argparse.Namespace:
-    """The namespace ``personalign generate`` would give the method, built from the entry's ``cli``."""
-    p = argparse.ArgumentParser(prog=f"eval[{spec.label}]", add_help=False)
-    for flag, kw in (("--model", {}), ("--gguf-file", {}), ("--dtype", {"default": "auto"}), ("--device", {}),
-                     ("--preference", {}), ("--method", {}), ("--seed", {"type": int, "default": 0})):
-        p.add_argument(flag, **kw)
-    p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--param", action="append")
-    cls.add_cli_arguments(p)
-    argv = ["--model", model.path, "--dtype", model.dtype, "--method", spec.name]
-    if model.gguf_file:
-        argv += ["--gguf-file", model.gguf_file]
-    if model.device:
-        argv += ["--device", model.device]
-    for k, v in spec.cli.items():
-        flag = "--" + str(k).replace("_", "-")
-        if v is True:
-            argv.append(flag)
-        elif v is False or v is None:
-            continue
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                argv += [flag, expand_path(str(x))]
-        else:
-            argv += [flag, expand_path(str(v)) if isinstance(v, str) else str(v)]
-    try:
-        args, unknown = p.parse_known_args(argv)
-    except SystemExit:
-        raise ValueError(f"method {spec.label!r}: invalid `cli` flags {spec.cli}.") from None
-    if unknown:
-        raise ValueError(f"method {spec.label!r}: `cli` flags {unknown} are not options of method {spec.name!r}.")
-    return args
+def build_method(spec: MethodSpec, model: ModelSpec, main: Any) -> tuple[Any, Any]:
+    """``(method, backend)`` for one config entry on one loaded model (``LoadedModel``), by assembly:
+    the entry's ``resources`` are loaded and attached to a backend of its own."""
 
-
-def build_method(spec: MethodSpec, model: ModelSpec, main: Any,
-                 load: Callable[[str, str | None], Any] | None = None) -> tuple[Any, Any]:
-    """``(method, backend)`` for one config entry on one loaded model (``LoadedModel``)."""
-    from personalign.methods import get_method
-    from personalign.views import HFBackend, load_model
-
-    cls = get_method(spec.name)
-    args = _method_args(cls, spec, model)
-    if load is None:
-        def load(path: str, gguf: str | None = None) -> Any:
-            return load_model(path, gguf_file=gguf, dtype=model.dtype, device=_device(model))
+    fields, params = spec.resource_fields()
     # checkpoints may inject or merge adapters into the model they are given: isolate the shared one
-    models = {"main": copy.deepcopy(main.model) if spec.cli else main.model}
-    toks = {"main": main.tokenizer}
-    for key, lm in cls.extra_models(args, load).items():
-        models[key], toks[key] = lm.model, lm.tokenizer
-    backend = HFBackend(models, toks)
-    return cls.from_cli(args, dict(spec.params), backend), backend
+    lm = copy.deepcopy(main.model) if fields else main.model
+    res = Resources(model=LoadedModel(model=lm, tokenizer=main.tokenizer, name=main.name,
+                                      gguf_file=getattr(main, "gguf_file", None)),
+                    dtype=model.dtype, device=_device(model), **fields)
+    backend = build_backend(res, [spec.name])
+    return assemble_method(spec.name, {**params, **spec.params}, backend, res), backend
 
 
 def _device(model: ModelSpec) -> str:
-    import torch
-
     return model.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -176,10 +144,6 @@ def _request_seed(base: int, key: str) -> int:
 # ----------------------------------------------------------------------------- generation
 def _generate_method(cfg: EvalConfig, model: ModelSpec, main: Any, spec: MethodSpec, prompts: list[PromptRecord],
                      done: dict[str, dict], out_path: Path, budget: list[int], env_method: dict) -> int:
-    from personalign.decoding.loop import decode
-    from personalign.decoding.sampling import SamplingConfig
-    from personalign.types import Request
-
     g: GenerationSpec = cfg.generation
     settings = _hash([asdict(model), asdict(spec), asdict(g)])
     todo = []
@@ -194,7 +158,8 @@ def _generate_method(cfg: EvalConfig, model: ModelSpec, main: Any, spec: MethodS
     if not todo:
         return 0
     method, backend = build_method(spec, model, main)
-    env_method[spec.label] = {"name": spec.name, "config": method.config_dict(), "params": spec.params, "cli": spec.cli}
+    env_method[spec.label] = {"name": spec.name, "config": method.config_dict(), "params": spec.params,
+                              "resources": {**spec.cli, **spec.resources}}
     sampling = SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
     n_done = 0
     bar = tqdm(total=len(todo), desc=f"{model.name}/{spec.label}", unit="item", leave=False)
@@ -240,8 +205,6 @@ def _jsonable(x: Any) -> Any:
 # ----------------------------------------------------------------------------- judging
 def _judge_all(cfg: EvalConfig, model: ModelSpec, main: Any, gens: dict[str, dict], jpath: Path,
                judged: dict[str, dict], output_dir: Path, models_cache: dict[str, Any]) -> None:
-    from personalign.eval.judge import HTTPJudge, LocalJudge, judge_pairs
-
     js = cfg.judge
     assert js is not None
     ref = js.reference
@@ -270,8 +233,6 @@ def _judge_all(cfg: EvalConfig, model: ModelSpec, main: Any, gens: dict[str, dic
                                cache_dir=js.cache_dir or output_dir / "judge_cache", retries=js.retries,
                                concurrency=js.concurrency)
     else:
-        from personalign.views import HFBackend
-
         jm = _judge_model(cfg, model, main, models_cache)
         judge = LocalJudge(HFBackend(jm.model, jm.tokenizer), labels=tuple(js.labels), tie_margin=js.tie_margin,
                            batch_size=js.batch_size)
@@ -290,8 +251,6 @@ def _judge_all(cfg: EvalConfig, model: ModelSpec, main: Any, gens: dict[str, dic
 
 
 def _judge_model(cfg: EvalConfig, model: ModelSpec, main: Any, cache: dict[str, Any]) -> Any:
-    from personalign.views import load_model
-
     name = cfg.judge.model if cfg.judge else None
     if name is None or name == model.name:
         return main
@@ -304,8 +263,6 @@ def _judge_model(cfg: EvalConfig, model: ModelSpec, main: Any, cache: dict[str, 
 
 
 def _load(model: ModelSpec, cache: dict[str, Any]) -> Any:
-    from personalign.views import load_model
-
     if model.name not in cache:
         path = expand_path(model.path) if model.path != "smollm2" else model.path
         cache[model.name] = load_model(path, gguf_file=model.gguf_file, dtype=model.dtype, device=_device(model))
@@ -325,8 +282,6 @@ def run_eval(cfg: EvalConfig, *, output_dir: str | Path | None = None, models: d
             resumed by the next call). Metrics and tables cover what exists.
         progress: receives one-line status messages.
     """
-    from personalign.eval.environment import environment_record
-    from personalign.eval.report import summarize, write_report
 
     say = progress or (lambda s: None)
     out = Path(output_dir or cfg.output_dir)
@@ -397,9 +352,6 @@ def _current_judgments(cfg: EvalConfig, gens: list[dict], judged: dict[str, dict
 
 
 def _pair_metrics(cfg: EvalConfig) -> list[dict[str, Any]]:
-    from personalign.eval.metrics import preference_accuracy
-    from personalign.eval.reward import build_scorer
-
     rows = []
     for pm in cfg.pair_metrics:
         pairs = load_pairs(expand_path(str(pm.pairs["path"])), layout=pm.pairs.get("layout", "auto"), on_error="skip")

@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from personalign.eval.metrics import mean_ci
+from personalign.personas.prompts import build_prompt_ids
+from personalign.types import ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["Judge", "JudgeItem", "Verdict", "PairOutcome", "WinRate", "HTTPJudge", "LocalJudge", "judge_messages",
            "combine_orders", "judge_pairs", "aggregate", "parse_scores"]
@@ -244,7 +247,7 @@ class LocalJudge:
 
     combine = "margin"
 
-    def __init__(self, backend: Any, *, model: str = "main", labels: tuple[str, str] = ("A", "B"),
+    def __init__(self, backend: Backend, *, model: str = "main", labels: tuple[str, str] = ("A", "B"),
                  tie_margin: float = 0.0, batch_size: int = 8, chat_template: bool = True) -> None:
         if tie_margin < 0 or batch_size < 1:
             raise ValueError(f"`tie_margin` must be >= 0 and `batch_size` >= 1, got {tie_margin}, {batch_size}.")
@@ -257,8 +260,6 @@ class LocalJudge:
         self.label_ids = (ids[0][0], ids[1][0])
 
     def prompt_ids(self, item: JudgeItem) -> tuple[int, ...]:
-        from personalign.personas.prompts import build_prompt_ids
-
         system, user = judge_messages(item, labels=self.labels, output="choice")
         a, b = self.labels
         question = f"{user['content']}\n\nWhich answer is better, {a} or {b}?"
@@ -266,8 +267,6 @@ class LocalJudge:
                                 chat_template=self.chat_template)
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        from personalign.types import ViewSpec
-
         out: list[Verdict] = []
         ia, ib = self.label_ids
         for s in range(0, len(items), self.batch_size):

@@ -16,7 +16,7 @@ empty response); the harness averages them with a 95% confidence interval (``mea
   ``textstat`` counts them, and 1 for a number. Lower reads more easily.
 * ``sentiment``: VADER compound score in [-1, 1] (``vaderSentiment``).
 * ``offensiveness``: probability of offensive language from ``alt-profanity-check`` in [0, 1].
-* ``reward``: a ``RewardScorer``'s score (``eval.reward``): a local sequence-classification
+* ``reward``: a ``RewardScorer``'s score (``views.reward``): a local sequence-classification
   model, the PAD PersRM, or a Python function; bind one with ``METRICS.get("reward").bind(scorer=...)``.
 * ``preference_accuracy`` (pairs): the fraction of pairs whose chosen response a scorer ranks
   above the rejected one, ties counting 1/2.
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
 from personalign.registry import Registry
+from personalign.views.reward import score_texts, uses_request_preference
 
 __all__ = [
     "METRICS", "Metric", "get_metric", "word_count", "diversity", "ngram_ratio", "flesch_kincaid_grade",
@@ -169,7 +171,6 @@ def offensiveness(texts: Sequence[str]) -> list[float]:
     """Probability of offensive language per text (alt-profanity-check's linear SVM, calibrated)."""
     if not texts:
         return []
-    import warnings
 
     with warnings.catch_warnings():  # the bundled model was pickled by an older scikit-learn
         warnings.simplefilter("ignore")
@@ -188,7 +189,6 @@ def preference_accuracy(scorer: Any, pairs: Sequence[Any]) -> float:
     if not pairs:
         raise ValueError("`pairs` must hold at least one preference pair.")
     prompts = [p.prompt for p in pairs]
-    from personalign.eval.reward import score_texts, uses_request_preference
 
     prefs = [getattr(p, "preference", None) for p in pairs]
     if uses_request_preference(scorer):  # e.g. the PersRM: each pair is scored under its own preference
@@ -223,7 +223,6 @@ def _reward(prompts: list[str], responses: list[str], scorer: Any = None,
             preferences: list[str | None] | None = None) -> list[float]:
     if scorer is None:
         raise ValueError("metric 'reward' needs a scorer: bind one with .bind(scorer=...) or set `scorer` in the config.")
-    from personalign.eval.reward import score_texts
 
     out = score_texts(scorer, prompts, responses, preferences)
     if len(out) != len(responses):

@@ -15,8 +15,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from personalign.eval.config import EvalConfig
+from personalign.eval.config import EvalConfig, expand_path
+from personalign.eval.judge import aggregate
 from personalign.eval.metrics import Metric, get_metric, mean_ci
+from personalign.eval.plots import plot_preference_bars, plot_tradeoff
+from personalign.eval.reward import build_scorer
 
 __all__ = ["summarize", "write_report", "metric_objects", "format_cell"]
 
@@ -27,8 +30,6 @@ CSV_FIELDS = ["model", "method", "preference", "metric", "mean", "ci", "n", "hig
 
 def metric_objects(cfg: EvalConfig) -> dict[str, Metric]:
     """Configured metrics by name, reward scorers built and bound."""
-    from personalign.eval.config import expand_path
-    from personalign.eval.reward import build_scorer
 
     out = {}
     for spec in cfg.metrics:
@@ -61,8 +62,6 @@ def summarize(cfg: EvalConfig, gens: list[dict[str, Any]], judgments: list[dict[
             rows.append({"model": model, "method": method, "preference": pref, "metric": name, "mean": mean, "ci": ci,
                          "n": n, "higher_is_better": m.higher_is_better})
     if cfg.judge is not None:
-        from personalign.eval.judge import aggregate
-
         jg: dict[tuple, list[str]] = defaultdict(list)
         for j in judgments:
             jg[(j["model"], j["method"], j["preference_id"])].append(j["result"])
@@ -156,7 +155,6 @@ def _win_table(cfg: EvalConfig, model: str, rows: dict[tuple, dict]) -> list[str
 def write_report(cfg: EvalConfig, out: Path, gens: list[dict], summary: list[dict],
                  pair_rows: list[dict] | None = None) -> str:
     """Write ``summary.csv``, ``results.md`` and the plots; return the Markdown."""
-    from personalign.eval.plots import plot_preference_bars, plot_tradeoff
 
     with (out / "summary.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

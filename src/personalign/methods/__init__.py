@@ -1,5 +1,6 @@
 """Decoding methods. Each built-in registers itself on import; this list is the whole set."""
 
+from personalign.decoding.method import METHODS, DecodeState, Method, TokenMethod, get_method, method_names
 from personalign.methods import (  # noqa: F401  (registration, one module per method)
     amulet,
     args,
@@ -12,6 +13,5 @@ from personalign.methods import (  # noqa: F401  (registration, one module per m
     persona_judge,
     preference_prompting,
 )
-from personalign.methods.api import METHODS, DecodeState, Method, TokenMethod, get_method, method_names
 
 __all__ = ["METHODS", "DecodeState", "Method", "TokenMethod", "get_method", "method_names"]

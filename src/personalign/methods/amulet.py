@@ -55,8 +55,9 @@ from typing import Any
 
 import torch
 
-from personalign.methods.api import METHODS, DecodeState
+from personalign.decoding.method import METHODS, DecodeState
 from personalign.methods.prompt_views import PairViewMethod, build_pair_views
+from personalign.views.base import Backend
 
 __all__ = [
     "AmuletConfig",
@@ -209,9 +210,8 @@ class AmuletMethod(PairViewMethod):
 
     name = "amulet"
     Config = AmuletConfig
-    bench_note = "T = 60, α = λ = 2, η = 10; two views (preference, plain) in one batched forward"
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         dev = state.views.last_logprobs.device
         cs = state.configs
         params = {

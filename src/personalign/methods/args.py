@@ -30,21 +30,19 @@ from typing import Any
 
 import torch
 
+from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import sample
-from personalign.eval.reward import (
-    HFRewardScorer,
-    RewardLMView,
+from personalign.methods.prompt_views import require_preference
+from personalign.personas.prompts import build_prompt_ids
+from personalign.types import Request, StepOutput, ViewSpec
+from personalign.views.base import Backend
+from personalign.views.reward import (
     RewardScorer,
     prompt_text,
     reward_from_logprobs,
     score_texts,
     uses_request_preference,
 )
-from personalign.methods.api import METHODS, DecodeState, Method
-from personalign.methods.best_of_n import add_reward_arguments, bench_scorer, scorer_from_cli
-from personalign.methods.prompt_views import require_preference
-from personalign.personas.prompts import build_prompt_ids
-from personalign.types import Request, StepOutput, ViewSpec
 
 __all__ = ["ARGSConfig", "ARGSMethod", "args_scores"]
 
@@ -99,6 +97,7 @@ class ARGSMethod(Method):
 
     name = "args"
     Config = ARGSConfig
+    requires = ("reward",)
 
     def __init__(self, config: ARGSConfig | None = None, *, scorer: RewardScorer | None = None,
                  reward_key: str | None = None, **overrides: Any) -> None:
@@ -108,9 +107,15 @@ class ARGSMethod(Method):
         if scorer is not None and reward_key is not None:
             raise ValueError("pass either `scorer` (text rewards) or `reward_key` (a cached reward view), not both.")
         self.scorer, self.reward_key = scorer, reward_key
-        self.bench_note = ""
 
-    def build_views(self, request: Request, config: ARGSConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    @classmethod
+    def from_resources(cls, config: ARGSConfig, loaded: Any) -> ARGSMethod:
+        """Candidates scored on the cached reward view when assembly attached one, else as text."""
+        if loaded.reward_key is not None:
+            return cls(config, reward_key=loaded.reward_key)
+        return cls(config, scorer=loaded.scorer)
+
+    def build_views(self, request: Request, config: ARGSConfig, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None and self.reward_key is None:
             raise ValueError("method 'args' needs a reward model: pass scorer= or reward_key= (CLI: --reward-model, --reward-function or --persrm).")
         if uses_request_preference(self.scorer):
@@ -131,7 +136,7 @@ class ARGSMethod(Method):
             views += [ViewSpec(prompt_ids=rids, model=self.reward_key, role=f"reward:{j}") for j in range(config.k)]
         return views
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         dev = state.views.last_logprobs.device
         state.extra["w"] = torch.tensor([c.w for c in state.configs], dtype=torch.float32, device=dev)
         state.extra["k"] = torch.tensor([c.k for c in state.configs], dtype=torch.long, device=dev)
@@ -141,7 +146,7 @@ class ARGSMethod(Method):
             for b in range(state.batch_size):
                 state.row_stats(b)["args_note"] = "reward model tokenizer differs: candidates re-tokenized as text"
 
-    def _step_cached(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def _step_cached(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         B, K = state.batch_size, state.views.num_views
         rv = list(range(1, K))  # the k reward views
         chosen = state.extra.get("chosen")  # long [B], last step's token
@@ -161,7 +166,7 @@ class ARGSMethod(Method):
         state.extra["chosen"] = tokens
         return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))
 
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         if self.reward_key is not None:
             return self._step_cached(state, backend, generator)
         lp = state.next_logprobs(backend)[:, 0]  # [B, V]
@@ -184,34 +189,6 @@ class ARGSMethod(Method):
         tokens = sample(scores, state.sampling, generator, state.row_generators)
         state.pending = tokens[:, None]
         return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))
-
-    # ---------------------------------------------------------------- CLI and bench
-    @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        add_reward_arguments(parser)
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Any, backend: Any) -> Method:
-        config = cls.from_params(params).config
-        scorer = scorer_from_cli(args, backend)
-        if isinstance(scorer, HFRewardScorer) and _tokenizers_match(scorer.tokenizer, backend.tokenizer()):
-            backend.add_model("reward", RewardLMView.from_classifier(scorer.model, backend.vocab_size, scorer.label),
-                              scorer.tokenizer, replace=True)
-            return cls(config, reward_key="reward")
-        return cls(config, scorer=scorer)
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[Method, Any]:
-        scorer, what = bench_scorer(main)
-        if not _tokenizers_match(scorer.tokenizer, backend.tokenizer()):
-            method = cls(scorer=scorer)
-            method.bench_note = f"k=10; reward model {what} (tokenizer differs: text re-tokenized, no reward cache)"
-            return method, backend
-        backend.add_model("reward", RewardLMView.from_classifier(scorer.model, backend.vocab_size, scorer.label),
-                          scorer.tokenizer, replace=True)
-        method = cls(reward_key="reward")
-        method.bench_note = f"k=10; cached reward views (k per request, one batched forward per step); reward model: {what}"
-        return method, backend
 
 
 METHODS.register("args", ARGSMethod)

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from personalign.methods.api import METHODS, DecodeState, TokenMethod
+from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.methods.prompt_views import plain_view
 from personalign.types import Request, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["BaseMethod"]
 
@@ -22,7 +23,7 @@ class BaseMethod(TokenMethod):
 
     name = "base"
 
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: Any, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         return [plain_view(request, backend, chat_template)]
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:

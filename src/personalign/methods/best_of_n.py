@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
+from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
-from personalign.eval.reward import (
-    PersRMScorer,
+from personalign.methods.prompt_views import plain_view, require_preference
+from personalign.types import Request, StepOutput, ViewSpec
+from personalign.views.base import Backend
+from personalign.views.reward import (
     RewardScorer,
     prompt_text,
     score_texts,
     uses_request_preference,
 )
-from personalign.methods.api import METHODS, DecodeState, Method
-from personalign.methods.prompt_views import plain_view, require_preference
-from personalign.types import Request, StepOutput, ViewSpec
 
 __all__ = ["BestOfNConfig", "BestOfNMethod"]
 
@@ -71,22 +71,26 @@ class BestOfNMethod(Method):
 
     name = "best_of_n"
     Config = BestOfNConfig
+    requires = ("reward",)
+
+    @classmethod
+    def from_resources(cls, config: BestOfNConfig, loaded: Any) -> BestOfNMethod:
+        return cls(config, scorer=loaded.scorer)
 
     def __init__(self, config: BestOfNConfig | None = None, *, scorer: RewardScorer | None = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         if scorer is not None and not isinstance(scorer, RewardScorer):
             raise ValueError(f"`scorer` must have score(prompts, responses) -> list[float], got {type(scorer).__name__}.")
         self.scorer = scorer
-        self.bench_note = ""
 
-    def build_views(self, request: Request, config: BestOfNConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: BestOfNConfig, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         if self.scorer is None:
             raise ValueError("method 'best_of_n' needs a reward scorer: pass scorer= (CLI: --reward-model, --reward-function or --persrm).")
         if uses_request_preference(self.scorer):
             require_preference(request, self.name)  # the reward scores with the request's preference
         return [plain_view(request, backend, chat_template)]
 
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         if state.extra.get("chosen"):
             # The loop goes on past a chosen answer only when it ignores EOS: continue plainly.
             tokens = sample(state.next_logprobs(backend)[:, 0], state.sampling, generator, state.row_generators)
@@ -137,76 +141,5 @@ class BestOfNMethod(Method):
         return StepOutput(tokens=out, n_tokens=lens)
 
     # ---------------------------------------------------------------- CLI and bench
-    @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        add_reward_arguments(parser)
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Any, backend: Any) -> Method:
-        return cls(cls.from_params(params).config, scorer=scorer_from_cli(args, backend))
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[Method, Any]:
-        scorer, what = bench_scorer(main)
-        method = cls(scorer=scorer)
-        method.bench_note = f"N=4 samples in one batch; reward model: {what}"
-        return method, backend
-
-
-def add_reward_arguments(parser: Any) -> None:
-    """``--reward-model`` / ``--reward-label``, ``--reward-function`` (and ``--persrm``) for reward-guided methods."""
-    have = parser._option_string_actions
-    if "--reward-model" not in have:
-        parser.add_argument("--reward-model", metavar="PATH",
-                            help="a local sequence-classification reward model (args, best_of_n)")
-        parser.add_argument("--reward-label", type=int, default=0, metavar="I", help="reward output column")
-    if "--reward-function" not in have:
-        parser.add_argument("--reward-function", metavar="MODULE:NAME",
-                            help="a Python reward function f(prompt, response[, preference]) -> float, as "
-                                 "package.module:name or path/to/file.py:name (args, best_of_n)")
-    if "--persrm" not in have:
-        parser.add_argument("--persrm", metavar="DIR",
-                            help="a PersRM checkpoint (personalign train pad); used by pad and as a reward model")
-
-
-def scorer_from_cli(args: Any, backend: Any) -> RewardScorer:
-    """The reward of ``--reward-model``, else ``--reward-function``, else ``--persrm`` (a server may
-    take ``--persrm`` for pad and another reward for args / best_of_n)."""
-    if getattr(args, "reward_model", None):
-        from personalign.eval.reward import load_reward_scorer
-
-        return load_reward_scorer(args.reward_model, device=str(backend.device()), label=args.reward_label)
-    if getattr(args, "reward_function", None):
-        from personalign.eval.reward import FunctionScorer, import_object
-
-        fn = import_object(args.reward_function)
-        if not callable(fn):
-            raise ValueError(f"`--reward-function` {args.reward_function!r} is not callable.")
-        scorer = FunctionScorer(fn, name=args.reward_function)
-        if scorer.uses_preference:  # `--preference` fixes it; else each request's own
-            scorer.preference = getattr(args, "preference", None) or None
-        return scorer
-    if getattr(args, "persrm", None):
-        from personalign.methods.pad import load_persrm_for
-
-        # without `--preference`, each request's own preference (a server's case; checked per request)
-        return PersRMScorer(load_persrm_for(backend, args.persrm), getattr(args, "preference", None) or None)
-    raise ValueError("this method needs a reward model: `--reward-model PATH`, `--reward-function MODULE:NAME` "
-                     "or `--persrm DIR`.")
-
-
-def bench_scorer(main: Any) -> tuple[Any, str]:
-    """(scorer, description): ``--reward-model`` of the bench, else a fresh head on the main model's
-    decoder (untrained: timing does not depend on training)."""
-    from personalign.eval.reward import BackboneRewardModel, HFRewardScorer, load_reward_scorer
-
-    path = getattr(main, "bench_options", {}).get("reward_model")
-    if path:
-        return load_reward_scorer(path, device=str(next(main.model.parameters()).device)), path
-    lm = main.model
-    dec = lm.model if hasattr(lm, "model") else lm.get_decoder()
-    return (HFRewardScorer(BackboneRewardModel(dec, lm.config.hidden_size), main.tokenizer),
-            "a fresh linear head on the same backbone (untrained; timing does not depend on training)")
-
 
 METHODS.register("best_of_n", BestOfNMethod)

@@ -26,6 +26,7 @@ separately and uncached, and apply the formula above to the last-position log-pr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from typing import Any
 
 import torch
 
-from personalign.methods.api import METHODS, DecodeState, TokenMethod
+from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.methods.ops import nucleus_mask
 from personalign.personas.drift import DriftProfile
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["DriftConfig", "DriftMethod", "drift_scores"]
 
@@ -122,7 +124,7 @@ class DriftMethod(TokenMethod):
 
     name = "drift"
     Config = DriftConfig
-    bench_note = ""
+    uses = ("steer", "drift_profile")
 
     def _profile_of(self, config: DriftConfig) -> DriftProfile:
         if config.profile is None:
@@ -139,7 +141,7 @@ class DriftMethod(TokenMethod):
             return resolve_profile(self.config.profile).top_m
         return 7
 
-    def build_views(self, request: Request, config: DriftConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: DriftConfig, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         if config.top_m is not None and config.top_m > self.slots:
             raise ValueError(f"`top_m` of a request ({config.top_m}) must be <= the method's {self.slots} "
                              "attribute slots: every row of a batch has the same number of views.")
@@ -172,7 +174,7 @@ class DriftMethod(TokenMethod):
                                 manual_weights=prof.manual_weights)
         return prof.selected()[:m]
 
-    def _check_model(self, prof: DriftProfile, backend: Any, key: str) -> None:
+    def _check_model(self, prof: DriftProfile, backend: Backend, key: str) -> None:
         seen = self.__dict__.setdefault("_checked", set())
         tag = (json.dumps(prof.steer, sort_keys=True), id(backend.models[key]))
         if tag not in seen:
@@ -184,7 +186,7 @@ class DriftMethod(TokenMethod):
             return None  # every view on one model: one batched forward
         return [[0], list(range(1, num_views))]
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         B, S = state.batch_size, self.slots
         weights = torch.zeros(B, S)
         for b, cfg in enumerate(state.configs):
@@ -205,53 +207,16 @@ class DriftMethod(TokenMethod):
             scores = scores.masked_fill(~keep, float("-inf"))
         return scores
 
-    # -- command line and benchmark hooks ---------------------------------------
     @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        g = parser.add_argument_group("drift")
-        g.add_argument("--profile", metavar="PROFILE.json", help="drift: the user's profile (personalign fit drift)")
-        g.add_argument("--steer-model", metavar="PATH",
-                       help="drift: the small steering model the profile was fitted with (default: --model)")
-        g.add_argument("--steer-gguf-file", metavar="NAME", help="drift: GGUF file name inside --steer-model")
-
-    @classmethod
-    def extra_models(cls, args: Any, load: Any) -> dict[str, Any]:
-        if getattr(args, "steer_model", None):
-            return {"steer": load(args.steer_model, getattr(args, "steer_gguf_file", None))}
-        return {}
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Any, backend: Any) -> DriftMethod:
-        params = dict(params)
-        if getattr(args, "profile", None):
-            params.setdefault("profile", args.profile)
-        params.setdefault("steer_model", "steer" if "steer" in backend.models else "main")
-        return cls.from_params(params)
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[DriftMethod, Any]:
-        """Seven attributes of the built-in pool with fixed unit-norm weights; steered by the LLM itself, or by
-        the bench's `--steer-model` when given."""
-        from personalign.personas.attributes import default_pool
-        from personalign.personas.drift import steer_identity
-        from personalign.views.hf import HFBackend
-
-        pool = default_pool()
-        names = pool.names[:7]
-        w = 1 / len(names) ** 0.5
-        steer = getattr(main, "bench_options", {}).get("steer")
-        small = steer if steer is not None else main
-        prof = DriftProfile.from_weights(pool, {n: w * (-1) ** i for i, n in enumerate(names)},
-                                         steer_identity(small.model, small.tokenizer, small.name), top_m=7)
-        # The profile travels as its JSON dict, so the config round-trips through config_to_dict.
-        if steer is None:
-            method = cls(DriftConfig(profile=prof.to_dict(), steer_model="main", top_m=7))
-            method.bench_note = "7 attributes, hand-set weights (no fitting), steering model = the LLM itself"
-            return method, backend
-        method = cls(DriftConfig(profile=prof.to_dict(), steer_model="steer", top_m=7))
-        method.bench_note = f"7 attributes, hand-set weights (no fitting), steering model = {steer.name}"
-        both = HFBackend({"main": main.model, "steer": steer.model}, {"main": main.tokenizer, "steer": steer.tokenizer})
-        return method, both
+    def from_resources(cls, config: DriftConfig, loaded: Any) -> DriftMethod:
+        """Steered by assembly's steering model (``steer`` when one was given, else the LLM itself); the
+        default profile of requests that bring none is the resources' ``drift_profile``."""
+        changes = {}
+        if config.steer_model == DriftConfig().steer_model and loaded.steer_key != config.steer_model:
+            changes["steer_model"] = loaded.steer_key
+        if config.profile is None and loaded.drift_profile is not None:
+            changes["profile"] = loaded.drift_profile
+        return cls(dataclasses.replace(config, **changes) if changes else config)
 
 
 METHODS.register("drift", DriftMethod)

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from personalign.decoding.method import METHODS, DecodeState
 from personalign.methods.amulet import BASE_LOGPROB_FLOOR
-from personalign.methods.api import METHODS, DecodeState
 from personalign.methods.ops import nucleus_mask, nucleus_threshold
 from personalign.methods.prompt_views import PairViewMethod
+from personalign.views.base import Backend
 
 __all__ = ["LinearAlignmentConfig", "LinearAlignmentMethod", "linear_align", "nucleus_keep"]
 
@@ -108,9 +108,8 @@ class LinearAlignmentMethod(PairViewMethod):
 
     name = "linear_alignment"
     Config = LinearAlignmentConfig
-    bench_note = "r = 1, top-p 0.9; two views (preference, plain) in one batched forward"
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         dev = state.views.last_logprobs.device
         state.extra["linear_alignment"] = {
             "ratio": torch.tensor([c.ratio for c in state.configs], dtype=torch.float32, device=dev),

@@ -18,7 +18,8 @@ Views (all advance together, one cached forward per model per step):
 prompt]; ``released``: [base, theta]. When the base model IS the PersRM's backbone, all views run
 on one ``RowAdapterModel`` (the LoRA adapter on the θ rows only), so base, π_ref and π_θ are ONE
 batched forward over ONE copy of the weights; otherwise the PersRM views form a second group on
-the PersRM's own backbone (same tokenizer required).
+the PersRM's own backbone (same tokenizer required). Assembly attaches those models before decoding
+(``pad_views``, ``personalign.assembly.attach_persrm``).
 
 With a linear output head (checked once per model), the π_ref and π_θ rows need only their hidden
 states: their logits and log-normalizers add the same constant to every candidate's score
@@ -31,29 +32,22 @@ and π_θ on the text so far, hidden states from the decoder, then the rule from
 
 from __future__ import annotations
 
-import copy
 import logging
-import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import sample
-from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.prompt_views import require_preference
 from personalign.personas.prompts import build_prompt_ids
-from personalign.training.persrm.model import (
-    ADAPTER,
-    PersRM,
-    backbone_fingerprint,
-    persrm_prompt_ids,
-)
+from personalign.training.persrm.model import ADAPTER, PersRM, persrm_prompt_ids
 from personalign.types import Request, StepOutput, ViewSpec
 from personalign.views.adapters import BASE_ADAPTER, RowAdapterModel, output_head_is_linear
+from personalign.views.base import Backend
 
-__all__ = ["PADConfig", "PADMethod", "pad_scores", "attach_persrm", "persrm_key", "MODES"]
+__all__ = ["PADConfig", "PADMethod", "pad_scores", "pad_views", "persrm_key", "MODES"]
 
 logger = logging.getLogger(__name__)
 MODES = ("eq13", "released")
@@ -144,57 +138,73 @@ def persrm_key(pattern: tuple[str, ...], logits: tuple[bool, ...]) -> str:
     return "persrm[" + ",".join(n + ("" if f else ":h") for n, f in zip(names, logits)) + "]"
 
 
-def attach_persrm(backend: Any, persrm: PersRM) -> bool:
-    """Make ``backend`` ready for PAD views of ``persrm``; returns whether the base model is shared.
+def _roles(mode: str) -> list[str]:
+    return ["base", "ref", "theta"] if mode == "eq13" else ["base", "theta"]
 
-    If the backend's main model is the PersRM's backbone (the adapter was injected into it), main is
-    replaced by an adapter-free view of the same weights, so other views of main stay the base model.
-    """
-    main = backend.models["main"]
-    if main is persrm.base_lm:
-        backend.add_model("main", RowAdapterModel(persrm.lm, (BASE_ADAPTER,)), replace=True)
-        return True
-    return isinstance(main, RowAdapterModel) and main.peft_model is persrm.lm
+
+def _adapter_rows(persrm: PersRM, shared: bool, mode: str) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The PersRM view's adapter per view slot and whether the slot needs logits, for ``mode``."""
+    adapters = {"base": BASE_ADAPTER, "ref": BASE_ADAPTER, "theta": ADAPTER}
+    roles = _roles(mode)
+    rm_roles = roles if shared else roles[1:]
+    # with a linear head, π_ref and π_θ rows need only their hidden states (see pad_scores)
+    hidden_only = output_head_is_linear(persrm.base_lm)
+    return tuple(adapters[r] for r in rm_roles), tuple(r == "base" or not hidden_only for r in rm_roles)
+
+
+def pad_views(persrm: PersRM, shared: bool) -> dict[str, RowAdapterModel]:
+    """The models PAD's views decode, for both modes: model key -> a ``RowAdapterModel`` over the
+    PersRM's weights (``assembly.attach_persrm`` registers them before decoding). ``shared``: the base
+    model is the PersRM's backbone, so base, π_ref and π_θ rows run in one forward over one copy."""
+    out = {}
+    for mode in MODES:
+        pattern, logits = _adapter_rows(persrm, shared, mode)
+        out[persrm_key(pattern, logits)] = RowAdapterModel(persrm.lm, pattern, logits)
+    return out
 
 
 class PADMethod(Method):
-    """PAD guided decoding with a PersRM (pass ``persrm=``; the CLI loads it from ``--persrm``)."""
+    """PAD guided decoding with a PersRM (``persrm=``; ``shared``: its backbone is the main model).
+
+    Assembly (``personalign.assembly``) loads the PersRM and attaches its views (``pad_views``) before
+    decoding; ``build_views`` only looks them up.
+    """
 
     name = "pad"
     Config = PADConfig
+    requires = ("persrm",)
 
-    def __init__(self, config: PADConfig | None = None, *, persrm: PersRM | None = None, **overrides: Any) -> None:
+    def __init__(self, config: PADConfig | None = None, *, persrm: PersRM | None = None, shared: bool = True,
+                 **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        self.persrm = persrm
-        self.bench_note = ""
+        self.persrm, self.shared = persrm, shared
+
+    @classmethod
+    def from_resources(cls, config: PADConfig, loaded: Any) -> PADMethod:
+        return cls(config, persrm=loaded.persrm, shared=loaded.persrm_shared)
 
     # ---------------------------------------------------------------- views
-    def _layout(self, backend: Any, mode: str) -> tuple[list[str], list[str]]:
-        """(model key per view, role per view) for ``mode``, registering the adapter views."""
+    def _layout(self, backend: Backend, mode: str) -> tuple[list[str], list[str]]:
+        """(model key per view, role per view) for ``mode``."""
         if self.persrm is None:
-            raise ValueError("method 'pad' needs a PersRM: pass persrm=PersRM.load(DIR) (CLI: --persrm DIR).")
-        shared = attach_persrm(backend, self.persrm)
-        roles = ["base", "ref", "theta"] if mode == "eq13" else ["base", "theta"]
-        adapters = {"base": BASE_ADAPTER, "ref": BASE_ADAPTER, "theta": ADAPTER}
-        rm_roles = roles if shared else roles[1:]
-        pattern = tuple(adapters[r] for r in rm_roles)
-        # with a linear head, π_ref and π_θ rows need only their hidden states (see pad_scores)
-        hidden_only = output_head_is_linear(self.persrm.base_lm)
-        logits = tuple(r == "base" or not hidden_only for r in rm_roles)
-        key = persrm_key(pattern, logits)
+            raise ValueError("method 'pad' needs a PersRM: build it with personalign.assembly (Resources(persrm=DIR)) "
+                             "or pass persrm= (CLI: --persrm DIR).")
+        roles = _roles(mode)
+        key = persrm_key(*_adapter_rows(self.persrm, self.shared, mode))
         if key not in backend.models:
-            backend.add_model(key, RowAdapterModel(self.persrm.lm, pattern, logits), self.persrm.tokenizer)
-        keys = [key] * len(roles) if shared else ["main"] + [key] * (len(roles) - 1)
+            raise ValueError(f"the backend has no PersRM view {key!r}: attach the PersRM before decoding "
+                             "(personalign.assembly.attach_persrm).")
+        keys = [key] * len(roles) if self.shared else ["main"] + [key] * (len(roles) - 1)
         return keys, roles
 
-    def build_views(self, request: Request, config: PADConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: PADConfig, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         pref = require_preference(request, self.name)
         keys, roles = self._layout(backend, config.mode)
         base_ids = build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template)
         rm_ids = persrm_prompt_ids(self.persrm.tokenizer, request.prompt, pref, chat_template)
         return [ViewSpec(prompt_ids=base_ids if r == "base" else rm_ids, model=m, role=r) for m, r in zip(keys, roles)]
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         modes = {c.mode for c in state.configs}
         if len(modes) != 1:
             raise ValueError(f"`mode` must be the same for every request of a batch, got {sorted(modes)}.")
@@ -209,7 +219,7 @@ class PADMethod(Method):
             state.extra["w"] = w.float().to(dev)
 
     # ---------------------------------------------------------------- step
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         lp = state.next_logprobs(backend)  # [B, K, V]
         views = state.views
         roles = [s.role for s in views.specs[0]]
@@ -232,72 +242,6 @@ class PADMethod(Method):
         tokens = sample(scores, state.sampling, generator, state.row_generators)
         state.pending = tokens[:, None]
         return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))
-
-    # ---------------------------------------------------------------- CLI and bench
-    @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        if "--persrm" not in parser._option_string_actions:
-            parser.add_argument("--persrm", metavar="DIR",
-                                help="a PersRM checkpoint (personalign train pad); used by pad and as a reward model")
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Any, backend: Any) -> Method:
-        # The preference comes with each request (`generate --preference`, a server request's
-        # `personalization.preference`); `build_views` refuses a request without one.
-        if not getattr(args, "persrm", None):
-            raise ValueError("method 'pad' needs `--persrm DIR` (a checkpoint from `personalign train pad`).")
-        return cls(cls.from_params(params).config, persrm=load_persrm_for(backend, args.persrm))
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[Method, Any]:
-        from personalign.views.hf import HFBackend
-
-        # A copy keeps the other bench rows (and model.generate) free of the injected adapter.
-        ckpt = getattr(main, "bench_options", {}).get("persrm")
-        backbone = copy.deepcopy(main.model)
-        if ckpt:
-            rm, what = PersRM.load(ckpt, backbone, main.tokenizer), f"PersRM {ckpt}"
-        else:
-            rm = PersRM.create(backbone, main.tokenizer, name=main.name).eval()
-            what = "untrained PersRM (fresh LoRA r=8, zero head; timing does not depend on training)"
-        be = HFBackend(rm.base_lm, main.tokenizer)
-        method = cls(persrm=rm)
-        method.bench_note = (f"{what} on the same backbone: base, π_ref, π_θ views in one batched forward"
-                             + ("; output head on the base rows only (linear head)"
-                                if output_head_is_linear(rm.base_lm) else ""))
-        return method, be
-
-
-# PersRMs loaded per backend and checkpoint directory (pad, args and best_of_n of one server share one)
-_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def load_persrm_for(backend: Any, ckpt_dir: str) -> PersRM:
-    """Load a PersRM for ``backend``: onto its main model when that is the recorded backbone.
-
-    Loaded once per (backend, directory): every method of one backend gets the same PersRM. When it
-    shares the main model's weights, the adapter-free view of main is installed right away
-    (``attach_persrm``), so views of main that other methods decode stay the base model.
-    """
-    where = str(Path(ckpt_dir).resolve())
-    loaded = _LOADED.setdefault(backend, {})
-    if where in loaded:
-        return loaded[where]
-    cfg = PersRM.read_config(ckpt_dir)
-    main, tok = backend.models["main"], backend.tokenizer()
-    if isinstance(main, RowAdapterModel):
-        main = main.peft_model.get_base_model()
-    if backbone_fingerprint(main, tok) == cfg.fingerprint:
-        rm = PersRM.load(ckpt_dir, main, tok, device=str(backend.device()))
-        attach_persrm(backend, rm)
-    else:
-        logger.info("the base model is not the PersRM's backbone: loading %s separately", cfg.backbone)
-        rm = PersRM.load(ckpt_dir, device=str(backend.device()))
-        from personalign.views.hf import check_same_tokenizer
-
-        check_same_tokenizer(tok, rm.tokenizer, "main", "persrm")
-    loaded[where] = rm
-    return rm
 
 
 METHODS.register("pad", PADMethod)

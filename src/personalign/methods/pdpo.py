@@ -14,9 +14,10 @@ once per id), optionally warmed up with their text ``u_t``. The user of a reques
 carries its own soft prompt through one batched, cached forward per step. Soft prompts are computed
 once per (row, text) and cached.
 
-Where one backend serves several methods (``personalign serve``: ``shared_backend`` is set), the
-adapter is merged into a second copy of the base model under the key ``"pdpo"`` (``extra_models``
-loads it), so the main model the other methods decode stays the base model.
+Assembly (``personalign.assembly``) loads the checkpoint before decoding: into the main model, or,
+where one backend serves several methods (``Resources(shared=True)``, ``personalign serve``), into a
+second copy of the base model under the key ``"pdpo"``, so the main model the other methods decode
+stays the base model.
 NOTE: the loop's end-of-sequence ids come from the main model; a checkpoint trained with its own
 ``end_token_id`` (not the tokenizer's EOS) only stops there when it decodes on ``"main"``.
 
@@ -32,11 +33,11 @@ from typing import Any
 
 import torch
 
-from personalign.config import config_from_mapping
-from personalign.methods.api import METHODS, DecodeState, TokenMethod
+from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.personas.prompts import build_prompt_ids
-from personalign.training.user_model import UserIndex, UserModel, encode_user_text
+from personalign.training.user_model import UserIndex, UserModel, UserModelConfig, encode_user_text
 from personalign.types import Request, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["PDPOConfig", "PDPOMethod"]
 
@@ -64,28 +65,12 @@ class PDPOConfig:
             raise ValueError(f"`user_text` must be a string, got {type(self.user_text).__name__}.")
 
 
-def _add_once(parser: Any, flag: str, **kw: Any) -> None:
-    # several methods may declare the same generic flag (e.g. --checkpoint); argparse forbids duplicates
-    if flag not in getattr(parser, "_option_string_actions", {}):
-        parser.add_argument(flag, **kw)
-
-
-def _add_end_token(model: Any, end_id: int) -> None:
-    """Make the id that ended the training responses stop generation too (the loop reads generation_config)."""
-    cfg = getattr(model, "generation_config", None)
-    if end_id is None or end_id < 0 or cfg is None:
-        return
-    ids = cfg.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if end_id not in ids:
-        cfg.eos_token_id = [*ids, int(end_id)]
-
-
 class PDPOMethod(TokenMethod):
     """Decode a personalized LLM with each request's user embedding as a soft prompt."""
 
     name = "pdpo"
     Config = PDPOConfig
+    requires = ("pdpo",)
 
     def __init__(self, config: PDPOConfig | None = None, *, users: UserModel | None = None,
                  index: UserIndex | None = None, model: str = "main", **overrides: Any) -> None:
@@ -93,8 +78,6 @@ class PDPOMethod(TokenMethod):
         self.model = model  # the backend key of the personalized LLM
         if users is None:
             # the empty uniform user model: pi_p is the main model itself (vanilla DPO / no training)
-            from personalign.training.user_model import UserModelConfig
-
             logger.warning("pdpo without a checkpoint: no user model, decoding the main model as is")
             users = UserModel(UserModelConfig(kind="uniform", user_tokens=0, hidden_size=1))
         self.users = users.eval()
@@ -102,68 +85,9 @@ class PDPOMethod(TokenMethod):
         self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor | None] = {}
 
     @classmethod
-    def from_checkpoint(cls, directory: str, backend: Any, *, name: str | None = None, merge: bool = True,
-                        model: str = "main", **config: Any) -> PDPOMethod:
-        """Load ``directory`` onto ``backend.models[model]`` (its base model, modified in place) and build
-        the method, which then decodes that key."""
-        from personalign.training.pdpo.checkpoint import load_checkpoint
-
-        cfg = config_from_mapping(PDPOConfig, config)  # validate before touching the backend
-        if model not in backend.models:
-            raise ValueError(f"`model` {model!r} is not a model of the backend {sorted(backend.models)}.")
-        ck = load_checkpoint(directory, backend.models[model], name=name, merge=merge)
-        backend.models[model] = ck.lm
-        end_id = ck.config.get("train", {}).get("end_token_id", -1)
-        _add_end_token(ck.lm, end_id)
-        if model != "main" and end_id is not None and end_id >= 0 and end_id != backend.tokenizer(model).eos_token_id:
-            logger.warning("pdpo: the checkpoint's end token %d is not the tokenizer's EOS; on the model key %r "
-                           "generation stops at the main model's EOS ids only", end_id, model)
-        return cls(cfg, users=ck.users, index=ck.index, model=model)
-
-    # -- command line ---------------------------------------------------------------
-    @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        g = parser.add_argument_group("pdpo")
-        _add_once(g, "--checkpoint", metavar="DIR", help="pdpo: a checkpoint from `personalign train pdpo`")
-        _add_once(g, "--user", metavar="USER_ID", help="pdpo: the user's id (unknown ids use the generic user)")
-        _add_once(g, "--user-text", metavar="TEXT", help="pdpo: the user's textual information (optional)")
-
-    @classmethod
-    def default_model(cls, args: Any) -> tuple[str, str | None] | None:
-        ckpt = getattr(args, "checkpoint", None)
-        if not ckpt:
-            return None
-        from personalign.training.pdpo.checkpoint import read_checkpoint_config
-
-        base = read_checkpoint_config(ckpt)["base_model"]
-        return base.get("name"), base.get("gguf_file")
-
-    @classmethod
-    def extra_models(cls, args: Any, load: Any) -> dict[str, Any]:
-        # a backend shared with other methods keeps its main model: the adapter goes into a second copy
-        if getattr(args, "checkpoint", None) and getattr(args, "shared_backend", False):
-            return {"pdpo": load(args.model, getattr(args, "gguf_file", None))}
-        return {}
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Any, backend: Any) -> PDPOMethod:
-        if not getattr(args, "checkpoint", None):
-            raise ValueError("method 'pdpo' needs `--checkpoint DIR` (from `personalign train pdpo`).")
-        cfg = dict(params)
-        if getattr(args, "user", None) is not None:
-            cfg.setdefault("user", args.user)
-        if getattr(args, "user_text", None) is not None:
-            cfg.setdefault("user_text", args.user_text)
-        model = "pdpo" if "pdpo" in backend.models else "main"
-        return cls.from_checkpoint(args.checkpoint, backend, name=args.model, model=model, **cfg)
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[PDPOMethod, Any]:
-        users = UserModel.for_model(backend.models["main"], kind="individual", num_users=8, user_tokens=10)
-        users.to(backend.device("main"))
-        method = cls(users=users, index=UserIndex([f"user{i}" for i in range(1, 9)]))
-        method.bench_note = "untrained individual user model, T_u = 10 (timing only)"
-        return method, backend
+    def from_resources(cls, config: PDPOConfig, loaded: Any) -> PDPOMethod:
+        users, index, key = loaded.pdpo
+        return cls(config, users=users, index=index, model=key)
 
     # -- decoding -------------------------------------------------------------------
     def resolve_user(self, request: Request, config: PDPOConfig) -> tuple[str | None, int]:
@@ -174,7 +98,7 @@ class PDPOMethod(TokenMethod):
             uid = request.user
         return uid, self.index.row(uid, strict=False) if uid is not None else 0
 
-    def user_prefix(self, row: int, text_ids: tuple[int, ...], backend: Any) -> torch.Tensor | None:
+    def user_prefix(self, row: int, text_ids: tuple[int, ...], backend: Backend) -> torch.Tensor | None:
         """The soft prompt e_u float [P, D] on the main model's device (cached), or None when empty."""
         key = (row, text_ids)
         if key not in self._cache:
@@ -190,7 +114,7 @@ class PDPOMethod(TokenMethod):
             self._cache[key] = e.to(emb.weight.dtype) if e.shape[0] else None
         return self._cache[key]
 
-    def build_views(self, request: Request, config: PDPOConfig, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: PDPOConfig, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         if self.model not in backend.models:
             raise ValueError(f"method 'pdpo' decodes the model key {self.model!r}, which the backend lacks "
                              f"({sorted(backend.models)}).")
@@ -200,7 +124,7 @@ class PDPOMethod(TokenMethod):
         prefix = self.user_prefix(row, encode_user_text(tok, config.user_text), backend)
         return [ViewSpec(prompt_ids=ids, prefix_embeds=prefix, model=self.model, role=f"user_row:{row}")]
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         for b, (req, cfg) in enumerate(zip(state.requests, state.configs)):
             uid, row = self.resolve_user(req, cfg)
             state.row_stats(b).update(user=uid, user_row=row, user_known=row > 0)

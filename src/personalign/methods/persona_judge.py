@@ -71,11 +71,12 @@ from typing import Any
 
 import torch
 
+from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import SamplingParams, apply_temperature, top_k_mask, top_p_mask
-from personalign.methods.api import METHODS, DecodeState, Method
 from personalign.methods.ops import greedy_accept, speculative_accept
 from personalign.methods.prompt_views import preference_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["PersonaJudgeConfig", "PersonaJudgeMethod", "round_roles", "sampling_probs", "SCHEDULES"]
 
@@ -189,10 +190,9 @@ class PersonaJudgeMethod(Method):
 
     name = "persona_judge"
     Config = PersonaJudgeConfig
-    bench_note = ""
 
     # -- views -----------------------------------------------------------------
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: Any, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         first = require_preference(request, self.name)
         if not config.second_preference.strip():
             raise ValueError(
@@ -211,7 +211,7 @@ class PersonaJudgeMethod(Method):
         # lockstep: all views in one cache, one forward per emitted token; block: each view its own
         return None if self.config.schedule == "lockstep" else [[k] for k in range(num_views)]
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         K = state.views.num_views
         if any(c.num_views != K for c in state.configs):
             raise ValueError(f"every request of a batch needs the same number of preferences, got "
@@ -249,13 +249,13 @@ class PersonaJudgeMethod(Method):
                                       accepted_per_round=[])
 
     # -- one round -------------------------------------------------------------
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         if self.config.schedule == "lockstep":
             return self._step_lockstep(state, backend, generator)
         return self._step_block(state, backend, generator)
 
     # -- lockstep schedule: one batched forward of every view per emitted token --------------------
-    def _step_lockstep(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def _step_lockstep(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         """Emit one token per row: the next draft of its round if the judge keeps it, else the
         round's last token (the residual draw after a rejection, or the bonus token)."""
         ex, B, K = state.extra, state.batch_size, state.views.num_views
@@ -337,7 +337,7 @@ class PersonaJudgeMethod(Method):
         noise["final"] = torch.where(rows[:, None], e, noise["final"])
 
     # -- block schedule: Algorithm 1 as written ------------------------------------------------------
-    def _step_block(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def _step_block(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         ex, B, K = state.extra, state.batch_size, state.views.num_views
         accepted: list[list[int]] = ex["accepted"]
         active = ~state.finished.cpu()
@@ -404,7 +404,7 @@ class PersonaJudgeMethod(Method):
             toks[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         return toks, torch.tensor([len(s) for s in seqs]), torch.tensor(n_pend)
 
-    def _draft(self, state: DecodeState, backend: Any, generator: torch.Generator | None, d: torch.Tensor,
+    def _draft(self, state: DecodeState, backend: Backend, generator: torch.Generator | None, d: torch.Tensor,
                lam: torch.Tensor, active: torch.Tensor, greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """λ draft tokens per row from its draft view. Returns (drafts long [B, L], q log-probs [B, L, V])."""
         B, L = state.batch_size, int(lam.max())
@@ -434,7 +434,7 @@ class PersonaJudgeMethod(Method):
         q_lp = torch.stack(qs, 1) if qs else torch.zeros(B, 0, V, device=state.views.last_logprobs.device)
         return drafts, q_lp
 
-    def _judge(self, state: DecodeState, backend: Any, j: torch.Tensor, drafts: torch.Tensor, lam: torch.Tensor,
+    def _judge(self, state: DecodeState, backend: Backend, j: torch.Tensor, drafts: torch.Tensor, lam: torch.Tensor,
                active: torch.Tensor) -> torch.Tensor:
         """The judge's p_1..p_{L+1}: float32 [B, L + 1, V], from ONE forward of pending + drafts per view."""
         B, L = drafts.shape
@@ -457,14 +457,6 @@ class PersonaJudgeMethod(Method):
         return out
 
     # -- command line and benchmark hooks ---------------------------------------
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[Method, Any]:
-        from personalign.eval.bench import BENCH_PREFERENCES
-
-        method = cls(second_preference=BENCH_PREFERENCES[4])
-        method.bench_note = (f"λ=4, alternating roles, lockstep schedule; each request's preference vs "
-                             f"second_preference={BENCH_PREFERENCES[4]!r}")
-        return method, backend
 
 
 METHODS.register("persona_judge", PersonaJudgeMethod)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from personalign.methods.api import TokenMethod
+from personalign.decoding.method import TokenMethod
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["require_preference", "plain_view", "preference_view", "build_pair_views", "PairViewMethod"]
 
@@ -25,20 +26,20 @@ def require_preference(request: Request, method: str) -> str:
     return request.preference.strip()
 
 
-def plain_view(request: Request, backend: Any, chat_template: bool) -> ViewSpec:
+def plain_view(request: Request, backend: Backend, chat_template: bool) -> ViewSpec:
     """The view of the plain prompt (role ``base``)."""
     return ViewSpec(prompt_ids=build_prompt_ids(backend.tokenizer(), request.prompt, chat_template=chat_template),
                     role="base")
 
 
-def preference_view(request: Request, preference: str, backend: Any, chat_template: bool,
+def preference_view(request: Request, preference: str, backend: Backend, chat_template: bool,
                     role: str = "preference") -> ViewSpec:
     """The view of the prompt with ``preference`` as the system message."""
     ids = build_prompt_ids(backend.tokenizer(), request.prompt, system=preference, chat_template=chat_template)
     return ViewSpec(prompt_ids=ids, role=role)
 
 
-def build_pair_views(method: str, request: Request, backend: Any, chat_template: bool) -> list[ViewSpec]:
+def build_pair_views(method: str, request: Request, backend: Backend, chat_template: bool) -> list[ViewSpec]:
     """[preference-prompted view, plain view] of one request (the preference as system message)."""
     pref = require_preference(request, method)
     return [preference_view(request, pref, backend, chat_template), plain_view(request, backend, chat_template)]
@@ -51,5 +52,5 @@ class PairViewMethod(TokenMethod):
     advance together in one batched forward. Requests without a preference are errors.
     """
 
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: Any, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         return build_pair_views(self.name, request, backend, chat_template)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = ["Attribute", "AttributePool", "BASE_PROMPT", "DEFAULT_ATTRIBUTES", "default_pool", "load_attribute_file"]
 
 BASE_PROMPT = "You are an assistant."
@@ -205,8 +207,6 @@ def _read_mapping(path: Path) -> Any:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             class _Loader(yaml.SafeLoader):
                 pass
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tokenizer_fingerprint", "steer_identity", "check_identity"]
+__all__ = ["tokenizer_fingerprint", "steer_identity", "check_identity", "compare_identity"]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -41,7 +41,12 @@ def steer_identity(model: Any, tokenizer: Any, name: str | None = None) -> dict[
 
 def check_identity(stored: Mapping[str, Any], model: Any, tokenizer: Any, what: str = "profile") -> None:
     """``ValueError`` unless ``model``/``tokenizer`` are the ones ``stored`` was computed with."""
-    now = steer_identity(model, tokenizer)
+    compare_identity(stored, steer_identity(model, tokenizer), what)
+
+
+def compare_identity(stored: Mapping[str, Any], now: Mapping[str, Any], what: str = "profile") -> None:
+    """``check_identity`` against an identity already computed (``steer_identity``): a server checks
+    every profile against its steering model's identity, computed once."""
     problems = []
     if stored.get("tokenizer_fingerprint") != now["tokenizer_fingerprint"]:
         problems.append("its tokenizer differs")

@@ -17,13 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from personalign.types import Message
+from personalign.views.loading import pad_token_id  # re-exported: the prompt builders' padding rule
 
 __all__ = ["build_prompt_ids", "has_chat_template", "render_prompt", "to_messages", "pad_token_id"]
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -28,16 +28,28 @@ probe); the LoRA fine-tune is the usual one (minutes on CPU for ~100 pairs of a 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification
 
 from personalign.config import check_int, check_positive
 from personalign.personas.prompts import build_prompt_ids, pad_token_id
+from personalign.training.lora import fan_in_fan_out, lora_targets
+from personalign.training.persrm.model import cosine_decay
+from personalign.views.masks import padded_mask
 
 __all__ = ["RewardHeadResult", "reward_features", "fit_reward_head", "save_reward_classifier", "reward_input_ids",
            "RewardLoRAConfig", "RewardLoRAResult", "train_reward_lora"]
@@ -85,7 +97,6 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, max_length: int, devic
 
 def _last_hidden(lm: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[N, D]: the backbone's last hidden state (after its final norm) at each row's last token."""
-    from personalign.views.masks import padded_mask
 
     batch = {**batch, "attention_mask": padded_mask(lm, batch["attention_mask"], batch["position_ids"])}
     return _backbone(lm)(**batch).last_hidden_state[:, -1]
@@ -100,8 +111,6 @@ def reward_features(lm: Any, tokenizer: Any, sequences: Sequence[Sequence[int]],
     out = []
     starts = range(0, len(sequences), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="reward features", unit="batch")
     for s in starts:
         batch = _left_padded(sequences[s: s + batch_size], pad, max_length, dev)
@@ -146,11 +155,8 @@ def save_reward_classifier(lm: Any, tokenizer: Any, weight: torch.Tensor, out: s
     tokenizer): a sequence-classification checkpoint (``score`` head) that
     ``AutoModelForSequenceClassification.from_pretrained`` loads, where transformers has that class for
     the architecture; else the causal LM itself with the head beside it in ``reward_head.safetensors``
-    (``eval.reward.load_reward_model`` reads both)."""
-    import json
+    (``views.reward.load_reward_model`` reads both)."""
 
-    from safetensors.torch import save_file
-    from transformers import AutoModelForSequenceClassification
 
     cfg = copy.deepcopy(lm.config)
     cfg.num_labels = 1
@@ -265,16 +271,8 @@ def train_reward_lora(lm: Any, tokenizer: Any, train: Sequence[tuple[Sequence[in
     steps move only the head). Held-out accuracy and loss are logged before training and after every
     epoch (``history``).
     """
-    import math
-    import random
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
-    from personalign.training.lora import fan_in_fan_out, lora_targets
-    from personalign.training.persrm.model import cosine_decay
 
     if not train:
         raise ValueError("`train` must hold at least one pair.")

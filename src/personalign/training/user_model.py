@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
@@ -264,7 +265,6 @@ class UserIndex:
 
 def save_user_model(model: UserModel, directory: str | Path) -> None:
     """Write ``user_model.json`` (config) and ``user_model.safetensors`` (parameters) to ``directory``."""
-    from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,6 @@ def save_user_model(model: UserModel, directory: str | Path) -> None:
 
 def load_user_model(directory: str | Path) -> UserModel:
     """The user model saved by ``save_user_model`` (float32, on the CPU)."""
-    from safetensors.torch import load_file
 
     d = Path(directory)
     cfg_path, w_path = d / "user_model.json", d / "user_model.safetensors"

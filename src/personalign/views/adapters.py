@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 __all__ = ["RowAdapterModel", "BASE_ADAPTER", "output_head_is_linear"]
 
@@ -118,7 +120,6 @@ class RowAdapterModel(torch.nn.Module):
         self.mixed_rows = any(a != BASE_ADAPTER for a in self.pattern)
         self.last_hidden: torch.Tensor | None = None
         self._lm = peft_model.get_base_model()
-        from peft.tuners.lora import LoraLayer
 
         self._lora_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
         self._ctx = _install_row_linears(self._lora_layers)
@@ -360,8 +361,6 @@ def _row_linear_class() -> type:
     while one runs (built on first use: PEFT is imported lazily)."""
     global _ROW_LINEAR, _PEFT_LINEAR_FORWARD
     if _ROW_LINEAR is None:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
         _PEFT_LINEAR_FORWARD = LoraLinear.forward
         _ROW_LINEAR = type("RowLoraLinear", (LoraLinear,), {
             "forward": _row_lora_forward, "__module__": __name__, "__qualname__": "RowLoraLinear",

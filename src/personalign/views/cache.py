@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 __all__ = ["GrowingLayer", "new_cache"]
 
@@ -76,8 +77,6 @@ def new_cache(model: Any) -> Any:
     that left the window, which rows with their own padding, holes and positions cannot follow; the
     engine keeps every column and masks the window by position instead (``views.masks``).
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     try:
         cache = DynamicCache(config=model.config)

@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from personalign.types import ViewSpec
 from personalign.views.adapters import _cache_name
+from personalign.views.cache import GrowingLayer, new_cache
 from personalign.views.masks import attention_layout, decode_mask, sliding_masks
 
 __all__ = ["HFBackend", "HFViewState", "check_same_tokenizer"]
@@ -58,7 +60,6 @@ def check_same_tokenizer(a: Any, b: Any, name_a: str, name_b: str) -> None:
 
 def _new_cache(model: Any) -> Any:
     """A ``DynamicCache`` whose full-attention layers append in place (``views.cache.GrowingLayer``)."""
-    from personalign.views.cache import new_cache
 
     return new_cache(model)
 
@@ -83,9 +84,7 @@ def _select_rows(cache: Any, idx: torch.Tensor) -> None:
 
 def _mergeable(cache: Any) -> bool:
     """Dynamic caches (every layer keeping its whole history) can be joined row-wise; static ones cannot."""
-    from transformers.cache_utils import DynamicLayer
 
-    from personalign.views.cache import GrowingLayer
 
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized

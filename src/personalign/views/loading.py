@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 __all__ = ["LoadedModel", "load_model", "resolve_model", "check_model_dir", "RANDOM_PRESETS", "DEFAULT_MODEL",
            "embedded_model_dir"]
@@ -39,6 +40,11 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 @dataclass
@@ -152,7 +158,6 @@ def load_model(
         random_weights: build the architecture from its config with random weights.
         tokenizer: where to load the tokenizer from (default: ``model``; required for presets).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
     if random_weights:
@@ -169,8 +174,6 @@ def load_model(
 
 
 def _random_model(model: str, dtype: Any, device: str, tokenizer: str | None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     if model in RANDOM_PRESETS:
         config = LlamaConfig(**RANDOM_PRESETS[model])
     else:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 __all__ = ["AttentionLayout", "attention_layout", "sliding_masks", "decode_mask", "layer_kinds", "padded_mask",
            "SUPPORTED_LAYER_TYPES"]
@@ -76,8 +77,6 @@ def _text_config(model: Any) -> Any:
 def _layer_types(cfg: Any) -> list[str]:
     n = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0) or 0)
     try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
         types, kwargs = get_layer_types_and_kwargs(cfg)
         return [str(t) for t in types]
     except Exception:  # noqa: BLE001 - configs this helper does not know: read the fields directly

@@ -8,7 +8,7 @@ from tests.conftest import make_tiny_lm
 
 from personalign import HFBackend, Request, SamplingConfig, generate, get_method, stream
 from personalign.decoding.loop import decode
-from personalign.methods.api import TokenMethod
+from personalign.decoding.method import TokenMethod
 
 
 class ForcedMethod(TokenMethod):

@@ -15,7 +15,7 @@ from personalign.eval.metrics import (
     preference_accuracy,
     split_sentences,
 )
-from personalign.eval.reward import FunctionScorer
+from personalign.views.reward import FunctionScorer
 
 
 def test_diversity_golden():

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personalign.eval.reward import FunctionScorer, HFRewardScorer, as_scorer, build_scorer, import_object
+from personalign.eval.reward import build_scorer
+from personalign.views.reward import (
+    FunctionScorer,
+    HFRewardScorer,
+    as_scorer,
+    import_object,
+)
 from tests.conftest import fixed_init_
 from tests.numerics import assert_close_forward
 

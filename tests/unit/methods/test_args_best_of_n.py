@@ -7,7 +7,6 @@ import torch
 
 from personalign.decoding.loop import generate
 from personalign.decoding.sampling import SamplingConfig
-from personalign.eval.reward import BackboneRewardModel, FunctionScorer, HFRewardScorer, RewardScorer
 from personalign.methods.args import ARGSConfig, ARGSMethod
 from personalign.methods.base import BaseMethod
 from personalign.methods.best_of_n import BestOfNConfig, BestOfNMethod, pick_best
@@ -15,6 +14,12 @@ from personalign.methods.pad import PADConfig
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request
 from personalign.views import HFBackend
+from personalign.views.reward import (
+    BackboneRewardModel,
+    FunctionScorer,
+    HFRewardScorer,
+    RewardScorer,
+)
 from tests.numerics import assert_close_forward
 
 PROMPTS = ["tell me a story about a cat", "what is the sun"]
@@ -152,7 +157,7 @@ def _naive_args_rm(lm, rm, tok, k: int, w: float, n_new: int) -> list[list[int]]
 
 
 def test_args_cached_reward_views_equal_naive(tiny_lm, tiny_tokenizer):
-    from personalign.eval.reward import RewardLMView
+    from personalign.views.reward import RewardLMView
     from tests.conftest import make_tiny_lm
 
     tok = tiny_tokenizer
@@ -174,8 +179,8 @@ def test_args_cached_reward_views_equal_naive(tiny_lm, tiny_tokenizer):
 
 
 def test_best_of_n_with_the_persrm_reward_per_request_preference(tiny_tokenizer):
-    from personalign.eval.reward import PersRMScorer
     from personalign.training.persrm import PersRM
+    from personalign.training.persrm.scorer import PersRMScorer
     from tests.conftest import make_tiny_lm
 
     tok = tiny_tokenizer
@@ -200,28 +205,32 @@ def test_best_of_n_with_the_persrm_reward_per_request_preference(tiny_tokenizer)
     assert outs[0].stats["best_of_n"]["scores"] != outs[1].stats["best_of_n"]["scores"]
 
 
-def test_persrm_reward_without_preference_scores_each_request_preference(monkeypatch):
-    """`--persrm` without `--preference` (the evaluation harness, preferences mixed in a batch): the scorer has
-    no fixed preference, so best_of_n and args pass each row's own preference; with `--preference` it is fixed."""
-    import argparse
+def test_persrm_reward_without_preference_scores_each_request_preference(tiny_lm, tiny_tokenizer):
+    """A PersRM as the reward (assembly with `persrm` alone, the evaluation harness's case, preferences
+    mixed in a batch): the scorer has no fixed preference, so best_of_n and args pass each row's own."""
+    from personalign.assembly import Resources, build_backend, build_method
+    from personalign.training.persrm import PersRM
+    from personalign.training.persrm.scorer import PersRMScorer
+    from personalign.views.loading import LoadedModel
 
-    import personalign.methods.pad as pad_mod
-    from personalign.eval.reward import PersRMScorer
-    from personalign.methods.best_of_n import scorer_from_cli
+    class FakeRM(PersRM):
+        def __init__(self):  # noqa: D107 - no weights: only the reward is called
+            torch.nn.Module.__init__(self)
+            self.tokenizer = tiny_tokenizer
 
-    class FakeRM:
-        tokenizer = None
+        @property
+        def base_lm(self):  # no backbone: not the main model's
+            return None
 
         def sequence_reward(self, prompts, responses, prefs, chat_template=True):
             return [float(len(p)) for p in prefs]
 
-    monkeypatch.setattr(pad_mod, "load_persrm_for", lambda backend, ckpt: FakeRM())
-    ns = argparse.Namespace(reward_model=None, persrm="ckpt", preference=None)
-    sc = scorer_from_cli(ns, backend=None)
+    res = Resources(model=LoadedModel(model=tiny_lm, tokenizer=tiny_tokenizer, name="tiny"), persrm=FakeRM())
+    backend = build_backend(res, ["best_of_n"])
+    sc = build_method("best_of_n", {}, backend, res).scorer
     assert isinstance(sc, PersRMScorer) and sc.preference is None
     assert sc.score(["q", "q"], ["a", "b"], preferences=["xx", "yyyy"]) == [2.0, 4.0]
-    fixed = scorer_from_cli(argparse.Namespace(reward_model=None, persrm="ckpt", preference="zzz"), backend=None)
-    assert fixed.preference == "zzz" and fixed.score(["q"], ["a"]) == [3.0]
+    assert PersRMScorer(FakeRM(), "zzz").score(["q"], ["a"]) == [3.0]
 
 
 def liked_by_preference(prompt: str, response: str, preference: str) -> float:

@@ -156,8 +156,8 @@ def test_rows_advance_by_different_amounts(tiny_tokenizer, schedule):
 # ---------------------------------------------------------------- real model: caches after roll-back
 def _two_row_state(be, method, K):
     """A prepared two-request ``DecodeState`` (sampled at T = 1.5) and the requests' view specs."""
+    from personalign.decoding.method import DecodeState
     from personalign.decoding.sampling import SamplingParams
-    from personalign.methods.api import DecodeState
 
     reqs = [req(pref="very funny"), req(pref="sad story", prompt="why is the sky blue ?")]
     cfgs = [method.config_for(r) for r in reqs]
@@ -229,6 +229,10 @@ def test_schedule_is_validated_and_batch_wide(tiny_chat_tokenizer):
         generate(PJ(second_preference="x"), [req(), req(schedule="block")], be, max_new_tokens=2)
 
 
-def test_bench_hook_and_registration():
-    method, _ = PersonaJudgeMethod.for_bench(object(), None)
-    assert method.config.second_preference and "λ=4" in method.bench_note
+def test_bench_preset_and_registration(tiny_lm, tiny_chat_tokenizer):
+    from personalign.eval.bench import bench_method
+    from personalign.views.loading import LoadedModel
+
+    main = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
+    method, _, note = bench_method("persona_judge", main, HFBackend(tiny_lm, tiny_chat_tokenizer))
+    assert isinstance(method, PersonaJudgeMethod) and method.config.second_preference and "λ=4" in note

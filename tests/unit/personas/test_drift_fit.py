@@ -15,8 +15,8 @@ from personalign.personas.drift import (
     DriftProfile,
     PreferencePair,
     closed_form_weights,
+    fit_pairs,
     fit_profile,
-    load_pairs,
     logistic_weights,
     pair_rewards,
     select_top,
@@ -218,19 +218,19 @@ def _write(tmp_path, lines):
     return f
 
 
-def test_load_pairs_errors_name_the_line(tmp_path, caplog):
+def test_fit_pairs_errors_name_the_line(tmp_path, caplog):
     ok = {"prompt": "p", "chosen": "a", "rejected": "b"}
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: missing field `rejected`"):
-        load_pairs(_write(tmp_path, [ok, {"prompt": "p", "chosen": "a"}]))
+        fit_pairs(_write(tmp_path, [ok, {"prompt": "p", "chosen": "a"}]))
     with pytest.raises(ValueError, match=r"pairs.jsonl:3: field `chosen` must be a non-empty text"):
-        load_pairs(_write(tmp_path, [ok, ok, {"prompt": "p", "chosen": " ", "rejected": "b"}]))
+        fit_pairs(_write(tmp_path, [ok, ok, {"prompt": "p", "chosen": " ", "rejected": "b"}]))
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: not valid JSON"):
-        load_pairs(_write(tmp_path, ["{oops"]))
-    pairs, skipped = load_pairs(_write(tmp_path, [ok, {"prompt": "p", "chosen": "same", "rejected": "same"}, ok]))
+        fit_pairs(_write(tmp_path, ["{oops"]))
+    pairs, skipped = fit_pairs(_write(tmp_path, [ok, {"prompt": "p", "chosen": "same", "rejected": "same"}, ok]))
     assert len(pairs) == 2 and skipped == 1
     assert "pairs.jsonl:2: chosen == rejected" in caplog.text
     with pytest.raises(ValueError, match="no usable pair"):
-        load_pairs(_write(tmp_path, [{"prompt": "p", "chosen": "x", "rejected": "x"}]))
+        fit_pairs(_write(tmp_path, [{"prompt": "p", "chosen": "x", "rejected": "x"}]))
 
 
 def test_steer_identity_probe_on_a_large_embedding(tiny_tokenizer):

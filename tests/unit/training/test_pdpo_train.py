@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from personalign.training.pdpo.checkpoint import load_checkpoint
-from personalign.training.pdpo.data import PreferencePair, load_pairs, tokenize_pairs, write_pairs
+from personalign.training.pdpo.data import PreferencePair, read_training_pairs, tokenize_pairs, write_pairs
 from personalign.training.pdpo.loss import dpo_loss, pdpo_loss, personalized_rm_loss
 from personalign.training.pdpo.model import PersonalizedLM, PersonalizedRewardModel
 from personalign.training.pdpo.train import PDPOTrainConfig, train_pdpo
@@ -237,25 +237,25 @@ def test_config_errors(fields, match):
 def test_pairs_file_errors(tmp_path):
     p = tmp_path / "pairs.jsonl"
     write_pairs(make_pairs(2), p)
-    assert load_pairs(p)[0].user_id == "1"
+    assert read_training_pairs(p)[0].user_id == "1"
     p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b", "user_id": 3}\n{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="pairs.jsonl:2: `chosen` must be a non-empty string"):
-        load_pairs(p)
+        read_training_pairs(p)
     p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(ValueError, match="pairs.jsonl:1: `user_id` is required"):
-        load_pairs(p)
-    assert load_pairs(p, require_user=False)[0].user_id is None
+        read_training_pairs(p)
+    assert read_training_pairs(p, require_user=False)[0].user_id is None
     p.write_text("not json\n")
     with pytest.raises(ValueError, match="pairs.jsonl:1: not valid JSON"):
-        load_pairs(p)
+        read_training_pairs(p)
     p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b", "user_id": 1, "score": 3}\n')
     with pytest.raises(ValueError, match="unknown field"):
-        load_pairs(p)
+        read_training_pairs(p)
     # the TRL layout of eval.datasets (preference text included) is read; `preference` is not used
     p.write_text('{"prompt": "x", "chosen": "a", "rejected": "b", "user_id": "P1A", "user_text": "t", "preference": "t"}\n')
-    assert load_pairs(p) == [PreferencePair(prompt="x", chosen="a", rejected="b", user_id="P1A", user_text="t")]
+    assert read_training_pairs(p) == [PreferencePair(prompt="x", chosen="a", rejected="b", user_id="P1A", user_text="t")]
     with pytest.raises(ValueError, match="does not exist"):
-        load_pairs(tmp_path / "missing.jsonl")
+        read_training_pairs(tmp_path / "missing.jsonl")
 
 
 def test_index_of_training_users_is_first_appearance_order(tiny_tokenizer):
@@ -274,12 +274,11 @@ def test_end_token(tiny_tokenizer, tmp_path):
     base = LoadedModel(model=make_tiny_lm(len(tiny_tokenizer)), tokenizer=tiny_tokenizer, name="tiny")
     train_pdpo(base, pairs, PDPOTrainConfig(user_tokens=1, batch_size=2, epochs=1, end_token_id=7),
                out=tmp_path / "ck", progress=False)
+    from personalign.assembly import Resources, build_backend
     from personalign.decoding.stopping import eos_ids_of
-    from personalign.methods.pdpo import PDPOMethod
-    from personalign.views import HFBackend
 
-    backend = HFBackend(make_tiny_lm(len(tiny_tokenizer)), tiny_tokenizer)
-    PDPOMethod.from_checkpoint(str(tmp_path / "ck"), backend, name="tiny")
+    backend = build_backend(Resources(model=LoadedModel(model=make_tiny_lm(len(tiny_tokenizer)), tokenizer=tiny_tokenizer,
+                                                        name="tiny"), pdpo_checkpoint=str(tmp_path / "ck")), ["pdpo"])
     assert {eos, 7} <= eos_ids_of(tiny_tokenizer, backend.models["main"])
     with pytest.raises(ValueError, match="`end_token_id` must be a token id <"):
         train_pdpo(base, pairs, PDPOTrainConfig(user_tokens=1, end_token_id=10_000), progress=False)

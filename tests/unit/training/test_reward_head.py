@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from personalign.eval.reward import load_reward_scorer
 from personalign.methods.args import ARGSConfig, ARGSMethod
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.reward_head import (
@@ -16,6 +15,7 @@ from personalign.training.reward_head import (
 )
 from personalign.types import Request
 from personalign.views import HFBackend
+from personalign.views.reward import load_reward_scorer
 from tests.numerics import assert_close_forward
 
 
@@ -57,7 +57,7 @@ def test_saved_classifier_scores_w_dot_h_and_serves_args_with_the_preference(tin
             r = scorer.model(input_ids=torch.tensor([q]), attention_mask=torch.ones(1, len(q), dtype=torch.long))
             assert abs(float(r.logits[0, 0]) - expect) < 1e-4
     # ARGS, cached reward views holding the preference as their system message
-    from personalign.eval.reward import RewardLMView
+    from personalign.views.reward import RewardLMView
 
     backend = HFBackend(tiny_lm, tok)
     backend.add_model("reward", RewardLMView.from_classifier(scorer.model, backend.vocab_size), scorer.tokenizer)

@@ -68,7 +68,7 @@ def test_local_path_errors_say_what_is_wrong(tmp_path, tiny_lm, tiny_tokenizer):
 
 
 def test_reward_model_path_errors(tmp_path, tiny_lm, tiny_tokenizer):
-    from personalign.eval.reward import load_reward_model
+    from personalign.views.reward import load_reward_model
 
     with pytest.raises(ValueError, match=r"`reward_model` path '/nonexistent/rm' does not exist; expected a reward"):
         load_reward_model("/nonexistent/rm")

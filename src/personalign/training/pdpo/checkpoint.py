@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personalign.eval.environment import environment_record
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from personalign.environment import environment_record
 from personalign.training.pdpo.model import check_base_identity
 from personalign.training.user_model import UserIndex, UserModel, load_user_model, save_user_model
 
@@ -59,8 +63,6 @@ def save_checkpoint(
     save_user_model(users, d)
     index.save(d / "users.json")
     if value_head is not None:
-        from safetensors.torch import save_file
-
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   str(d / "value_head.safetensors"))
     record = {
@@ -98,7 +100,6 @@ def load_checkpoint(directory: str | Path, model: Any, *, name: str | None = Non
         name: how the base model was named (for error messages only).
         merge: merge the LoRA weights into ``model`` (fast generation) instead of keeping the adapter.
     """
-    from peft import PeftModel
 
     d = Path(directory)
     record = read_checkpoint_config(d)
@@ -115,9 +116,6 @@ def load_checkpoint(directory: str | Path, model: Any, *, name: str | None = Non
     users = load_user_model(d).to(dev).eval()
     head = None
     if (d / "value_head.safetensors").is_file():
-        from safetensors.torch import load_file
-        from torch import nn
-
         state = load_file(str(d / "value_head.safetensors"))
         head = nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)

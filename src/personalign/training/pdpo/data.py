@@ -16,6 +16,7 @@ last ``max_prompt_tokens`` tokens; over-long responses keep their first ``max_re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from personalign.personas.prompts import build_prompt_ids
-from personalign.records import Pair, PairWording, read_pair_records
+from personalign.records import PairWording, PreferencePair, load_pairs
 from personalign.training.user_model import encode_user_text
 
-__all__ = ["PreferencePair", "TokenizedPair", "load_pairs", "write_pairs", "tokenize_pairs"]
+__all__ = ["PreferencePair", "TokenizedPair", "read_training_pairs", "write_pairs", "tokenize_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +39,6 @@ _WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
                        missing="`{key}` must be a non-empty string, got None.",
                        not_text="`{key}` must be a non-empty string, got {value}.",
                        not_string="`{key}` must be a string, got {value}.")
-
-
-@dataclass(frozen=True)
-class PreferencePair(Pair):
-    """One personalized comparison: ``chosen`` is preferred to ``rejected`` by ``user_id``."""
-
-    user_id: str | None = None
-    user_text: str | None = None
-    group: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "user_id": self.user_id}
 
 
 @dataclass(frozen=True)
@@ -64,29 +53,28 @@ class TokenizedPair:
     group: str | None = None
 
 
-def load_pairs(path: str | Path, *, require_user: bool = True) -> list[PreferencePair]:
-    """Read a pairs file (JSON lines or a JSON array); malformed records raise ``ValueError`` naming ``file:line`` and field.
+def read_training_pairs(path: str | Path, *, require_user: bool = True) -> list[PreferencePair]:
+    """The pairs of a P-DPO pairs file (``records.load_pairs``, trl layout); malformed records raise
+    ``ValueError`` naming ``file:line`` and field.
 
-    Fields other than prompt, chosen, rejected, user_id, user_text, group and preference (ignored)
-    are errors; with ``require_user`` every pair needs a ``user_id``.
+    Fields other than prompt, chosen, rejected, user_id, user_text, group and preference (read, not
+    used) are errors; with ``require_user`` every pair needs a ``user_id``.
     """
     out = []
-    for where, rec in read_pair_records(path, optional=_OPTIONAL + _IGNORED, strict=True, wording=_WORDING):
-        for k in _IGNORED:
-            rec.pop(k, None)
-        uid = rec["user_id"]
+    for p in load_pairs(path, layout="trl", optional=_OPTIONAL + _IGNORED, strict=True, wording=_WORDING):
+        uid = p.user_id
         if uid is not None and not uid.strip():
-            raise ValueError(f"{where}: `user_id` must be a non-empty string or an integer, got {uid!r}.")
+            raise ValueError(f"{p.origin}: `user_id` must be a non-empty string or an integer, got {uid!r}.")
         if require_user and uid is None:
-            raise ValueError(f"{where}: `user_id` is required in training pairs (the annotator's identifier).")
-        out.append(PreferencePair(**rec))  # type: ignore[arg-type]
+            raise ValueError(f"{p.origin}: `user_id` is required in training pairs (the annotator's identifier).")
+        out.append(dataclasses.replace(p, preference=None))
     return out
 
 
 def write_pairs(pairs: Sequence[PreferencePair], path: str | Path) -> None:
     with Path(path).open("w") as f:
         for pair in pairs:
-            f.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
+            f.write(json.dumps({**pair.to_dict(), "user_id": pair.user_id}, ensure_ascii=False) + "\n")
 
 
 def tokenize_pairs(

@@ -20,6 +20,7 @@ App. C.3) are defined in ``metrics.py``; they are logged, kept in the history an
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -29,6 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from personalign.config import check_int, check_positive, config_to_dict
 from personalign.training.lora import fan_in_fan_out, lora_targets
@@ -144,7 +149,6 @@ class TrainResult:
 def _setup(base: Any, train_pairs: Sequence[PreferencePair], config: PDPOTrainConfig,
            eval_pairs: Sequence[PreferencePair] | None, user_ids: Sequence[str] | None):
     """Index, tokenized data, LoRA-wrapped LM and user model (before ``accelerate``)."""
-    from peft import LoraConfig, get_peft_model
 
     index = UserIndex(user_ids if user_ids is not None else list(dict.fromkeys(
         p.user_id for p in train_pairs if p.user_id is not None)))
@@ -179,9 +183,6 @@ def _run(model: torch.nn.Module, train: list[TokenizedPair], config: PDPOTrainCo
          evaluate: Callable[[Any], dict[str, Any]], param_groups: list[dict[str, Any]],
          progress: bool) -> tuple[Any, list[dict[str, Any]], bool]:
     """THE loop shared by both objectives: accelerate, accumulate, clip, step, evaluate."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
     gen = torch.Generator().manual_seed(config.seed)
@@ -355,8 +356,6 @@ def train_prm(
 
 
 def _write_history(directory: Path, history: list[dict[str, Any]]) -> None:
-    import json
-
     with (directory / "metrics.jsonl").open("w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")

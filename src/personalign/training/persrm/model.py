@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
+from personalign.config import config_to_dict
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.lora import LEGACY_LLAMA_TARGETS, fan_in_fan_out, lora_targets
+from personalign.views.loading import load_model
 
 __all__ = ["PersRMConfig", "PersRM", "token_features", "backbone_fingerprint", "persrm_prompt_ids",
            "PERSRM_SYSTEM", "ADAPTER", "cosine_decay"]
@@ -44,7 +50,6 @@ PERSRM_SYSTEM = "Your task is to generate a response by considering the followin
 
 def cosine_decay(optimizer: Any, steps: int) -> Any:
     """A LambdaLR scheduler: every learning rate decays as 0.5 (1 + cos(π t / steps)), then stays at 0."""
-    import math
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
@@ -148,7 +153,6 @@ class PersRM(torch.nn.Module):
                lora_r: int = 8, lora_alpha: int = 16, beta: float = 1.0,
                target_modules: Sequence[str] | None = None) -> PersRM:
         """Inject a fresh LoRA adapter into ``backbone`` (in place) and add a zero value head."""
-        from peft import LoraConfig, get_peft_model
 
         targets = lora_targets(backbone, target_modules, what="the PersRM backbone")
         config = PersRMConfig(backbone=name, gguf_file=gguf_file, fingerprint=backbone_fingerprint(backbone, tokenizer),
@@ -268,11 +272,8 @@ class PersRM(torch.nn.Module):
     # -------------------------------------------------------------- checkpoints
     def save(self, out_dir: str, extra: dict[str, Any] | None = None) -> None:
         """Write ``adapter/`` (PEFT), ``head.safetensors`` and ``persrm.json`` (config + ``extra``)."""
-        from pathlib import Path
 
-        from safetensors.torch import save_file
 
-        from personalign.config import config_to_dict
 
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -282,8 +283,6 @@ class PersRM(torch.nn.Module):
 
     @staticmethod
     def read_config(ckpt_dir: str) -> PersRMConfig:
-        from pathlib import Path
-
         p = Path(ckpt_dir) / "persrm.json"
         if not p.is_file():
             raise ValueError(f"`persrm` {ckpt_dir!r} is not a PersRM checkpoint (no persrm.json).")
@@ -296,15 +295,10 @@ class PersRM(torch.nn.Module):
              device: str = "cpu") -> PersRM:
         """Load a checkpoint. ``backbone`` (a causal LM) receives the adapter in place; without it the
         backbone recorded in the config is loaded. A backbone whose fingerprint differs is refused."""
-        from pathlib import Path
 
-        from peft import PeftModel
-        from safetensors.torch import load_file
 
         config = cls.read_config(ckpt_dir)
         if backbone is None:
-            from personalign.views.loading import load_model
-
             lm = load_model(config.backbone, gguf_file=config.gguf_file, dtype="float32", device=device)
             backbone, tokenizer = lm.model, lm.tokenizer
         if tokenizer is None:

@@ -24,12 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from personalign.records import PAIR_TEXTS, Pair, PairWording, read_pair_records
+from personalign.config import config_to_dict
+from personalign.environment import environment_record
+from personalign.records import PAIR_TEXTS, PairWording, PreferencePair, load_pairs
 from personalign.training.persrm.loss import persrm_loss, persrm_margins
 from personalign.training.persrm.model import PersRM, cosine_decay, persrm_prompt_ids
 
-__all__ = ["PairRecord", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs",
+__all__ = ["PreferencePair", "PersRMTrainConfig", "read_pairs", "train_persrm", "evaluate_pairs", "encode_pairs",
            "kept_stage2"]
 
 logger = logging.getLogger(__name__)
@@ -41,18 +46,12 @@ _WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
                        not_text="`{key}` must be a non-empty string, got {value}.")
 
 
-@dataclass(frozen=True)
-class PairRecord(Pair):
-    preference: str
-
-
-def read_pairs(path: str | Path) -> list[PairRecord]:
-    """Read a pairs file (JSON lines or a JSON array) of ``{prompt, chosen, rejected, preference}``.
-
-    A malformed record raises ``ValueError`` naming the file, line and field; other fields are ignored.
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Read a pairs file (JSON lines or a JSON array) of ``{prompt, chosen, rejected, preference}``
+    (``records.load_pairs``, trl layout). A malformed record raises ``ValueError`` naming the file,
+    line and field; other fields are ignored.
     """
-    return [PairRecord(**rec) for _, rec in read_pair_records(path, required=_FIELDS, optional=(),  # type: ignore[arg-type]
-                                                               wording=_WORDING)]
+    return load_pairs(path, layout="trl", required=_FIELDS, optional=(), wording=_WORDING)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +117,7 @@ class EncodedPair:
     rejected: tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def encode_pairs(pairs: Sequence[PairRecord], tokenizer: Any, cfg: PersRMTrainConfig) -> list[EncodedPair]:
+def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Any, cfg: PersRMTrainConfig) -> list[EncodedPair]:
     """Token ids of every pair under the PersRM prompt, truncated to the token budgets."""
     out = []
     for r in pairs:
@@ -185,7 +184,7 @@ def kept_stage2(history: dict[str, Any]) -> dict[str, Any] | None:
     return history.get("stage2_start", history["stage2"][-1])
 
 
-def split_by_prompt(pairs: Sequence[PairRecord], fraction: float, seed: int) -> tuple[list[PairRecord], list[PairRecord]]:
+def split_by_prompt(pairs: Sequence[PreferencePair], fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Hold out ``fraction`` of the distinct prompts (all their pairs), so eval prompts are unseen."""
     prompts = sorted({p.prompt for p in pairs})
     random.Random(seed).shuffle(prompts)
@@ -195,8 +194,8 @@ def split_by_prompt(pairs: Sequence[PairRecord], fraction: float, seed: int) -> 
 
 def train_persrm(
     model: PersRM,
-    train_pairs: Sequence[PairRecord],
-    eval_pairs: Sequence[PairRecord],
+    train_pairs: Sequence[PreferencePair],
+    eval_pairs: Sequence[PreferencePair],
     cfg: PersRMTrainConfig,
     *,
     out_dir: str | None = None,
@@ -204,9 +203,6 @@ def train_persrm(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1: stage 1 (π_θ, w_p = 1), then stage 2 (value head). Returns the history."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     set_seed(cfg.seed)
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
@@ -300,9 +296,6 @@ def train_persrm(
     core.head.requires_grad_(False)
     core.eval()
     if out_dir is not None and acc.is_main_process:
-        from personalign.config import config_to_dict
-        from personalign.eval.environment import environment_record
-
         core.save(out_dir, extra={"train": config_to_dict(cfg), "history": history,
                                   "environment": environment_record(core.base_lm)})
     return history

@@ -1,11 +1,14 @@
-"""What a decoding method is, and the state the loop hands it.
+"""What a decoding method is (the contract the loop calls), and the state the loop hands it.
 
 A method is a frozen config dataclass + pure tensor functions + a thin ``step``:
 
-* ``build_views(request, config, backend, chat_template)`` -> the request's ``ViewSpec`` list;
-  every request of a batch yields the same number ``K`` of views, in the same roles.
-* ``view_groups(K)`` -> optional partition of the views into independently advanced caches.
-* ``prepare(state, backend)`` -> per-row tensors (weights, betas) into ``state.extra``.
+* ``requires`` -> the resources it cannot decode without (``"persrm"``, ``"reward"``, ``"pdpo"``);
+  ``from_resources(config, loaded)`` makes it from what assembly loaded (``personalign.assembly``);
+* ``build_views(request, config, backend, chat_template)`` -> the request's ``ViewSpec`` list; every
+  request of a batch yields the same number ``K`` of views, in the same roles. It only reads the
+  backend: models a method decodes are attached by assembly before decoding;
+* ``view_groups(K)`` -> optional partition of the views into independently advanced caches;
+* ``prepare(state, backend)`` -> per-row tensors (weights, betas) into ``state.extra``;
 * ``step(state, backend, generator) -> StepOutput``: choose the next token(s) of every row.
 
 Single-token methods subclass ``TokenMethod`` and write only ``combine`` (the formula: view
@@ -25,6 +28,7 @@ from personalign.config import config_from_mapping, config_to_dict
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.registry import Registry
 from personalign.types import Request, StepOutput, ViewSpec
+from personalign.views.base import Backend
 
 __all__ = ["METHODS", "Method", "TokenMethod", "DecodeState", "EmptyConfig", "get_method", "method_names"]
 
@@ -69,7 +73,7 @@ class DecodeState:
     def batch_size(self) -> int:
         return len(self.requests)
 
-    def next_logprobs(self, backend: Any, views: Sequence[int] | None = None) -> torch.Tensor:
+    def next_logprobs(self, backend: Backend, views: Sequence[int] | None = None) -> torch.Tensor:
         """Feed pending tokens (if any) to ``views`` (default all) and return float32 [B, K, V]."""
         if self.pending is not None:
             backend.step(self.views, self.pending, self.pending_lengths, views=views)
@@ -105,42 +109,26 @@ class Method:
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.config)
 
-    # -- command line and benchmark hooks ---------------------------------------
-    @classmethod
-    def add_cli_arguments(cls, parser: Any) -> None:
-        """Add this method's own flags to ``personalign generate`` (e.g. ``--profile``)."""
+    # -- assembly ---------------------------------------------------------------
+    requires: ClassVar[tuple[str, ...]] = ()  # resource names (``assembly.REQUIREMENTS``)
+    uses: ClassVar[tuple[str, ...]] = ()  # optional resources it reads when given (``assembly.RESOURCE_FIELDS``)
 
     @classmethod
-    def default_model(cls, args: Any) -> tuple[str, str | None] | None:
-        """``(model, gguf_file)`` to load when ``--model`` is omitted (e.g. from a checkpoint), else None."""
-        return None
-
-    @classmethod
-    def extra_models(cls, args: Any, load: Any) -> dict[str, Any]:
-        """Models beyond ``main`` this method needs, as ``{key: LoadedModel}``; ``load(path, gguf)``."""
-        return {}
-
-    @classmethod
-    def from_cli(cls, args: Any, params: Mapping[str, Any], backend: Any) -> Method:
-        """The method instance for ``personalign generate`` (``params`` from ``--param``)."""
-        return cls.from_params(params)
-
-    @classmethod
-    def for_bench(cls, backend: Any, main: Any) -> tuple[Method, Any]:
-        """An instance and the backend to time it with (untrained helpers are fine: timing only)."""
-        return cls(), backend
+    def from_resources(cls, config: Any, loaded: Any) -> Method:
+        """The method from its validated ``config`` and what assembly loaded (``assembly.Loaded``)."""
+        return cls(config)
 
     # -- hooks ----------------------------------------------------------------
-    def build_views(self, request: Request, config: Any, backend: Any, chat_template: bool) -> list[ViewSpec]:
+    def build_views(self, request: Request, config: Any, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         raise NotImplementedError
 
     def view_groups(self, num_views: int) -> list[list[int]] | None:
         return None
 
-    def prepare(self, state: DecodeState, backend: Any) -> None:
+    def prepare(self, state: DecodeState, backend: Backend) -> None:
         """Build per-row tensors into ``state.extra`` once, after prefill."""
 
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         raise NotImplementedError
 
 
@@ -151,7 +139,7 @@ class TokenMethod(Method):
         """View log-probs float32 [B, K, V] -> next-token scores float32 [B, V]."""
         raise NotImplementedError
 
-    def step(self, state: DecodeState, backend: Any, generator: torch.Generator | None) -> StepOutput:
+    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
         logprobs = state.next_logprobs(backend)
         scores = self.combine(logprobs, state)
         tokens = sample(scores, state.sampling, generator, state.row_generators)

@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
-__all__ = ["environment_record", "git_commit"]
+__all__ = ["environment_record", "git_commit", "__version__"]
+
+__version__ = "0.1.0"  # the package's version (pyproject.toml's)
 
 
 def git_commit() -> str | None:
     try:
-        root = Path(__file__).resolve().parents[3]
+        root = Path(__file__).resolve().parents[2]  # the checkout holding src/personalign
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)
         return out.stdout.strip() or None
@@ -24,10 +27,6 @@ def git_commit() -> str | None:
 
 
 def environment_record(model: Any | None = None) -> dict[str, Any]:
-    import transformers
-
-    from personalign import __version__
-
     device = "cpu"
     if model is not None:
         dev = next(model.parameters()).device
