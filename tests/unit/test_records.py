@@ -7,7 +7,7 @@ import json
 import pytest
 
 from personalign.eval import datasets
-from personalign.personas import pairs as drift_pairs
+from personalign.personas import drift
 from personalign.records import DatasetError, Pair, PairWording, pair_fields, read_pair_records
 from personalign.training.pdpo import data as pdpo_data
 from personalign.training.persrm import train as persrm_train
@@ -27,8 +27,8 @@ def _array(path, recs):
 
 
 READERS = {
-    "drift": lambda p: drift_pairs.load_pairs(p)[0],
-    "pdpo": lambda p: pdpo_data.load_pairs(p),
+    "drift": lambda p: drift.fit_pairs(p)[0],
+    "pdpo": lambda p: pdpo_data.read_training_pairs(p),
     "persrm": persrm_train.read_pairs,
     "eval": datasets.load_pairs,
 }
@@ -45,16 +45,19 @@ def test_every_reader_reads_a_json_array_as_json_lines(tmp_path, name):
 
 
 def test_optional_fields_and_integer_ids(tmp_path):
-    (a, b) = pdpo_data.load_pairs(_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != "preference"}
+    (a, b) = pdpo_data.read_training_pairs(_jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != "preference"}
                                                                 for r in RECS]))
     assert (a.user_id, a.group, b.user_id, b.group) == ("7", "x", "u", "2")
-    (c, d) = datasets.load_pairs(_jsonl(tmp_path / "e.jsonl", RECS))  # eval ignores `group`
+    (c, d) = datasets.load_pairs(_jsonl(tmp_path / "e.jsonl", RECS))
     assert (c.user_id, c.preference, d.preference) == ("7", "short", "long")
     assert [r.preference for r in persrm_train.read_pairs(tmp_path / "e.jsonl")] == ["short", "long"]
     # a pair round-trips through its record
     assert pdpo_data.PreferencePair(**pair_fields(a.to_dict(), "x", optional=("user_id", "user_text", "group"))) == a
-    assert datasets.PreferencePair(**pair_fields(c.to_dict(), "x")) == c
-    assert "user_text" not in c.to_dict() and pdpo_data.PreferencePair("p", "a", "b").to_dict()["user_id"] is None
+    assert c.group == "x"
+    assert datasets.PreferencePair(**pair_fields(c.to_dict(), "x", optional=("user_id", "user_text", "preference",
+                                                                             "group"))) == c
+    assert "user_text" not in c.to_dict() and pdpo_data.PreferencePair("p", "a", "b").to_dict() == {"prompt": "p", "chosen": "a",
+                                                                                          "rejected": "b"}
 
 
 def test_pair_fields_errors_name_line_and_field(tmp_path):

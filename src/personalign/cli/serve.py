@@ -4,8 +4,8 @@ Every registered method whose inputs are given is served from ONE backend: the m
 ``personalign generate``'s (``--persrm DIR`` for ``pad``; ``--reward-model PATH`` or ``--persrm DIR``
 for ``args`` and ``best_of_n``; ``--checkpoint DIR`` for ``pdpo``; ``--profile``/``--steer-model`` for
 ``drift``), while the preference, the P-DPO user and the Drift profile come with each request or
-the user's profile. Methods are built with ``shared_backend`` set, so none changes the main model
-the others decode (``pdpo`` merges its adapter into its own copy of the base model).
+the user's profile. Assembly builds them over one backend with ``Resources(shared=True)``, so none
+changes the main model the others decode (``pdpo`` decodes its own copy of the base model).
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from personalign.cli.common import add_model_options, load_from_args
+import uvicorn
+
+from personalign.assembly import build_backend, build_methods
+from personalign.cli.common import (
+    add_model_options,
+    add_resource_options,
+    method_params_from_args,
+    resources_from_args,
+)
 from personalign.methods import METHODS
+from personalign.server import EngineWorker, Limits, Store, create_app
 
 HELP = "Serve an OpenAI-compatible chat API that personalizes every reply (profiles, feedback, API keys)."
 
@@ -27,10 +36,7 @@ logger = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help=HELP, description=HELP + " Set PERSONALIGN_ADMIN_KEY to create API keys.")
     add_model_options(p)
-    for name in METHODS.names():
-        METHODS.get(name).add_cli_arguments(p)
-    if "--steer-model" not in p._option_string_actions:
-        p.add_argument("--steer-model", metavar="PATH", help="small steering model for methods that use one")
+    add_resource_options(p)
     p.add_argument("--db", default="sqlite:///personalign.db", metavar="URL",
                    help="sqlite:///FILE (default: sqlite:///personalign.db) or postgresql://user:pass@host/db")
     p.add_argument("--host", default="127.0.0.1")
@@ -42,63 +48,77 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long a request may wait for others to start in its batch (default 20)")
     p.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="largest max_tokens (default 1024)")
     p.add_argument("--no-chat-template", action="store_true", help="encode prompts without the chat template")
-    p.set_defaults(func=run, shared_backend=True)
+    lim = p.add_argument_group("limits (every text the server feeds a model is bounded; over a limit: 400)")
+    d = Limits()
+    lim.add_argument("--max-message-chars", type=int, default=d.max_message_chars, metavar="N",
+                     help=f"characters of one chat message (default {d.max_message_chars})")
+    lim.add_argument("--max-messages", type=int, default=d.max_messages, metavar="N",
+                     help=f"messages per chat request (default {d.max_messages})")
+    lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="N",
+                     help=f"request body size (default {d.max_body_bytes})")
+    lim.add_argument("--max-id-chars", type=int, default=d.max_id_chars, metavar="N",
+                     help=f"characters of a user or feedback id (default {d.max_id_chars})")
+    lim.add_argument("--max-preference-chars", type=int, default=d.max_preference_chars, metavar="N",
+                     help=f"characters of a stated preference or a text method parameter (default "
+                          f"{d.max_preference_chars})")
+    lim.add_argument("--max-feedback-chars", type=int, default=d.max_feedback_chars, metavar="N",
+                     help=f"characters of a feedback prompt, chosen or rejected text (default {d.max_feedback_chars})")
+    lim.add_argument("--max-feedback-tokens", type=int, default=d.max_feedback_tokens, metavar="N",
+                     help=f"tokens of each sequence a feedback fold scores (default {d.max_feedback_tokens}; also "
+                          "bounded by the steering model's context)")
+    lim.add_argument("--max-folds", type=int, default=d.max_folds, metavar="N",
+                     help=f"feedback items waiting to be folded or folding before 429 (default {d.max_folds})")
+    lim.add_argument("--max-n", type=int, default=d.max_n, metavar="N",
+                     help=f"choices per chat completion, `n` (default {d.max_n})")
+    fold = p.add_argument_group("feedback folding (runs within the engine's rounds)")
+    fold.add_argument("--fold-share", type=float, default=0.5, metavar="X",
+                      help="while requests decode, folding may take X times their decoding time (default 0.5)")
+    fold.add_argument("--fold-idle-ms", type=float, default=200.0, metavar="MS",
+                      help="a folding forward's time when nothing decodes: also the longest a request arriving "
+                           "meanwhile waits to start (default 200)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, let running requests finish for up to S seconds, then stop (default 30)")
+    p.set_defaults(func=run)
 
 
-def build_backend(args: argparse.Namespace) -> Any:
-    """The ``HFBackend`` of ``--model`` plus the extra models the served methods ask for."""
-    from personalign.views import HFBackend
-
-    main = load_from_args(args)
-    models, tokenizers = {"main": main.model}, {"main": main.tokenizer}
-    load = lambda m, g=None: load_from_args(args, m, g)  # noqa: E731
-    for name in METHODS.names():
-        try:
-            extra = METHODS.get(name).extra_models(args, load)
-        except ValueError as e:
-            logger.warning("method %s: %s", name, e)
-            continue
-        for key, lm in extra.items():
-            models.setdefault(key, lm.model)
-            tokenizers.setdefault(key, lm.tokenizer)
-    if args.steer_model and "steer" not in models:
-        steer = load(args.steer_model)
-        models["steer"], tokenizers["steer"] = steer.model, steer.tokenizer
-    return HFBackend(models, tokenizers)
-
-
-def build_methods(args: argparse.Namespace, backend: object) -> tuple[dict, dict[str, str]]:
-    """Every registered method this backend can serve, and why the others cannot."""
-    methods, unavailable = {}, {}
-    for name in METHODS.names():
-        try:
-            methods[name] = METHODS.get(name).from_cli(args, {}, backend)
-        except (ValueError, OSError) as e:
-            unavailable[name] = str(e)
-    return methods, unavailable
+def build_served(args: argparse.Namespace) -> tuple[Any, dict, dict[str, str]]:
+    """``(backend, methods, unavailable)``: every registered method the flags' resources let this server
+    serve, over ONE backend (``assembly``; P-DPO on its own copy of the base model), and why the others
+    cannot be served."""
+    resources = resources_from_args(args, shared=True)
+    backend = build_backend(resources, METHODS.names())
+    methods, unavailable = build_methods(METHODS.names(), backend, resources,
+                                         params={"pdpo": method_params_from_args("pdpo", args, {})})
+    return backend, methods, unavailable
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
 
-    from personalign.server import EngineWorker, Limits, Store, create_app
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"`--port` must lie in [0, 65535], got {args.port}.")
-    store = Store(args.db)  # fail on a bad URL before loading the model
-    backend = build_backend(args)
-    methods, unavailable = build_methods(args, backend)
+    if args.drain_seconds < 0:
+        raise ValueError(f"`--drain-seconds` must be >= 0, got {args.drain_seconds}.")
+    limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens),
+                    max_message_chars=args.max_message_chars, max_messages=args.max_messages,
+                    max_body_bytes=args.max_body_bytes, max_id_chars=args.max_id_chars,
+                    max_preference_chars=args.max_preference_chars, max_feedback_chars=args.max_feedback_chars,
+                    max_feedback_tokens=args.max_feedback_tokens, max_folds=args.max_folds, max_n=args.max_n)
+    store = Store(args.db)  # fail on a bad URL or a database that cannot be written before loading the model
+    backend, methods, unavailable = build_served(args)
     for name, why in unavailable.items():
         print(f"personalign serve: method {name} not served: {why}")
     engine = EngineWorker(backend, methods, max_pending=args.max_pending, max_batch=args.max_batch,
-                          chat_template=not args.no_chat_template, batch_wait=args.batch_wait_ms / 1000)
+                          chat_template=not args.no_chat_template, batch_wait=args.batch_wait_ms / 1000,
+                          max_folds=args.max_folds, fold_share=args.fold_share, fold_idle_ms=args.fold_idle_ms)
     model_id = args.model_id or Path(args.model.rstrip("/")).name
-    app = create_app(engine, store, limits=Limits(max_tokens=args.max_tokens,
-                                                  default_max_tokens=min(256, args.max_tokens)),
-                     model_id=model_id, unavailable=unavailable)
+    app = create_app(engine, store, limits=limits, model_id=model_id, unavailable=unavailable)
     if not os.environ.get("PERSONALIGN_ADMIN_KEY"):
         print("personalign serve: PERSONALIGN_ADMIN_KEY is not set: keys cannot be created over HTTP.")
     print(f"personalign serve: {model_id} on http://{args.host}:{args.port} (store: {store.dialect}; "
           f"methods: {', '.join(sorted(methods))})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # SIGTERM: uvicorn stops accepting, lets running requests finish for --drain-seconds, then the app's
+    # shutdown stops the engine (requests still running get a 503; unfolded feedback stays stored)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.drain_seconds)
     return 0

@@ -43,11 +43,13 @@ import torch
 
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import check_identity, steer_identity, tokenizer_fingerprint
-from personalign.personas.pairs import PreferencePair, load_pairs
 from personalign.personas.prompts import build_prompt_ids
+from personalign.records import PairWording, PreferencePair, choice_pairs, load_pairs
+from personalign.views.base import Backend
 
 __all__ = [
-    "PreferencePair", "load_pairs", "DriftProfile", "fit_profile", "pair_rewards", "response_rewards",
+    "PreferencePair", "fit_pairs", "DriftProfile", "fit_profile", "pair_rewards", "response_rewards", "score_rows",
+    "rewards_from_scores",
     "closed_form_weights", "logistic_weights", "select_top", "steer_identity", "tokenizer_fingerprint",
     "PROFILE_FORMAT", "PROFILE_VERSION", "SOLVERS",
 ]
@@ -59,6 +61,29 @@ PROFILE_VERSION = 1
 SOLVERS = ("closed_form", "logistic")
 
 
+# ---------------------------------------------------------------------- pairs files
+_WORDING = PairWording(invalid_json="not valid JSON ({msg}).",
+                       not_object="expected an object with prompt, chosen, rejected.",
+                       missing="missing field `{key}` (expected prompt, chosen, rejected).",
+                       not_text="field `{key}` must be a non-empty text, got {value}.")
+
+
+def fit_pairs(path: str | Path) -> tuple[list[PreferencePair], int]:
+    """The pairs ``{"prompt", "chosen", "rejected"}`` of a file to fit a profile on (``records.load_pairs``,
+    other fields ignored), and how many were skipped: a pair whose ``chosen`` equals its ``rejected``
+    carries no preference (logged with its line). A malformed record is a ``ValueError`` naming the line."""
+    pairs, skipped = [], 0
+    for p in load_pairs(path, layout="trl", optional=(), wording=_WORDING):
+        if p.chosen.strip() == p.rejected.strip():
+            logger.warning("%s: chosen == rejected, pair skipped", p.origin)
+            skipped += 1
+            continue
+        pairs.append(PreferencePair(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected))
+    if not pairs:
+        raise ValueError(f"pairs file {str(path)!r} holds no usable pair ({skipped} skipped).")
+    return pairs, skipped
+
+
 # ---------------------------------------------------------------------- rewards
 def _response_ids(tokenizer: Any, text: str, max_tokens: int | None) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -67,27 +92,40 @@ def _response_ids(tokenizer: Any, text: str, max_tokens: int | None) -> list[int
     return ids[:max_tokens] if max_tokens else ids
 
 
-def response_rewards(backend: Any, prompt: str, responses: Sequence[str], pool: AttributePool, *,
+def score_rows(tokenizer: Any, prompt: Any, responses: Sequence[str], pool: AttributePool, *,
+               chat_template: bool = True, max_response_tokens: int | None = None
+               ) -> list[tuple[list[int], list[int]]]:
+    """The teacher-forced rows of ``responses`` under the base and every attribute prompt:
+    ``(prompt_ids, response_ids)``, response-major (``len(responses) * (A + 1)`` rows)."""
+    systems = [pool.base, *pool.prompts]
+    prompt_ids = [list(build_prompt_ids(tokenizer, prompt, system=s, chat_template=chat_template)) for s in systems]
+    rows = []
+    for y in responses:
+        ids = _response_ids(tokenizer, y, max_response_tokens)
+        rows.extend((p, ids) for p in prompt_ids)
+    return rows
+
+
+def rewards_from_scores(logprobs: Sequence[torch.Tensor], n_responses: int, pool: AttributePool) -> torch.Tensor:
+    """Attribute rewards float32 [n_responses, A] from the per-token log-probs of ``score_rows``' rows."""
+    seq = torch.stack([t.sum() for t in logprobs]).view(n_responses, len(pool) + 1).float()
+    return seq[:, 1:] - seq[:, :1]
+
+
+def response_rewards(backend: Backend, prompt: str, responses: Sequence[str], pool: AttributePool, *,
                      model: str = "main", chat_template: bool = True,
                      max_response_tokens: int | None = None) -> torch.Tensor:
     """Attribute rewards ``r_i(y | x) = log π(y | x, s_i) − log π(y | x, s_0)``: float32 [len(responses), A].
 
     All ``len(responses) * (A + 1)`` sequences run as one batched forward.
     """
-    tok = backend.tokenizer(model)
-    systems = [pool.base, *pool.prompts]
-    prompt_ids = [build_prompt_ids(tok, prompt, system=s, chat_template=chat_template) for s in systems]
-    prompts, conts = [], []
-    for y in responses:
-        ids = _response_ids(tok, y, max_response_tokens)
-        prompts.extend(prompt_ids)
-        conts.extend([ids] * len(systems))
-    lp = backend.sequence_logprobs(prompts, conts, model=model, batch_size=len(prompts))
-    seq = torch.stack([t.sum() for t in lp]).view(len(responses), len(systems)).float()
-    return seq[:, 1:] - seq[:, :1]
+    rows = score_rows(backend.tokenizer(model), prompt, responses, pool, chat_template=chat_template,
+                      max_response_tokens=max_response_tokens)
+    lp = backend.sequence_logprobs([p for p, _ in rows], [c for _, c in rows], model=model, batch_size=len(rows))
+    return rewards_from_scores(lp, len(responses), pool)
 
 
-def pair_rewards(backend: Any, pairs: Sequence[PreferencePair], pool: AttributePool, *, model: str = "main",
+def pair_rewards(backend: Backend, pairs: Sequence[PreferencePair], pool: AttributePool, *, model: str = "main",
                  chat_template: bool = True, max_response_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, L)``, each float32 [N, A]: one batched forward of ``2 (A + 1)`` rows per pair."""
@@ -236,7 +274,7 @@ class DriftProfile:
             raise ValueError("accuracy needs at least one pair.")
         return float((self.pair_scores(wins, losses) > 0).float().mean())
 
-    def evaluate(self, backend: Any, pairs: Sequence[PreferencePair], *, model: str = "main") -> float:
+    def evaluate(self, backend: Backend, pairs: Sequence[PreferencePair], *, model: str = "main") -> float:
         """Preference accuracy on ``pairs``, scoring only the base and selected attribute prompts."""
         self.check_model(backend.models[model], backend.tokenizer(model))
         sel = self.selected()
@@ -253,7 +291,7 @@ class DriftProfile:
         check_identity(self.steer, model, tokenizer)
 
     # ------------------------------------------------------------------ online updates
-    def add_pairs(self, backend: Any, pairs: Iterable[PreferencePair], *, model: str = "main") -> int:
+    def add_pairs(self, backend: Backend, pairs: Iterable[PreferencePair], *, model: str = "main") -> int:
         """Score only the new pairs and append them; returns how many were added.
 
         A pair already in the profile (same ``pair_id``) is skipped with a warning. The weights
@@ -282,6 +320,29 @@ class DriftProfile:
         self._weights = None
         self.stats["num_pairs"] = self.num_pairs
         return len(new)
+
+    def add_choice(self, backend: Backend, prompt: Any, choices: Sequence[str], chosen_index: int, *,
+                   model: str = "main") -> int:
+        """Learn from one choice: ``choices[chosen_index]`` preferred to each other choice
+        (``records.choice_pairs``), scored and appended as ``add_pairs`` does; returns the pairs added."""
+        return self.add_pairs(backend, choice_pairs(prompt, choices, chosen_index), model=model)
+
+    def add_rewards(self, pair_id: str, wins: torch.Tensor, losses: torch.Tensor) -> bool:
+        """Append one pair already scored (its ``W`` and ``L`` rows, float [A], from ``pair_rewards`` or a
+        ``views.scoring.ChunkedScorer`` over ``score_rows``); False when the pair is already in."""
+        if self.manual_weights is not None:
+            raise ValueError("this profile has hand-set weights; fit a new profile to learn from pairs.")
+        A = len(self.pool)
+        if tuple(wins.shape) != (A,) or tuple(losses.shape) != (A,):
+            raise ValueError(f"`wins` and `losses` must be [{A}] (this profile's pool), got {tuple(wins.shape)}.")
+        if pair_id in self.pair_ids:
+            return False
+        self.wins = torch.cat([self.wins, wins.float()[None]])
+        self.losses = torch.cat([self.losses, losses.float()[None]])
+        self.pair_ids = [*self.pair_ids, pair_id]
+        self._weights = None
+        self.stats["num_pairs"] = self.num_pairs
+        return True
 
     def remove_pair(self, pair: PreferencePair | str | int) -> None:
         """Forget one pair, given as the pair, its ``pair_id`` or its row index."""
@@ -382,6 +443,16 @@ class DriftProfile:
         return path
 
     @classmethod
+    def empty(cls, steer: dict[str, Any], pool: AttributePool | None = None, **kwargs: Any) -> DriftProfile:
+        """A profile with no pair yet (uniform over nothing: ``drift`` needs a pair to steer), to learn
+        online (``add_pairs``, ``add_choice``); ``steer`` from ``steer_identity``, ``kwargs`` as ``__init__``."""
+        pool = pool or default_pool()
+        kwargs.setdefault("stats", {"source": "feedback"})
+        kwargs.setdefault("top_m", min(7, len(pool)))
+        return cls(pool=pool, wins=torch.zeros(0, len(pool)), losses=torch.zeros(0, len(pool)), pair_ids=[],
+                   steer=steer, **kwargs)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DriftProfile:
         if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"not a Drift profile: expected `format` {PROFILE_FORMAT!r}.")
@@ -416,7 +487,7 @@ class DriftProfile:
         return cls.from_dict(data)
 
 
-def fit_profile(backend: Any, pairs: Sequence[PreferencePair], pool: AttributePool | None = None, *,
+def fit_profile(backend: Backend, pairs: Sequence[PreferencePair], pool: AttributePool | None = None, *,
                 model: str = "main", top_m: int = 7, solver: str = "closed_form", chat_template: bool = True,
                 max_response_tokens: int | None = None, name: str | None = None, skipped: int = 0) -> DriftProfile:
     """Algorithm 1: score every pair under the base and attribute prompts and derive the weights."""

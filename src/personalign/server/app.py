@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import secrets
@@ -30,11 +32,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from personalign.decoding.loop import PromptTooLong, RequestPlan, plan_request
 from personalign.decoding.sampling import SamplingConfig
 from personalign.server.errors import APIError, BodyLimit, install_error_handlers
-from personalign.server.schemas import ChatRequest, Limits
-from personalign.server.store import Store
-from personalign.server.worker import EngineWorker, Job, QueueFull
+from personalign.server.folding import FoldManager, steering_model_key
+from personalign.server.personalize import resolve
+from personalign.server.routes import add_routes
+from personalign.server.schemas import ChatRequest, Limits, check_id
+from personalign.server.store import Store, StoreBusy
+from personalign.server.worker import Delta, Done, EngineWorker, Event, Failed, Job, QueueFull
 from personalign.types import Request as GenRequest
 
 __all__ = ["create_app", "ServerContext"]
@@ -48,6 +54,7 @@ class ServerContext:
     model_id: str
     admin_key: str | None
     unavailable: dict[str, str]
+    folds: FoldManager | None = None
 
     async def db(self, fn: Any, *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
@@ -74,6 +81,8 @@ def _bearer(request: Request) -> str:
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "missing API key: send `Authorization: Bearer <key>`.", code="missing_api_key")
+    if not key.isascii() or not key.strip().isprintable():  # keys are ASCII; compare_digest takes nothing else
+        raise APIError(401, "invalid API key: keys are printable ASCII.", code="invalid_api_key")
     return key.strip()
 
 
@@ -89,17 +98,23 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
         admin_key: the admin key; default: the ``PERSONALIGN_ADMIN_KEY`` environment variable.
         unavailable: methods registered but not served here, with the reason (shown by ``/health``).
     """
-    from personalign.server.routes import add_routes
 
     if admin_key is None:
         admin_key = os.environ.get("PERSONALIGN_ADMIN_KEY") or None
-    ctx = ServerContext(engine=engine, store=store, limits=limits or Limits(), model_id=model_id,
+    limits = limits or Limits()
+    if limits.max_n > engine.max_batch:
+        raise ValueError(f"`max_n` ({limits.max_n}) must be <= the engine's `max_batch` ({engine.max_batch}): a "
+                         "request's choices decode as rows of one batch.")
+    ctx = ServerContext(engine=engine, store=store, limits=limits, model_id=model_id,
                         admin_key=admin_key, unavailable=dict(unavailable or {}))
+    ctx.folds = FoldManager(engine, store, ctx.limits, steer_key=steering_model_key(engine.methods, engine.backend),
+                            chat_template=engine.chat_template, run_sync=ctx.db)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         try:
+            await ctx.folds.recover()  # items a stopped server stored but did not fold
             yield
         finally:
             engine.stop()
@@ -113,7 +128,7 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
     async def health() -> dict[str, Any]:
         return {"status": "ok" if engine.alive else "starting", "model": ctx.model_id,
                 "methods": sorted(engine.methods), "unavailable_methods": ctx.unavailable,
-                "queue": engine.load(), "store": store.dialect}
+                "queue": {**engine.load(), **ctx.folds.load()}, "store": store.dialect}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -124,92 +139,145 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
         owner = await ctx.owner(request)
-        job, meta = await _prepare_job(ctx, owner, body)
+        jobs, meta = await _prepare_jobs(ctx, owner, body)
         try:
-            engine.submit(job)
+            engine.submit_group(jobs)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e} Retry later.", code="queue_full") from None
-        first = await _next_event(job, request)
+        first = await _next_event(jobs, request)
         if first is None:
             return JSONResponse({}, status_code=499)
-        if first[0] == "error":
-            raise APIError(first[1], first[2], param="personalization" if first[1] == 400 else None)
+        if isinstance(first, Failed):
+            raise APIError(first.status, first.message, param=first.param)
         if body.stream:
-            return StreamingResponse(_sse(ctx, owner, job, meta, first, request), media_type="text/event-stream",
+            return StreamingResponse(_sse(ctx, owner, jobs, meta, first, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, event = [], first
-        while event[0] == "delta":
-            text.append(event[1])
-            event = await _next_event(job, request)
+        texts: list[list[str]] = [[] for _ in jobs]
+        done: dict[int, Done] = {}
+        event: Event | None = first
+        while True:
             if event is None:
                 return JSONResponse({}, status_code=499)
-        if event[0] == "error":
-            raise APIError(event[1], event[2])
-        _, reason, n_prompt, n_completion = event
-        content = "".join(text)
-        await ctx.db(store.record_completion, owner, meta["id"], meta["user"], meta["messages"], content,
-                     meta["method"], reason)
+            if isinstance(event, Failed):
+                raise APIError(event.status, event.message, param=event.param)
+            if isinstance(event, Delta):
+                texts[event.index].append(event.text)
+            else:
+                done[event.index] = event
+                if len(done) == len(jobs):
+                    break
+            event = await _next_event(jobs, request)
+        choices = [{"index": i, "text": "".join(texts[i]), "method": meta["methods"][i],
+                    "finish_reason": done[i].finish_reason} for i in range(len(jobs))]
+        await ctx.db(store.record_completion, owner, meta["id"], meta["user"], meta["messages"], choices)
+        # StoreBusy -> 503 with Retry-After (errors.py)
         return {"id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": ctx.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                             "finish_reason": reason, "logprobs": None}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
-                          "total_tokens": n_prompt + n_completion},
-                "personalization": meta["personalization"]}
+                "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                             "finish_reason": c["finish_reason"], "logprobs": None, "method": c["method"],
+                             "personalization": meta["infos"][c["index"]]} for c in choices],
+                "usage": _usage(done.values()),
+                "personalization": meta["infos"][0]}
 
     add_routes(app, ctx)
     return app
 
 
-async def _next_event(job: Job, request: Request, poll: float = 0.5) -> tuple | None:
-    """The job's next event; None (and the job cancelled) when the client has gone away."""
+def _usage(done: Any) -> dict[str, int]:
+    """OpenAI's usage of ``n`` choices: the prompt counted once, every choice's tokens summed."""
+    done = list(done)
+    n_prompt = max(d.prompt_tokens for d in done)
+    n_completion = sum(d.completion_tokens for d in done)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+async def _next_event(jobs: list[Job], request: Request, poll: float = 0.5) -> Event | None:
+    """The next event of a request's jobs (its choices share one queue); None (and the jobs cancelled)
+    when the client has gone away.
+
+    The client is checked every ``poll`` seconds whether or not events arrive: a non-streamed request
+    that keeps receiving tokens must still stop decoding when its client leaves."""
+    loop = asyncio.get_running_loop()
+    lead = jobs[0]
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=poll)
-        except asyncio.TimeoutError:
+        now = loop.time()
+        if now - lead.checked_at >= poll:
+            lead.checked_at = now
             if await request.is_disconnected():
-                job.cancelled = True
+                for job in jobs:
+                    job.cancelled = True
                 return None
+        try:
+            return await asyncio.wait_for(lead.events.get(), timeout=max(0.01, lead.checked_at + poll - now))
+        except asyncio.TimeoutError:
+            continue
 
 
-async def _sse(ctx: ServerContext, owner: str, job: Job, meta: dict[str, Any], first: tuple,
+async def _sse(ctx: ServerContext, owner: str, jobs: list[Job], meta: dict[str, Any], first: Event,
                request: Request) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: per choice a role chunk, its content chunks (``index`` says whose, choices
+    interleaved as they decode) and its finish chunk; then the usage chunk if asked, then ``[DONE]``."""
     base = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"], "model": ctx.model_id}
 
-    def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> str:
-        data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **extra}
+    def chunk(index: int, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> str:
+        data = {**base, "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}],
+                **extra}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    text: list[str] = []
+    texts: list[list[str]] = [[] for _ in jobs]
+    done: dict[int, Done] = {}
     finished = False
     try:
-        yield chunk({"role": "assistant", "content": ""}, personalization=meta["personalization"])
-        event: tuple | None = first
-        while event is not None and event[0] == "delta":
-            text.append(event[1])
-            yield chunk({"content": event[1]})
-            event = await _next_event(job, request)
-        if event is None:
-            return
-        if event[0] == "error":
-            err = {"error": {"message": event[2], "type": "server_error", "param": None, "code": None}}
+        for i in range(len(jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""}, personalization=meta["infos"][i])
+        event: Event | None = first
+        while True:
+            if event is None:
+                return
+            if isinstance(event, Failed):
+                err = {"error": {"message": event.message, "type": "server_error", "param": event.param,
+                                 "code": None}}
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            if isinstance(event, Delta):
+                texts[event.index].append(event.text)
+                yield chunk(event.index, {"content": event.text})
+            else:
+                done[event.index] = event
+                yield chunk(event.index, {}, event.finish_reason)
+                if len(done) == len(jobs):
+                    break
+            event = await _next_event(jobs, request)
+        finished = True
+        choices = [{"index": i, "text": "".join(texts[i]), "method": meta["methods"][i],
+                    "finish_reason": done[i].finish_reason} for i in range(len(jobs))]
+        try:
+            await ctx.db(ctx.store.record_completion, owner, meta["id"], meta["user"], meta["messages"], choices)
+        except StoreBusy as e:  # the reply was streamed; say that it was not recorded, then end the stream
+            err = {"error": {"message": f"{e} The reply above was not recorded (it cannot be used as feedback).",
+                             "type": "service_unavailable", "param": None, "code": "store_busy"}}
             yield f"data: {json.dumps(err)}\n\n"
             return
-        _, reason, n_prompt, n_completion = event
-        finished = True
-        await ctx.db(ctx.store.record_completion, owner, meta["id"], meta["user"], meta["messages"], "".join(text),
-                     meta["method"], reason)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
-        yield chunk({}, reason)
         if meta["include_usage"]:  # OpenAI's usage chunk: no choices
-            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(done.values())})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
-            job.cancelled = True
+            for job in jobs:
+                job.cancelled = True
 
 
-async def _prepare_job(ctx: ServerContext, owner: str, body: ChatRequest) -> tuple[Job, dict[str, Any]]:
-    """Check limits, resolve the user's personalization and build the engine job (4xx on bad input)."""
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The sampling seed of choice ``index``: the request's own for choice 0 (so ``n = 1`` and the first
+    of ``n`` choices sample alike), a distinct one derived from it for the others; None without a seed."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+async def _prepare_jobs(ctx: ServerContext, owner: str, body: ChatRequest) -> tuple[list[Job], dict[str, Any]]:
+    """Check limits, resolve the user's personalization and build the engine jobs, one per choice (4xx on
+    bad input)."""
     lim = ctx.limits
     if body.model != ctx.model_id:
         raise APIError(404, f"model {body.model!r} is not served here; this server serves {ctx.model_id!r}.",
@@ -217,6 +285,8 @@ async def _prepare_job(ctx: ServerContext, owner: str, body: ChatRequest) -> tup
     if len(body.messages) > lim.max_messages:
         raise APIError(400, f"`messages` holds {len(body.messages)} messages; the limit is {lim.max_messages}.",
                        param="messages", code="too_many_messages")
+    if body.user is not None and (msg := check_id(body.user, "user", lim.max_id_chars)):
+        raise APIError(400, msg, param="user", code="invalid_id")
     messages = []
     for i, m in enumerate(body.messages):
         text = m.text()
@@ -233,26 +303,44 @@ async def _prepare_job(ctx: ServerContext, owner: str, body: ChatRequest) -> tup
     if not 1 <= max_tokens <= lim.max_tokens:
         raise APIError(400, f"`{param}` must be an integer in [1, {lim.max_tokens}], got {max_tokens}.", param=param)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > lim.max_stop or any(not s for s in stop):
-        raise APIError(400, f"`stop` must be at most {lim.max_stop} non-empty strings.", param="stop")
+    if len(stop) > lim.max_stop or any(not s for s in stop) or any(len(s) > 200 for s in stop):
+        raise APIError(400, f"`stop` must be at most {lim.max_stop} non-empty strings of at most 200 characters.",
+                       param="stop")
     try:
         sampling = SamplingConfig(temperature=float(1.0 if body.temperature is None else body.temperature),
                                   top_p=float(1.0 if body.top_p is None else body.top_p))
     except ValueError as e:
         raise APIError(400, str(e), param="temperature" if "temperature" in str(e) else "top_p") from None
-    from personalign.server.personalize import resolve
 
-    method, preference, params, user, info = await resolve(ctx, owner, body)
-    try:
-        request = GenRequest(prompt=messages, preference=preference, params=params, seed=body.seed, user=user)
-        ctx.engine.methods[method].config_for(request)
-    except ValueError as e:
-        where = "personalization.preference" if "`preference`" in str(e) else "personalization"
-        raise APIError(400, f"method {method!r}: {e}", param=where) from None
+    resolved = await resolve(ctx, owner, body)
+    n = body.n if body.n is not None else len(resolved)
+    if len(resolved) > 1 and n != len(resolved):
+        raise APIError(400, f"`n` is {n} but `personalization.methods` names {len(resolved)} methods (one choice "
+                       "each); leave `n` out or make them equal.", param="n")
+    if n > lim.max_n:
+        raise APIError(400, f"`n` must be an integer in [1, {lim.max_n}], got {n}.", param="n", code="too_many_choices")
+    per_choice = resolved if len(resolved) > 1 else resolved * n
+    plans: dict[str, RequestPlan] = {}
+    jobs: list[Job] = []
     loop = asyncio.get_running_loop()
-    job = Job(method=method, request=request, max_tokens=max_tokens, sampling=sampling, stop=stop, loop=loop,
-              events=asyncio.Queue())
-    meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "user": user,
-            "messages": messages, "method": method, "personalization": info,
-            "include_usage": bool((body.stream_options or {}).get("include_usage"))}
-    return job, meta
+    events: asyncio.Queue = asyncio.Queue()
+    for i, (method, preference, params, user, _) in enumerate(per_choice):
+        request = GenRequest(prompt=messages, preference=preference, params=params, seed=choice_seed(body.seed, i),
+                             user=user)
+        if method not in plans:
+            try:  # validated and encoded ONCE per method: the engine and the loop reuse the plan
+                plans[method] = await ctx.db(plan_request, ctx.engine.methods[method], request, ctx.engine.backend,
+                                             ctx.engine.chat_template)
+            except PromptTooLong as e:
+                raise APIError(400, f"{e} Shorten `messages`.", param="messages",
+                               code="context_length_exceeded") from None
+            except ValueError as e:
+                where = "personalization.preference" if "`preference`" in str(e) else "personalization"
+                raise APIError(400, f"method {method!r}: {e}", param=where) from None
+        plan = dataclasses.replace(plans[method], request=request)  # the same views; this choice's seed
+        jobs.append(Job(method=method, request=request, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                        loop=loop, events=events, plan=plan))
+    meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "user": per_choice[0][3],
+            "messages": messages, "methods": [r[0] for r in per_choice], "infos": [r[4] for r in per_choice],
+            "include_usage": body.stream_options is not None and body.stream_options.include_usage}
+    return jobs, meta

@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from personalign.server.store import StoreBusy
+
 __all__ = ["APIError", "install_error_handlers", "error_body", "BodyLimit"]
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 
 
 def _response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 429 else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     return JSONResponse(error_body(e.status, e.message, param=e.param, code=e.code, type=e.type),
                         status_code=e.status, headers=headers)
 
@@ -101,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = str(e.detail) if e.status_code != 404 else "no such route; see /docs for the API."
         return _response(APIError(e.status_code, msg))
+
+
+    @app.exception_handler(StoreBusy)
+    async def _busy(_: Request, e: StoreBusy) -> JSONResponse:
+        return _response(APIError(503, str(e), code="store_busy"))
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, e: Exception) -> JSONResponse:

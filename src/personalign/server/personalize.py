@@ -1,4 +1,5 @@
-"""Which method, preference and parameters a chat request decodes with.
+"""Which method, preference and parameters a chat request decodes with (per method, for a request
+that asks for ``personalization.methods``: one choice each).
 
 Precedence, field by field: the request's ``personalization`` > the user's stored profile > the
 server default (``base``; ``preference_prompting`` when only a preference is known).
@@ -21,7 +22,7 @@ from typing import Any
 from personalign.server.errors import APIError
 from personalign.server.schemas import ChatRequest
 
-__all__ = ["resolve", "profile_params", "check_method", "check_params"]
+__all__ = ["resolve", "profile_params", "check_method", "check_params", "check_text_params"]
 
 
 def check_method(ctx: Any, method: str, param: str) -> None:
@@ -51,6 +52,20 @@ def check_params(method_obj: Any, params: dict[str, Any], param: str) -> None:
                            param=f"{param}.{k}", code="unknown_parameter")
 
 
+def check_text_params(ctx: Any, params: dict[str, Any], param: str) -> None:
+    """400 when a string method parameter (a text a model reads, e.g. P-DPO's ``user_text``) is longer
+    than ``max_preference_chars`` or holds an unpaired surrogate."""
+    lim = ctx.limits.max_preference_chars
+    for k, v in params.items():
+        if isinstance(v, str):
+            if len(v) > lim:
+                raise APIError(400, f"`{param}.{k}` is {len(v)} characters; the limit is {lim}.",
+                               param=f"{param}.{k}", code="parameter_too_long")
+            if any("\ud800" <= ch <= "\udfff" for ch in v):
+                raise APIError(400, f"`{param}.{k}` contains an unpaired surrogate; send valid Unicode.",
+                               param=f"{param}.{k}")
+
+
 def profile_params(method: str, profile: dict[str, Any] | None, served: Any = None) -> dict[str, Any]:
     """Method parameters that come from the user's stored state rather than from the request.
 
@@ -71,9 +86,10 @@ def profile_params(method: str, profile: dict[str, Any] | None, served: Any = No
     return {"profile": profile["drift_profile"]}
 
 
-async def resolve(ctx: Any, owner: str, body: ChatRequest) -> tuple[str, str | None, dict[str, Any], str | None,
-                                                                        dict[str, Any]]:
-    """``(method, preference, params, user id, description)`` for one chat request."""
+async def resolve(ctx: Any, owner: str, body: ChatRequest) -> list[tuple[str, str | None, dict[str, Any], str | None,
+                                                                              dict[str, Any]]]:
+    """``(method, preference, params, user id, description)`` for one chat request, once per method it
+    asks for: ``personalization.methods`` (one choice each, in order), else the one resolved method."""
     pers = body.personalization
     profile_id = pers.profile_id if pers is not None and pers.profile_id else body.user
     profile = await ctx.db(ctx.store.get_profile, owner, profile_id) if profile_id else None
@@ -82,23 +98,38 @@ async def resolve(ctx: Any, owner: str, body: ChatRequest) -> tuple[str, str | N
                        param="personalization.profile_id", code="profile_not_found")
     preference = (pers.preference if pers is not None and pers.preference else None) or \
         (profile or {}).get("preference")
-    method = (pers.method if pers is not None and pers.method else None) or (profile or {}).get("method") or \
-        ("preference_prompting" if preference and "preference_prompting" in ctx.engine.methods else "base")
-    check_method(ctx, method, "personalization.method")
-    params: dict[str, Any] = {}
-    if profile is not None and profile.get("method") == method:
-        params.update(profile.get("params") or {})
-    params.update(profile_params(method, profile, ctx.engine.methods[method]))
-    if pers is not None:
-        check_params(ctx.engine.methods[method], pers.params(), "personalization")
-        params.update(pers.params())
-    info = {"method": method, "preference": preference, "profile_id": profile["user"] if profile else None,
-            "params": {k: v for k, v in params.items() if k != "profile" and _jsonable(v)}}
-    dp = params.get("profile") if method == "drift" else None
-    if isinstance(dp, dict):
-        info["drift"] = {"num_pairs": dp.get("num_pairs"),
-                         "selected": {a["name"]: a["weight"] for a in dp.get("selected", [])}}
-    return method, preference, params, profile_id, info
+    if preference is not None and len(preference) > ctx.limits.max_preference_chars:
+        where = "personalization.preference" if pers is not None and pers.preference else "preference"
+        raise APIError(400, f"the preference is {len(preference)} characters; the limit is "
+                       f"{ctx.limits.max_preference_chars}.", param=where, code="preference_too_long")
+    if pers is not None and pers.methods is not None:
+        if pers.method is not None:
+            raise APIError(400, "give `personalization.method` or `personalization.methods`, not both.",
+                           param="personalization.methods")
+        methods = [(m, f"personalization.methods[{i}]") for i, m in enumerate(pers.methods)]
+    else:
+        method = (pers.method if pers is not None and pers.method else None) or (profile or {}).get("method") or \
+            ("preference_prompting" if preference and "preference_prompting" in ctx.engine.methods else "base")
+        methods = [(method, "personalization.method")]
+    out = []
+    for method, where in methods:
+        check_method(ctx, method, where)
+        params: dict[str, Any] = {}
+        if profile is not None and profile.get("method") == method:
+            params.update(profile.get("params") or {})
+        params.update(profile_params(method, profile, ctx.engine.methods[method]))
+        if pers is not None:
+            check_params(ctx.engine.methods[method], pers.params(), "personalization")
+            check_text_params(ctx, pers.params(), "personalization")
+            params.update(pers.params())
+        info = {"method": method, "preference": preference, "profile_id": profile["user"] if profile else None,
+                "params": {k: v for k, v in params.items() if k != "profile" and _jsonable(v)}}
+        dp = params.get("profile") if method == "drift" else None
+        if isinstance(dp, dict):
+            info["drift"] = {"num_pairs": dp.get("num_pairs"),
+                             "selected": {a["name"]: a["weight"] for a in dp.get("selected", [])}}
+        out.append((method, preference, params, profile_id, info))
+    return out
 
 
 def _jsonable(v: Any) -> bool:

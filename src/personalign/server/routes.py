@@ -1,14 +1,21 @@
-"""Profiles, feedback and key routes of the app (see ``server.app``).
+"""Profiles, feedback, stored completions and key routes of the app (see ``server.app``).
 
-Feedback flow (``POST /v1/feedback``), safe against retries, replicas and a killed process:
+Feedback (``POST /v1/feedback``), safe against retries, replicas, floods and a killed process:
 
 1. an id this key already recorded returns the stored item (200) when the content matches,
    409 when it does not;
 2. the pair is resolved (texts, or recorded completions of this key; a chosen completion alone is
-   paired with the ``base`` method's greedy reply to the same messages);
-3. the pair is folded into the user's Drift profile on the engine thread (``fold_pairs``);
-4. the feedback row and the new profile are written in ONE transaction, guarded by the profile's
-   version; a concurrent change retries from step 1. The 201 is sent only after the commit.
+   paired with the ``base`` method's greedy reply to the same messages) and bounded: every text and
+   every sequence to score is checked against the limits before any model work (400);
+3. the item is stored unfolded and queued for folding (``server.folding``; 429 when ``max_folds``
+   items wait). The engine scores it within the rounds' folding budget, and the merge into the
+   user's Drift profile runs in order of acknowledgement, in one transaction with marking it folded;
+4. ``wait: true`` (default) answers 201 once folded; ``wait: false`` answers 202 at once, and
+   ``GET /v1/feedback/{id}`` shows ``folded`` when it is.
+
+Ids of users and feedback are ``schemas.ID_RULE`` (1-``max_id_chars`` characters), so every stored row
+stays addressable in a URL and erasable; error bodies never echo more than 64 characters of an id.
+Lists paginate OpenAI-style (``limit``, ``after``; ``has_more``, ``first_id``, ``last_id``).
 """
 
 from __future__ import annotations
@@ -22,19 +29,21 @@ from fastapi.responses import JSONResponse
 
 from personalign.config import config_from_mapping
 from personalign.decoding.sampling import SamplingConfig
+from personalign.records import ChoiceError, choice_pairs
 from personalign.server.errors import APIError
-from personalign.server.feedback import (
-    FoldingUnavailable,
+from personalign.server.folding import (
+    EngineStopped,
+    FoldQueueFull,
+    FoldRejected,
     PreferencePair,
     check_profile,
-    drift_prompt,
-    fold_pairs,
-    unfold_pair,
+    feedback_pairs,
+    unfold_pairs,
 )
-from personalign.server.personalize import check_method
-from personalign.server.schemas import FeedbackBody, KeyBody, ProfileBody
-from personalign.server.store import FeedbackConflict, ProfileConflict, StoredFeedback
-from personalign.server.worker import Job, QueueFull
+from personalign.server.personalize import check_method, check_text_params
+from personalign.server.schemas import FeedbackBody, KeyBody, ProfileBody, check_id, shown
+from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, StoredFeedback
+from personalign.server.worker import Delta, Failed, Job, QueueFull
 from personalign.types import Request as GenRequest
 
 __all__ = ["add_routes"]
@@ -42,8 +51,27 @@ __all__ = ["add_routes"]
 _RETRIES = 8
 
 
+def page(rows: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """An OpenAI-style list page."""
+    return {"object": "list", "data": rows, "has_more": has_more,
+            "first_id": rows[0]["id"] if rows else None, "last_id": rows[-1]["id"] if rows else None}
+
+
+def _limit(limit: int) -> int:
+    if not 1 <= limit <= 1000:
+        raise APIError(400, f"`limit` must lie in [1, 1000], got {limit}.", param="limit")
+    return limit
+
+
 def add_routes(app: FastAPI, ctx: Any) -> None:
     store = ctx.store
+    lim = ctx.limits
+
+    def valid_id(value: str, field: str) -> str:
+        msg = check_id(value, field, lim.max_id_chars)
+        if msg:
+            raise APIError(400, msg, param=field, code="invalid_id")
+        return value
 
     # ------------------------------------------------------------------ keys (admin)
     @app.post("/v1/keys", status_code=201)
@@ -61,11 +89,15 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
     async def revoke_key(kid: str, request: Request) -> dict[str, Any]:
         ctx.require_admin(request)
         if not await ctx.db(store.revoke_key, kid):
-            raise APIError(404, f"no live key {kid!r}.", param="id", code="key_not_found")
+            raise APIError(404, f"no live key {shown(kid)}.", param="id", code="key_not_found")
         return {"id": kid, "object": "api_key", "deleted": True}
 
     # ------------------------------------------------------------------ profiles
     def check_profile_fields(fields: dict[str, Any], method: str | None) -> None:
+        pref = fields.get("preference")
+        if pref is not None and len(pref) > lim.max_preference_chars:
+            raise APIError(400, f"`preference` is {len(pref)} characters; the limit is {lim.max_preference_chars}.",
+                           param="preference", code="preference_too_long")
         if fields.get("drift_profile") is not None:
             try:
                 check_profile(fields["drift_profile"])
@@ -74,6 +106,7 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
         if method is not None:
             check_method(ctx, method, "method")
             if fields.get("params"):
+                check_text_params(ctx, fields["params"], "params")
                 try:
                     config_from_mapping(type(ctx.engine.methods[method].config), fields["params"])
                 except ValueError as e:
@@ -86,25 +119,25 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
         owner = await ctx.owner(request)
         if not body.user:
             raise APIError(400, "`user` is required: the id this key uses for the user.", param="user")
+        valid_id(body.user, "user")
         fields = body.model_dump(exclude={"user"}, exclude_none=True)
         check_profile_fields(fields, body.method)
         out = await ctx.db(store.create_profile, owner, body.user, fields)
         if out is None:
-            raise APIError(409, f"profile {body.user!r} exists; change it with PATCH /v1/profiles/{body.user}.",
+            raise APIError(409, f"profile {shown(body.user)} exists; change it with PATCH /v1/profiles/{{user}}.",
                            param="user", code="profile_exists")
         return out
 
     @app.get("/v1/profiles")
     async def list_profiles(request: Request, limit: int = 100, after: str | None = None) -> dict[str, Any]:
         owner = await ctx.owner(request)
-        if not 1 <= limit <= 1000:
-            raise APIError(400, f"`limit` must lie in [1, 1000], got {limit}.", param="limit")
-        return {"object": "list", "data": await ctx.db(store.list_profiles, owner, limit, after)}
+        rows, more = await ctx.db(store.list_profiles, owner, _limit(limit), after)
+        return page(rows, more)
 
     async def get_owned(owner: str, user: str) -> dict[str, Any]:
         p = await ctx.db(store.get_profile, owner, user)
         if p is None:
-            raise APIError(404, f"unknown profile {user!r}.", param="user", code="profile_not_found")
+            raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
         return p
 
     @app.get("/v1/profiles/{user}")
@@ -122,76 +155,122 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
                              fields else None)
         out = await ctx.db(store.update_profile, owner, user, fields)
         if out is None:
-            raise APIError(404, f"unknown profile {user!r}.", param="user", code="profile_not_found")
+            raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
         return out
 
     @app.delete("/v1/profiles/{user}")
-    async def delete_profile(user: str, request: Request) -> dict[str, Any]:
+    async def delete_profile(user: str, request: Request, keep_history: bool = False) -> dict[str, Any]:
+        """Delete a profile and, unless ``keep_history=true``, the user's feedback and completions."""
         owner = await ctx.owner(request)
-        if not await ctx.db(store.delete_profile, owner, user):
-            raise APIError(404, f"unknown profile {user!r}.", param="user", code="profile_not_found")
-        return {"id": user, "object": "profile", "deleted": True}
+        if not keep_history:
+            rows, _ = await ctx.db(store.list_feedback, owner, user, 100_000, None)
+            for f in rows:  # folds still running for this user stop before they merge
+                await ctx.folds.settle(owner, f.feedback_id)
+        out = await ctx.db(lambda: store.delete_profile(owner, user, keep_history=keep_history))
+        if out is None:
+            raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
+        return {"id": user, "object": "profile", "deleted": True, "deleted_feedback": out["feedback"],
+                "deleted_completions": out["completions"]}
+
+    # ------------------------------------------------------------------ stored completions
+    @app.get("/v1/chat/completions/{cid}")
+    async def get_completion(cid: str, request: Request) -> dict[str, Any]:
+        owner = await ctx.owner(request)
+        c = await ctx.db(store.get_completion, owner, cid)
+        if c is None:
+            raise APIError(404, f"unknown completion {shown(cid)}.", param="id", code="completion_not_found")
+        return {"object": "chat.completion.stored", **c}
+
+    @app.delete("/v1/chat/completions/{cid}")
+    async def delete_completion(cid: str, request: Request) -> dict[str, Any]:
+        owner = await ctx.owner(request)
+        if not await ctx.db(store.delete_completion, owner, cid):
+            raise APIError(404, f"unknown completion {shown(cid)}.", param="id", code="completion_not_found")
+        return {"id": cid, "object": "chat.completion.deleted", "deleted": True}
 
     # ------------------------------------------------------------------ feedback
     @app.post("/v1/feedback")
     async def post_feedback(body: FeedbackBody, request: Request) -> JSONResponse:
         owner = await ctx.owner(request)
-        for _ in range(_RETRIES):
-            old = await ctx.db(store.get_feedback, owner, body.id)
-            profile = await get_owned(owner, body.user)
+        valid_id(body.id, "id")
+        old = await ctx.db(store.get_feedback, owner, body.id)
+        if body.completion_id is not None or body.chosen_index is not None:
+            fb = await _resolve_choice(ctx, owner, body)
+            valid_id(fb.user_id, "user")
+        else:
+            if body.user is None:
+                raise APIError(400, "`user` is required: the id of the user whose feedback this is.", param="user")
+            valid_id(body.user, "user")
             pair, completion_id = await _resolve_pair(ctx, owner, body, old)
             fb = StoredFeedback(body.id, body.user, _as_messages(pair.prompt), pair.chosen, pair.rejected,
                                 completion_id, False, time.time())
-            if old is not None:
-                return _replay(old, fb)
-            update = None
+        profile = await get_owned(owner, fb.user_id)
+        if old is not None:
+            return _replay(old, fb)
+        pairs = feedback_pairs(fb)
+        try:
+            ctx.folds.check_chars(pairs)  # before any tokenizing
+            plan = await ctx.db(ctx.folds.prepare, pairs, profile)
+        except FoldRejected as e:
+            raise APIError(400, str(e), param=e.field, code="feedback_rejected") from None
+        async with ctx.folds.user_lock(owner, fb.user_id):  # stored and queued in one order
             try:
-                fut = ctx.engine.call(lambda backend, p=profile, q=pair: fold_pairs(
-                    backend, p["drift_profile"], [q], model=_steer_key(ctx, backend),
-                    chat_template=ctx.engine.chat_template))
-                new_profile = await asyncio.wrap_future(fut)
-                update, fb.folded = {"drift_profile": new_profile}, True
-            except FoldingUnavailable:
-                pass
-            except ValueError as e:
-                raise APIError(400, f"feedback could not be folded into the profile: {e}") from None
+                ctx.folds.check_capacity()
+            except FoldQueueFull as e:
+                raise APIError(429, f"the server is busy folding feedback: {e} Retry later.",
+                               code="fold_queue_full") from None
             try:
-                stored, created = await ctx.db(store.add_feedback, owner, fb, update, profile["version"])
-            except ProfileConflict:
-                continue
+                stored, created = await ctx.db(store.add_feedback, owner, fb)
             except FeedbackConflict:
-                raise APIError(409, f"feedback id {body.id!r} was already used for different content.",
+                raise APIError(409, f"feedback id {shown(body.id)} was already used for different content.",
                                param="id", code="feedback_id_reused") from None
-            return JSONResponse(stored.to_dict(), status_code=201 if created else 200)
-        raise APIError(409, f"profile {body.user!r} kept changing while this feedback was folded; retry.",
-                       code="profile_busy")
+            except ChoiceConflict as e:
+                raise APIError(409, f"completion {shown(fb.completion_id or '')} was already judged: feedback "
+                               f"{shown(e.feedback_id)} chose choice {e.chosen_index}, not {fb.chosen_index}.",
+                               param="chosen_index", code="completion_already_judged") from None
+            if not created:
+                if stored.feedback_id != fb.feedback_id:  # the same choice under another id: the first stands
+                    return JSONResponse(stored.to_dict(), status_code=200)
+                return _replay(stored, fb)
+            ticket = ctx.folds.start(owner, stored, plan)
+        if not body.wait:
+            return JSONResponse(stored.to_dict(), status_code=202)
+        try:
+            final = await ticket.merged
+        except EngineStopped:
+            raise APIError(503, "the server stopped before this feedback was folded; it is stored and is folded "
+                           "when the server starts again.", code="shutting_down") from None
+        if final is None:  # deleted while it was folding
+            raise APIError(404, f"feedback {shown(body.id)} was deleted while it was folded.", param="id",
+                           code="feedback_not_found")
+        return JSONResponse(final.to_dict(), status_code=201)
 
     @app.get("/v1/feedback")
-    async def list_feedback(request: Request, user: str | None = None) -> dict[str, Any]:
+    async def list_feedback(request: Request, user: str | None = None, limit: int = 100,
+                            after: str | None = None) -> dict[str, Any]:
         owner = await ctx.owner(request)
-        return {"object": "list", "data": [f.to_dict() for f in await ctx.db(store.list_feedback, owner, user)]}
+        rows, more = await ctx.db(store.list_feedback, owner, user, _limit(limit), after)
+        return page([f.to_dict() for f in rows], more)
 
     @app.delete("/v1/feedback/{fid}")
     async def delete_feedback(fid: str, request: Request) -> dict[str, Any]:
-        """Forget one feedback item and take its pair out of the user's Drift profile (one transaction)."""
+        """Forget one feedback item and take its pair out of the user's Drift profile (one transaction);
+        a fold still running for it stops before it merges."""
         owner = await ctx.owner(request)
+        await ctx.folds.settle(owner, fid)
         for _ in range(_RETRIES):
             f = await ctx.db(store.get_feedback, owner, fid)
             if f is None:
-                raise APIError(404, f"unknown feedback {fid!r}.", param="id", code="feedback_not_found")
+                raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
             profile = await ctx.db(store.get_profile, owner, f.user_id)
             update = None
-            if profile is not None and profile["drift_profile"] is not None:
-                try:
-                    pair = PreferencePair(drift_prompt(f.prompt), f.chosen, f.rejected)
-                    new = unfold_pair(profile["drift_profile"], pair)
-                    update = None if new is None else {"drift_profile": new}
-                except FoldingUnavailable:
-                    pass
+            if f.folded and profile is not None and profile["drift_profile"] is not None:
+                new = await ctx.db(unfold_pairs, profile["drift_profile"], feedback_pairs(f))
+                update = None if new is None else {"drift_profile": new}
             try:
                 if not await ctx.db(store.delete_feedback, owner, fid, update,
                                     profile["version"] if profile else None):
-                    raise APIError(404, f"unknown feedback {fid!r}.", param="id", code="feedback_not_found")
+                    raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
             except ProfileConflict:
                 continue
             return {"id": fid, "object": "feedback", "deleted": True, "unfolded": update is not None}
@@ -202,22 +281,13 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
         owner = await ctx.owner(request)
         f = await ctx.db(store.get_feedback, owner, fid)
         if f is None:
-            raise APIError(404, f"unknown feedback {fid!r}.", param="id", code="feedback_not_found")
+            raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
         return f.to_dict()
 
 
-def _steer_key(ctx: Any, backend: Any) -> str:
-    """The model Drift steers with on this server: feedback is scored by the same model."""
-    drift = ctx.engine.methods.get("drift")
-    key = getattr(getattr(drift, "config", None), "steer_model", None)
-    if key in backend.models:
-        return key
-    return "steer" if "steer" in backend.models else "main"
-
-
 def _replay(old: StoredFeedback, new: StoredFeedback) -> JSONResponse:
-    if (old.user_id, old.prompt, old.chosen, old.rejected) != (new.user_id, new.prompt, new.chosen, new.rejected):
-        raise APIError(409, f"feedback id {old.feedback_id!r} was already used for different content.",
+    if old.content() != new.content():
+        raise APIError(409, f"feedback id {shown(old.feedback_id)} was already used for different content.",
                        param="id", code="feedback_id_reused")
     return JSONResponse(old.to_dict(), status_code=200)
 
@@ -226,6 +296,40 @@ def _as_messages(prompt: str | list) -> list[dict[str, str]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return [dict(m) for m in prompt]
+
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_completion_id", "rejected_completion_id")
+
+
+async def _resolve_choice(ctx: Any, owner: str, body: FeedbackBody) -> StoredFeedback:
+    """The item a choice states: ``completion_id``'s choice ``chosen_index`` over each of its other choices."""
+    if body.completion_id is None or body.chosen_index is None:
+        missing, given = (("completion_id", "chosen_index") if body.completion_id is None
+                          else ("chosen_index", "completion_id"))
+        raise APIError(400, f"`{missing}` is required with `{given}`: a choice names the completion and the index "
+                       "of the choice kept.", param=missing)
+    given = [f for f in _PAIR_FIELDS if getattr(body, f) is not None]
+    if given:
+        raise APIError(400, f"a choice (`completion_id`, `chosen_index`) takes its texts from the completion; leave "
+                       f"out `{given[0]}`.", param=given[0])
+    c = await ctx.db(ctx.store.get_completion, owner, body.completion_id)
+    if c is None:
+        raise APIError(404, f"unknown completion {shown(body.completion_id)}.", param="completion_id",
+                       code="completion_not_found")
+    user = body.user if body.user is not None else c["user"]
+    if user is None:
+        raise APIError(400, "`user` is required: the completion was made without a `user`.", param="user")
+    if c["user"] is not None and c["user"] != user:
+        raise APIError(400, f"completion {shown(body.completion_id)} was made for user {shown(c['user'])}, not "
+                       f"{shown(user)}.", param="user")
+    texts = [ch["text"] for ch in sorted(c["choices"], key=lambda ch: ch["index"])]
+    try:
+        pairs = choice_pairs(c["messages"], texts, body.chosen_index)
+    except ChoiceError as e:
+        raise APIError(400, str(e), param=e.field, code="invalid_choice") from None
+    return StoredFeedback(body.id, user, [dict(m) for m in c["messages"]], pairs[0].chosen, pairs[0].rejected,
+                          body.completion_id, False, time.time(), chosen_index=body.chosen_index,
+                          also_rejected=tuple(p.rejected for p in pairs[1:]))
 
 
 async def _resolve_pair(ctx: Any, owner: str, body: FeedbackBody, old: StoredFeedback | None
@@ -270,7 +374,7 @@ async def _resolve_pair(ctx: Any, owner: str, body: FeedbackBody, old: StoredFee
 async def _completion(ctx: Any, owner: str, cid: str, param: str, user: str) -> dict[str, Any]:
     c = await ctx.db(ctx.store.get_completion, owner, cid)
     if c is None:
-        raise APIError(404, f"unknown completion {cid!r}.", param=param, code="completion_not_found")
+        raise APIError(404, f"unknown completion {shown(cid)}.", param=param, code="completion_not_found")
     if c["user"] is not None and c["user"] != user:
         raise APIError(400, f"completion {cid!r} was made for user {c['user']!r}, not {user!r}.", param=param)
     return c
@@ -288,9 +392,9 @@ async def _reference_reply(ctx: Any, messages: list[dict[str, str]], max_tokens:
     parts: list[str] = []
     while True:
         event = await job.events.get()
-        if event[0] == "delta":
-            parts.append(event[1])
-        elif event[0] == "error":
-            raise APIError(event[1], event[2])
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            raise APIError(event.status, event.message, param=event.param)
         else:
             return "".join(parts)

@@ -8,9 +8,15 @@ everything: no server keeps state outside the store.
 Ownership: every profile, completion and feedback row belongs to one API key (``owner``); every
 read and write names the owner, and another key's rows are simply not found.
 
-Concurrency: a profile carries a ``version``; ``update_profile_if`` writes only when the version
-is unchanged (optimistic locking), so two replicas folding feedback into one profile at once
-cannot lose an update. Feedback ids are unique per owner, so a retried POST is recorded once.
+Concurrency: a profile carries a ``version``; profile writes that follow a read (folding feedback)
+apply only when the version is unchanged (optimistic locking), so two replicas folding feedback into
+one profile at once cannot lose an update. Feedback ids are unique per owner, so a retried POST is
+recorded once.
+
+Faults are answered, never lost: a database that stays locked (SQLite ``database is locked``) is
+retried for ``busy_seconds``, then ``StoreBusy`` (HTTP 503 with Retry-After); a database that cannot
+be written (a read-only file, a missing directory) fails when the store is opened, with one clear
+line. SQL parameters (user texts) never reach error messages or logs (``hide_parameters``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -33,14 +40,18 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text as sa_text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["Store", "hash_key", "new_key", "ProfileConflict", "FeedbackConflict", "StoredFeedback"]
+__all__ = ["Store", "hash_key", "new_key", "ProfileConflict", "FeedbackConflict", "ChoiceConflict", "StoredFeedback",
+           "StoreBusy"]
 
 
 class Base(DeclarativeBase):
@@ -82,6 +93,9 @@ class Completion(Base):
     method: Mapped[str] = mapped_column(String(100))
     finish_reason: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[float] = mapped_column(Float)
+    # every choice {"index", "text", "method", "finish_reason"}; text/method/finish_reason are choice 0's.
+    # NULL in rows written before choices were stored (one choice).
+    choices: Mapped[list | None] = mapped_column(JSON, nullable=True)
 
 
 class Feedback(Base):
@@ -98,6 +112,18 @@ class Feedback(Base):
     completion_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     folded: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    fold_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why folding failed (not retried)
+    # a choice among a completion's choices: which was chosen, and the rejected texts after the first
+    chosen_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    also_rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)
+
+
+class StoreMeta(Base):
+    """One row the store writes when it opens: proves the database takes writes."""
+
+    __tablename__ = "store_meta"
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 def hash_key(key: str) -> str:
@@ -119,8 +145,23 @@ class FeedbackConflict(Exception):
     """A feedback id was reused with different content."""
 
 
+class ChoiceConflict(Exception):
+    """A completion was already judged with another choice (``feedback_id``, ``chosen_index``: the first)."""
+
+    def __init__(self, feedback_id: str, chosen_index: int) -> None:
+        super().__init__(feedback_id)
+        self.feedback_id, self.chosen_index = feedback_id, chosen_index
+
+
+class StoreBusy(Exception):
+    """The database stayed locked past the store's retry budget (answer 503, Retry-After)."""
+
+
 @dataclass
 class StoredFeedback:
+    """One feedback item: ``chosen`` preferred to ``rejected`` and to each of ``also_rejected`` (a choice
+    among ``n`` choices of completion ``completion_id``, ``chosen_index`` the one kept: ``n − 1`` pairs)."""
+
     feedback_id: str
     user_id: str
     prompt: list
@@ -129,11 +170,24 @@ class StoredFeedback:
     completion_id: str | None
     folded: bool
     created_at: float
+    fold_error: str | None = None
+    chosen_index: int | None = None
+    also_rejected: tuple[str, ...] = ()
+
+    @property
+    def rejected_texts(self) -> list[str]:
+        return [self.rejected, *self.also_rejected]
+
+    def content(self) -> tuple:
+        """What a retry must repeat to be the same item."""
+        return (self.user_id, self.prompt, self.chosen, self.rejected_texts, self.completion_id
+                if self.chosen_index is not None else None, self.chosen_index)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.feedback_id, "object": "feedback", "user": self.user_id, "prompt": self.prompt,
-                "chosen": self.chosen, "rejected": self.rejected, "completion_id": self.completion_id,
-                "folded": self.folded, "created": int(self.created_at)}
+                "chosen": self.chosen, "rejected": self.rejected, "also_rejected": list(self.also_rejected),
+                "completion_id": self.completion_id, "chosen_index": self.chosen_index,
+                "folded": self.folded, "fold_error": self.fold_error, "created": int(self.created_at)}
 
 
 PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id")
@@ -148,7 +202,7 @@ def _profile_dict(p: Profile) -> dict[str, Any]:
 
 def _feedback_record(f: Feedback) -> StoredFeedback:
     return StoredFeedback(f.feedback_id, f.user_id, f.prompt, f.chosen, f.rejected, f.completion_id, f.folded,
-                          f.created_at)
+                          f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()))
 
 
 class Store:
@@ -157,21 +211,29 @@ class Store:
     Args:
         url: ``sqlite:///path.db`` (default file store), ``sqlite://`` (in memory, tests) or
             ``postgresql://user:pass@host/db``.
+        busy_seconds: how long a locked database is retried before ``StoreBusy``.
+
+    Raises:
+        ValueError: a bad URL, a missing driver, a SQLite file whose directory does not exist, or a
+            database that cannot be written (one line, no traceback).
     """
 
-    def __init__(self, url: str = "sqlite:///personalign.db") -> None:
+    def __init__(self, url: str = "sqlite:///personalign.db", *, busy_seconds: float = 10.0) -> None:
         if not isinstance(url, str) or "://" not in url:
             raise ValueError(f"`db` must be a database URL (sqlite:///FILE or postgresql://...), got {url!r}.")
         self.url = url
-        kwargs: dict[str, Any] = {}
+        self.busy_seconds = busy_seconds
+        kwargs: dict[str, Any] = {"hide_parameters": True}  # no user text in errors or logs
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 2}
             if url in ("sqlite://", "sqlite:///:memory:"):
                 from sqlalchemy.pool import StaticPool
 
                 kwargs["poolclass"] = StaticPool
+            else:
+                _check_sqlite_path(self.url)
         else:
             kwargs["pool_pre_ping"] = True
         try:
@@ -180,8 +242,14 @@ class Store:
             raise ValueError(f"could not open database {self.url!r}: {e}") from e
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
+            self._session = sessionmaker(self.engine, expire_on_commit=False)
+            self._tx(lambda s: s.merge(StoreMeta(key="opened", value=str(time.time()))))
+        except (OperationalError, StoreBusy) as e:
+            reason = str(getattr(e, "orig", e)).splitlines()[0]
+            raise ValueError(f"database {self.url!r} cannot be written: {reason}.") from None
 
     @property
     def dialect(self) -> str:
@@ -191,8 +259,36 @@ class Store:
         self.engine.dispose()
 
     def _tx(self, fn: Callable[[Session], Any]) -> Any:
-        with self._session.begin() as s:
-            return fn(s)
+        """Run ``fn`` in one transaction, retrying while the database is locked (``busy_seconds``)."""
+        deadline = time.monotonic() + self.busy_seconds
+        pause = 0.05
+        while True:
+            try:
+                with self._session.begin() as s:
+                    return fn(s)
+            except OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise StoreBusy("the database is busy (locked by another writer); retry shortly.") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _read(self, fn: Callable[[Session], Any]) -> Any:
+        """A read (no transaction of its own), with the same busy retry as ``_tx``."""
+        deadline = time.monotonic() + self.busy_seconds
+        pause = 0.05
+        while True:
+            try:
+                with self._session() as s:
+                    return fn(s)
+            except OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise StoreBusy("the database is busy (locked by another writer); retry shortly.") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     # ------------------------------------------------------------------ keys
     def create_key(self, name: str = "") -> tuple[str, str]:
@@ -203,9 +299,10 @@ class Store:
 
     def owner_of(self, key: str) -> str | None:
         """The id of the live key ``key``, or None (unknown or revoked)."""
-        with self._session() as s:
+        def fn(s: Session) -> str | None:
             row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
             return row.id if row is not None and row.revoked_at is None else None
+        return self._read(fn)
 
     def revoke_key(self, kid: str) -> bool:
         def fn(s: Session) -> bool:
@@ -215,9 +312,9 @@ class Store:
         return self._tx(fn)
 
     def list_keys(self) -> list[dict[str, Any]]:
-        with self._session() as s:
-            return [{"id": k.id, "object": "api_key", "name": k.name, "created": int(k.created_at),
-                     "revoked": k.revoked_at is not None} for k in s.scalars(select(ApiKey).order_by(ApiKey.created_at))]
+        return self._read(lambda s: [{"id": k.id, "object": "api_key", "name": k.name, "created": int(k.created_at),
+                                      "revoked": k.revoked_at is not None}
+                                     for k in s.scalars(select(ApiKey).order_by(ApiKey.created_at))])
 
     # ------------------------------------------------------------------ profiles
     def create_profile(self, owner: str, user_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -235,16 +332,20 @@ class Store:
             return None
 
     def get_profile(self, owner: str, user_id: str) -> dict[str, Any] | None:
-        with self._session() as s:
+        def fn(s: Session) -> dict[str, Any] | None:
             p = s.scalar(select(Profile).where(Profile.owner == owner, Profile.user_id == user_id))
             return _profile_dict(p) if p is not None else None
+        return self._read(fn)
 
-    def list_profiles(self, owner: str, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
-        with self._session() as s:
+    def list_profiles(self, owner: str, limit: int = 100, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """One page of ``owner``'s profiles by user id, after the id ``after``: ``(page, has_more)``."""
+        def fn(s: Session) -> tuple[list[dict[str, Any]], bool]:
             q = select(Profile).where(Profile.owner == owner)
             if after is not None:
                 q = q.where(Profile.user_id > after)
-            return [_profile_dict(p) for p in s.scalars(q.order_by(Profile.user_id).limit(limit))]
+            rows = [_profile_dict(p) for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
+            return rows[:limit], len(rows) > limit
+        return self._read(fn)
 
     def update_profile(self, owner: str, user_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Set the given fields (one transaction); None when the profile does not exist."""
@@ -261,41 +362,82 @@ class Store:
             return _profile_dict(p)
         return self._tx(fn)
 
-    def delete_profile(self, owner: str, user_id: str) -> bool:
-        def fn(s: Session) -> bool:
+    def delete_profile(self, owner: str, user_id: str, *, keep_history: bool = False) -> dict[str, int] | None:
+        """Delete a profile and (unless ``keep_history``) its user's feedback and completions, in one
+        transaction; returns what was deleted, or None when there is no such profile."""
+        def fn(s: Session) -> dict[str, int] | None:
             p = s.scalar(select(Profile).where(Profile.owner == owner, Profile.user_id == user_id))
             if p is None:
-                return False
+                return None
             s.delete(p)
-            return True
+            out = {"feedback": 0, "completions": 0}
+            if not keep_history:
+                out["feedback"] = s.execute(delete(Feedback).where(Feedback.owner == owner,
+                                                                   Feedback.user_id == user_id)).rowcount
+                out["completions"] = s.execute(delete(Completion).where(Completion.owner == owner,
+                                                                        Completion.user_id == user_id)).rowcount
+            return out
         return self._tx(fn)
 
     # ------------------------------------------------------------------ completions
-    def record_completion(self, owner: str, cid: str, user_id: str | None, messages: list, text: str,
-                          method: str, finish_reason: str) -> None:
-        self._tx(lambda s: s.add(Completion(id=cid, owner=owner, user_id=user_id, messages=messages, text=text,
-                                            method=method, finish_reason=finish_reason, created_at=time.time())))
+    def record_completion(self, owner: str, cid: str, user_id: str | None, messages: list,
+                          choices: list[dict[str, Any]]) -> None:
+        """Record a completion's choices (``{"index", "text", "method", "finish_reason"}``, in index order)."""
+        first = choices[0]
+        self._tx(lambda s: s.add(Completion(id=cid, owner=owner, user_id=user_id, messages=messages,
+                                            text=first["text"], method=first["method"],
+                                            finish_reason=first["finish_reason"], created_at=time.time(),
+                                            choices=[dict(c) for c in choices])))
 
     def get_completion(self, owner: str, cid: str) -> dict[str, Any] | None:
-        with self._session() as s:
+        """The completion with every choice; ``text``/``method``/``finish_reason`` are choice 0's."""
+        def fn(s: Session) -> dict[str, Any] | None:
             c = s.scalar(select(Completion).where(Completion.owner == owner, Completion.id == cid))
             if c is None:
                 return None
+            choices = c.choices or [{"index": 0, "text": c.text, "method": c.method,
+                                     "finish_reason": c.finish_reason}]
             return {"id": c.id, "user": c.user_id, "messages": c.messages, "text": c.text, "method": c.method,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": c.finish_reason, "choices": choices, "created": int(c.created_at)}
+        return self._read(fn)
+
+    def delete_completion(self, owner: str, cid: str) -> bool:
+        return self._tx(lambda s: s.execute(delete(Completion).where(Completion.owner == owner,
+                                                                      Completion.id == cid)).rowcount > 0)
 
     # ------------------------------------------------------------------ feedback
     def get_feedback(self, owner: str, feedback_id: str) -> StoredFeedback | None:
-        with self._session() as s:
+        def fn(s: Session) -> StoredFeedback | None:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
             return _feedback_record(f) if f is not None else None
+        return self._read(fn)
 
-    def list_feedback(self, owner: str, user_id: str | None = None) -> list[StoredFeedback]:
-        with self._session() as s:
+    def list_feedback(self, owner: str, user_id: str | None = None, limit: int = 100,
+                      after: str | None = None) -> tuple[list[StoredFeedback], bool]:
+        """One page of ``owner``'s feedback in order of arrival, after the item ``after``: ``(page, has_more)``
+        (an unknown ``after`` gives an empty page)."""
+        def fn(s: Session) -> tuple[list[StoredFeedback], bool]:
             q = select(Feedback).where(Feedback.owner == owner)
             if user_id is not None:
                 q = q.where(Feedback.user_id == user_id)
-            return [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk))]
+            if after is not None:
+                pk = s.scalar(select(Feedback.pk).where(Feedback.owner == owner, Feedback.feedback_id == after))
+                if pk is None:
+                    return [], False
+                q = q.where(Feedback.pk > pk)
+            rows = [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk).limit(limit + 1))]
+            return rows[:limit], len(rows) > limit
+        return self._read(fn)
+
+    def count_feedback(self, owner: str, user_id: str) -> dict[str, int]:
+        """How many of the user's feedback items are stored, folded and waiting."""
+        def fn(s: Session) -> dict[str, int]:
+            rows = s.execute(select(Feedback.folded, Feedback.fold_error).where(Feedback.owner == owner,
+                                                                                 Feedback.user_id == user_id)).all()
+            folded = sum(1 for f, _ in rows if f)
+            failed = sum(1 for f, e in rows if not f and e)
+            return {"total": len(rows), "folded": folded, "failed": failed, "pending": len(rows) - folded - failed}
+        return self._read(fn)
 
     def add_feedback(self, owner: str, fb: StoredFeedback, profile_update: dict[str, Any] | None = None,
                      expect_version: int | None = None) -> tuple[StoredFeedback, bool]:
@@ -306,22 +448,67 @@ class Store:
         was used for different content, ``ProfileConflict`` when the profile's version moved on.
         """
         def fn(s: Session) -> StoredFeedback:
+            if fb.chosen_index is not None:  # a completion is judged once
+                prior = s.scalar(select(Feedback).where(Feedback.owner == owner,
+                                                        Feedback.completion_id == fb.completion_id,
+                                                        Feedback.chosen_index.is_not(None)).order_by(Feedback.pk))
+                if prior is not None and prior.feedback_id != fb.feedback_id:
+                    if prior.chosen_index != fb.chosen_index:
+                        raise ChoiceConflict(prior.feedback_id, prior.chosen_index)
+                    return _feedback_record(prior)  # the same choice again: the first item stands
             _apply_profile_update(s, owner, fb.user_id, profile_update, expect_version)
             row = Feedback(owner=owner, feedback_id=fb.feedback_id, user_id=fb.user_id, prompt=fb.prompt,
                            chosen=fb.chosen, rejected=fb.rejected, completion_id=fb.completion_id,
-                           folded=fb.folded, created_at=fb.created_at)
+                           folded=fb.folded, created_at=fb.created_at, fold_error=fb.fold_error,
+                           chosen_index=fb.chosen_index, also_rejected=list(fb.also_rejected) or None)
             s.add(row)
             s.flush()
             return _feedback_record(row)
         try:
-            return self._tx(fn), True
+            stored = self._tx(fn)
         except IntegrityError:
             old = self.get_feedback(owner, fb.feedback_id)
             if old is None:  # the integrity error was something else
                 raise
-            if (old.user_id, old.prompt, old.chosen, old.rejected) != (fb.user_id, fb.prompt, fb.chosen, fb.rejected):
+            if old.content() != fb.content():
                 raise FeedbackConflict(fb.feedback_id) from None
             return old, False
+        return stored, stored.feedback_id == fb.feedback_id
+
+    def complete_fold(self, owner: str, feedback_id: str, profile_update: dict[str, Any],
+                      expect_version: int) -> StoredFeedback | None:
+        """Mark a stored item folded and write the profile it changed, in one transaction guarded by the
+        profile's version. None when the item is gone (deleted meanwhile); ``ProfileConflict`` when the
+        profile moved on (the caller re-merges, no model work)."""
+        def fn(s: Session) -> StoredFeedback | None:
+            f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id)
+                         .with_for_update())
+            if f is None:
+                return None
+            _apply_profile_update(s, owner, f.user_id, profile_update, expect_version)
+            f.folded, f.fold_error = True, None
+            s.flush()
+            return _feedback_record(f)
+        return self._tx(fn)
+
+    def fail_fold(self, owner: str, feedback_id: str, error: str) -> StoredFeedback | None:
+        """Record why an item could not be folded (it stays stored, unfolded)."""
+        def fn(s: Session) -> StoredFeedback | None:
+            f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
+            if f is None:
+                return None
+            f.fold_error = error[:2000]
+            s.flush()
+            return _feedback_record(f)
+        return self._tx(fn)
+
+    def pending_feedback(self) -> list[tuple[str, StoredFeedback]]:
+        """Every stored item still waiting to be folded (not folded, no error), in order of arrival:
+        what a restarted server folds first."""
+        def fn(s: Session) -> list[tuple[str, StoredFeedback]]:
+            q = select(Feedback).where(Feedback.folded.is_(False), Feedback.fold_error.is_(None)).order_by(Feedback.pk)
+            return [(f.owner, _feedback_record(f)) for f in s.scalars(q)]
+        return self._read(fn)
 
     def delete_feedback(self, owner: str, feedback_id: str, profile_update: dict[str, Any] | None = None,
                         expect_version: int | None = None) -> bool:
@@ -357,6 +544,35 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA busy_timeout=2000")  # per statement; Store._tx retries up to busy_seconds in all
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _is_busy(e: OperationalError) -> bool:
+    msg = str(getattr(e, "orig", e)).lower()
+    return "database is locked" in msg or "database is busy" in msg or "deadlock detected" in msg
+
+
+def _check_sqlite_path(url: str) -> None:
+    """A file database's directory must exist (SQLite would say only "unable to open database file")."""
+
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    path = path[len("file:"):] if path.startswith("file:") else path  # sqlite:///file:PATH?mode=ro&uri=true
+    if not path or path == ":memory:":
+        return
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"database {url!r}: the directory {str(parent)!r} does not exist.")
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """Columns added since a database was created (all nullable), added in place: older stores open."""
+    insp = sa_inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in insp.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable:
+                    conn.execute(sa_text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} '
+                                         f'{col.type.compile(dialect=engine.dialect)}'))

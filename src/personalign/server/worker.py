@@ -1,16 +1,24 @@
 """The engine worker: one thread that owns the backend and decodes every user's request.
 
 Scheduling, one *round* at a time; a round is ONE forward per model over the rows of every running
-request, whatever their methods:
+request, whatever their methods, then at most one bounded forward of feedback folding:
 
-1. run queued engine calls (feedback folding needs model forwards too; they run between rounds);
+1. run queued engine calls (``call``: short work that needs the engine thread);
 2. admit waiting jobs while fewer than ``max_batch`` rows are running, once the oldest has waited
    ``batch_wait`` seconds (or enough wait to fill the free rows), so that requests arriving
    together, but parsed one by one by the HTTP front end, start together: each job is validated
    (method config, views, context length); valid jobs that arrived together and share a method and
    view layout form one *cohort*, decoded by ``decoding.loop.decode`` (its prefill runs at once);
 3. resume every cohort until it asks for its next forward, then serve all those forwards with
-   ``HFBackend.step_many``: one forward per model, the caches of all cohorts joined row-wise.
+   ``HFBackend.step_many``: one forward per model, the caches of all cohorts joined row-wise;
+4. advance feedback folding by at most one forward of ``views.scoring.ChunkedScorer`` (the sequences
+   a fold scores, batched across the waiting folds) within the *fold budget*: while requests decode,
+   folding earns ``fold_share`` of each round's decoding time and spends it on a forward once it
+   covers one (``_FoldCost`` predicts a forward's time from its tokens), so a chat's latency stays
+   within ``1 + fold_share`` of an idle server's on average, whatever feedback is queued; when none
+   decodes, a forward takes ``fold_idle_ms`` (which bounds how long a request that arrives meanwhile
+   waits to start). Folds wait in a bounded queue (``max_folds``; ``submit_fold`` raises
+   ``QueueFull`` beyond it, HTTP 429).
 
 Each cohort's ``decode`` runs in a greenlet on the engine thread, with the backend seen through
 ``_RoundBackend``, whose ``step`` parks the greenlet until the round's joined forward is done. So
@@ -22,13 +30,15 @@ leaves the step it ends (EOS, its budget, one of its own stop strings, or its cl
 ``decode`` releases its cache rows, so later rounds neither compute nor store them.
 
 Waiting jobs are bounded by ``max_pending``; ``submit`` raises ``QueueFull`` beyond it (HTTP 429).
-Every result leaves the thread through ``loop.call_soon_threadsafe`` into the job's asyncio queue.
+Every result leaves the thread through ``loop.call_soon_threadsafe`` into the job's asyncio queue
+(a fold's into its future).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import sys
 import threading
@@ -41,13 +51,15 @@ from typing import Any
 import greenlet
 import torch
 
-from personalign.decoding.loop import decode
+from personalign.decoding.loop import PromptTooLong, RequestPlan, decode, plan_request
+from personalign.decoding.method import Method
 from personalign.decoding.sampling import SamplingConfig
 from personalign.decoding.stopping import RowText
-from personalign.methods.api import Method
 from personalign.types import Request
+from personalign.views.base import BatchingBackend
+from personalign.views.scoring import ChunkedScorer
 
-__all__ = ["EngineWorker", "Job", "QueueFull"]
+__all__ = ["EngineWorker", "Job", "FoldJob", "QueueFull", "Delta", "Done", "Failed", "Event"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +68,49 @@ class QueueFull(Exception):
     """The waiting queue is at its bound."""
 
 
+@dataclass(frozen=True)
+class Delta:
+    """New text of a job's reply (``index``: the job's choice in its request)."""
+
+    text: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job's last event: why it ended and its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed (before any ``Delta``, unless the engine itself failed): an HTTP status, a
+    message and the request field at fault (or None)."""
+
+    status: int
+    message: str
+    param: str | None = None
+    index: int = 0
+
+
+Event = Delta | Done | Failed
+
+
 @dataclass(eq=False)
 class Job:
-    """One chat completion for the worker.
+    """One reply for the worker to decode: a request already validated and encoded (``plan``).
 
-    Events put on ``events``: ``("delta", text)``, then ``("done", finish_reason, n_prompt,
-    n_completion)``; or ``("error", http_status, message)`` (before any delta).
+    Events put on ``events``: ``Delta`` as text becomes safe to show, then ``Done``; or ``Failed``.
+    Without a ``plan`` (a job made by hand) the engine plans the request itself.
+
+    The ``n`` choices of one chat request are ``n`` jobs submitted together (``submit_group``): choice
+    ``index`` of ``group`` jobs, sharing one ``events`` queue (every event carries its ``index``). They
+    are admitted together, so choices of one method decode as rows of one batch and every choice
+    advances in the same rounds.
     """
 
     method: str
@@ -77,12 +126,77 @@ class Job:
     submitted: float = 0.0
     text: RowText | None = None
     group_key: tuple = ()
+    checked_at: float = 0.0  # when the HTTP side last checked that the client is still there
+    plan: RequestPlan | None = None
+    index: int = 0
+    group: int = 1
 
-    def post(self, *event: Any) -> None:
+    def post(self, event: Event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: the server is gone, nobody is waiting
             self.cancelled = True
+
+
+@dataclass(eq=False)
+class FoldJob:
+    """The scoring of one feedback item: teacher-forced ``rows`` on the backend's model ``model``.
+
+    ``future`` (on ``loop``) gets the rows' per-token log-probs (``ChunkedScorer.result``) or the
+    exception that stopped them. A cancelled job is dropped before it starts (or its result ignored).
+    """
+
+    rows: list[tuple[list[int], list[int]]]
+    model: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    label: str = ""
+    cancelled: bool = False
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        def set_() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
+            self.loop.call_soon_threadsafe(set_)
+
+
+class _FoldCost:
+    """A folding forward's time as ``a + b · tokens`` (a: reading the weights once; b: per token), fitted
+    online to the forwards run (least squares with forgetting), to size the next one to a time budget."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self.n = self.t = self.d = self.tt = self.td = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        k = self.decay
+        self.n, self.t, self.d = k * self.n + 1, k * self.t + tokens, k * self.d + seconds
+        self.tt, self.td = k * self.tt + tokens * tokens, k * self.td + tokens * seconds
+
+    def fit(self) -> tuple[float, float]:
+        """(a, b) in seconds and seconds per token; before any forward: 0 and 1 ms a token."""
+        if self.n < 1e-9:
+            return 0.0, 1e-3
+        mt, md = self.t / self.n, self.d / self.n
+        var = self.tt / self.n - mt * mt
+        if var > 1e-9 * max(1.0, mt * mt):
+            b = (self.td / self.n - mt * md) / var
+            if b > 0:
+                return max(0.0, md - b * mt), b
+        return 0.0, md / max(mt, 1.0)
+
+    def seconds(self, tokens: int) -> float:
+        a, b = self.fit()
+        return a + b * tokens
+
+    def tokens(self, budget: float, least: int) -> int:
+        a, b = self.fit()
+        return max(least, int((budget - a) / b))
 
 
 class _RoundBackend:
@@ -91,7 +205,7 @@ class _RoundBackend:
     Everything else (prefill, truncate, release, tokenizers) goes straight to the real backend.
     """
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: BatchingBackend) -> None:
         self._backend = backend
 
     def __getattr__(self, name: str) -> Any:
@@ -134,6 +248,10 @@ class EngineStats:
     rejected: int = 0
     cancelled: int = 0
     per_method: dict[str, int] = field(default_factory=dict)
+    folds: int = 0  # feedback items scored
+    fold_forwards: int = 0
+    fold_tokens: int = 0
+    fold_seconds: float = 0.0
 
 
 class EngineWorker:
@@ -152,13 +270,32 @@ class EngineWorker:
             the HTTP thread must get the GIL to ship each token; at Python's default (5 ms) a
             single-row decode waits on that hand-off at every token (measured: 28 vs 330 tokens/s
             at concurrency 1 on stories260k, ``benchmarks/server_throughput.py``).
+        max_folds: feedback items waiting for folding or folding; ``submit_fold`` raises beyond it.
+        fold_share: a round's folding forward may take this share of its decoding forward's time.
+        fold_idle_ms: the folding forward's time when nothing decodes.
+        fold_unit_rows: scored sequences advanced together (one cache; bounds folding's memory).
+        fold_batch_rows: sequences of waiting folds scored as one batch.
     """
 
-    def __init__(self, backend: Any, methods: dict[str, Method], *, max_pending: int = 64, max_batch: int = 16,
+    def __init__(self, backend: BatchingBackend, methods: dict[str, Method], *, max_pending: int = 64, max_batch: int = 16,
                  chat_template: bool = True, seed: int = 0, batch_wait: float = 0.02,
-                 switch_interval: float | None = 0.0005) -> None:
+                 switch_interval: float | None = 0.0005, max_folds: int = 64, fold_share: float = 0.5,
+                 fold_idle_ms: float = 200.0, fold_unit_rows: int = 4, fold_batch_rows: int = 256) -> None:
         if max_pending < 1 or max_batch < 1:
             raise ValueError(f"`max_pending` and `max_batch` must be >= 1, got {max_pending}, {max_batch}.")
+        if max_folds < 1 or fold_unit_rows < 1 or fold_batch_rows < 1:
+            raise ValueError("`max_folds`, `fold_unit_rows` and `fold_batch_rows` must be >= 1.")
+        if not 0 < fold_share <= 10 or not 1 <= fold_idle_ms <= 60_000:
+            raise ValueError(f"`fold_share` must lie in (0, 10] and `fold_idle_ms` in [1, 60000], got {fold_share}, "
+                             f"{fold_idle_ms}.")
+        self.max_folds, self.fold_share, self.fold_idle = max_folds, fold_share, fold_idle_ms / 1000
+        self.fold_unit_rows, self.fold_batch_rows = fold_unit_rows, fold_batch_rows
+        self._folds: deque[FoldJob] = deque()
+        self._fold_batch: list[tuple[FoldJob, int, int]] = []  # (job, first row, end row) in the scorer
+        self._scorer: ChunkedScorer | None = None
+        self._fold_cost = _FoldCost()
+        self._fold_credit = 0.0  # seconds of folding earned while requests decode
+        self._decode_seconds = 0.0  # this round's decoding forward time
         if not 0 <= batch_wait <= 10:
             raise ValueError(f"`batch_wait` must lie in [0, 10] seconds, got {batch_wait}.")
         if switch_interval is not None and not 0 < switch_interval <= 1:
@@ -207,12 +344,23 @@ class EngineWorker:
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises ``QueueFull`` when ``max_pending`` jobs already wait."""
+        self.submit_group([job])
+
+    def submit_group(self, jobs: list[Job]) -> None:
+        """Queue the choices of one request together (all or none), admitted together.
+
+        Raises ``QueueFull`` when they do not fit in ``max_pending``, ``ValueError`` when there are more
+        than ``max_batch`` of them (they could never start together)."""
+        if not 1 <= len(jobs) <= self.max_batch:
+            raise ValueError(f"a request's choices must number 1-{self.max_batch} (max_batch), got {len(jobs)}.")
         with self._cv:
-            if len(self._pending) >= self.max_pending:
+            if len(self._pending) + len(jobs) > self.max_pending:
                 self.stats.rejected += 1
                 raise QueueFull(f"{len(self._pending)} requests are waiting (limit {self.max_pending}).")
-            job.submitted = time.monotonic()
-            self._pending.append(job)
+            now = time.monotonic()
+            for i, job in enumerate(jobs):
+                job.submitted, job.index, job.group = now, i, len(jobs)
+                self._pending.append(job)
             self._cv.notify_all()
 
     def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
@@ -223,10 +371,21 @@ class EngineWorker:
             self._cv.notify_all()
         return fut
 
+    def submit_fold(self, job: FoldJob) -> None:
+        """Queue a fold's scoring; raises ``QueueFull`` when ``max_folds`` folds wait or run."""
+        with self._cv:
+            if len(self._folds) + len(self._fold_batch) >= self.max_folds:
+                raise QueueFull(f"{len(self._folds) + len(self._fold_batch)} feedback items are being folded "
+                                f"(limit {self.max_folds}).")
+            self._folds.append(job)
+            self._cv.notify_all()
+
     def load(self) -> dict[str, int]:
         with self._cv:
             return {"waiting": len(self._pending), "running": self._running_rows(),
-                    "max_pending": self.max_pending, "max_batch": self.max_batch}
+                    "max_pending": self.max_pending, "max_batch": self.max_batch,
+                    "folds_waiting": len(self._folds), "folds_running": len(self._fold_batch),
+                    "max_folds": self.max_folds}
 
     # ------------------------------------------------------------------ engine thread
     def _running_rows(self) -> int:
@@ -244,7 +403,8 @@ class EngineWorker:
         self._round_backend = _RoundBackend(self.backend)
         while True:
             with self._cv:
-                while not self._stop and not self._calls and not self._cohorts:
+                while not self._stop and not self._calls and not self._cohorts and not self._folds \
+                        and self._scorer is None:
                     delay = self._admission_delay()
                     if delay == 0.0:
                         break
@@ -262,13 +422,96 @@ class EngineWorker:
             self._admit()
             self.stats.ticks += 1
             self.stats.max_rows_in_tick = max(self.stats.max_rows_in_tick, self._running_rows())
+            self._decode_seconds = 0.0
             self._round()
+            self._fold_round(busy=bool(self._cohorts) or self._admission_delay() is not None)
         for c in self._cohorts:
             self._fail(c.jobs, 503, "the server is shutting down.")
             if c.glet is not None and not c.glet.dead:
                 c.glet.throw(greenlet.GreenletExit)
         with self._cv:
             self._fail(list(self._pending), 503, "the server is shutting down.")
+            stopping = RuntimeError("the server stopped before this feedback was folded; it stays stored and is "
+                                    "folded when the server starts again.")
+            for job in [j for j, _, _ in self._fold_batch] + list(self._folds):
+                job.resolve(error=stopping)
+            self._folds.clear()
+            self._fold_batch, self._scorer = [], None
+
+    # ------------------------------------------------------------------ folding
+    def _fold_round(self, busy: bool) -> None:
+        """At most one bounded forward of feedback folding (module docstring, step 4).
+
+        While requests decode, folding earns ``fold_share`` of each round's decoding time as credit and
+        spends it on a forward once the credit covers the cheapest forward the cost model predicts
+        (``_FoldCost``: a fixed part, the weights read once, and a part per token), so over any stretch
+        of decoding, folding takes at most that share of the time, in forwards worth running. When
+        nothing decodes, a forward takes ``fold_idle_ms``.
+        """
+        if self._scorer is None and not self._start_fold_batch():
+            self._fold_credit = 0.0
+            return
+        cost = self._fold_cost
+        if busy:
+            self._fold_credit = min(self._fold_credit + self.fold_share * self._decode_seconds, self.fold_idle)
+            budget = self._fold_credit
+            if budget < cost.seconds(self.fold_unit_rows):
+                return  # not enough credit for a forward yet: decoding goes on
+        else:
+            self._fold_credit, budget = 0.0, self.fold_idle
+        tokens = cost.tokens(budget, self.fold_unit_rows)
+        t0 = time.perf_counter()
+        try:
+            fed = self._scorer.advance(tokens)
+        except Exception as e:  # noqa: BLE001 - the batch fails; every fold in it is told why
+            logger.exception("a folding forward failed")
+            for job, _, _ in self._fold_batch:
+                job.resolve(error=e)
+            with self._cv:
+                self._fold_batch, self._scorer = [], None
+            return
+        dt = max(time.perf_counter() - t0, 1e-6)
+        cost.observe(fed, dt)
+        if busy:
+            self._fold_credit -= dt
+        self.stats.fold_forwards += 1
+        self.stats.fold_tokens += fed
+        self.stats.fold_seconds += dt
+        if self._scorer.done:
+            out = self._scorer.result()
+            for job, a, b in self._fold_batch:
+                if not job.cancelled:
+                    job.resolve(out[a:b])
+                self.stats.folds += 1
+            with self._cv:
+                self._fold_batch, self._scorer = [], None
+
+    def _start_fold_batch(self) -> bool:
+        """Take waiting folds (one steering model, at most ``fold_batch_rows`` sequences) into a new scorer."""
+        with self._cv:
+            while self._folds and self._folds[0].cancelled:
+                self._folds.popleft()
+            if not self._folds:
+                return False
+            model = self._folds[0].model
+            batch, rows = [], []
+            while self._folds and self._folds[0].model == model and (
+                    not rows or len(rows) + len(self._folds[0].rows) <= self.fold_batch_rows):
+                job = self._folds.popleft()
+                if job.cancelled:
+                    continue
+                batch.append((job, len(rows), len(rows) + len(job.rows)))
+                rows.extend(job.rows)
+            self._fold_batch = batch
+        try:
+            self._scorer = ChunkedScorer(self.backend, rows, model=model, unit_rows=self.fold_unit_rows)
+        except ValueError as e:
+            for job, _, _ in batch:
+                job.resolve(error=e)
+            with self._cv:
+                self._fold_batch = []
+            return False
+        return True
 
     def _round(self) -> None:
         """Resume every cohort up to its next forward, then serve them all with one forward per model."""
@@ -278,6 +521,7 @@ class EngineWorker:
         if not waiting:
             return
         f0 = getattr(self.backend, "forward_count", 0)
+        t0 = time.perf_counter()
         try:
             results = self.backend.step_many([c.call.args for c in waiting])
         except ValueError:  # a call is invalid (checked before anything runs): serve each alone
@@ -290,6 +534,7 @@ class EngineWorker:
         except Exception as e:  # noqa: BLE001 - the forward itself failed: its caches are not to be trusted
             logger.exception("a joined forward failed")
             results = [e] * len(waiting)
+        self._decode_seconds = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.forwards += getattr(self.backend, "forward_count", 0) - f0
         live = sum(int(c.call.args[0].live.sum()) for c in waiting)
@@ -309,7 +554,7 @@ class EngineWorker:
                 out = c.glet.switch(value)
         except ValueError as e:
             self._end(c)
-            self._fail(c.jobs, 400, str(e))
+            self._fail(c.jobs, 400, str(e), "personalization")
             return
         except Exception as e:  # noqa: BLE001 - one broken batch must not stop the server
             logger.exception("decoding a %s batch failed", c.method)
@@ -331,12 +576,13 @@ class EngineWorker:
         with self._cv:
             if self._admission_delay() != 0.0:
                 return
-            while self._pending and running + len(new) < self.max_batch:
-                job = self._pending.popleft()
-                if job.cancelled:
-                    self.stats.cancelled += 1
-                    continue
-                new.append(job)
+            while self._pending and running + len(new) + self._pending[0].group <= self.max_batch:
+                group = [self._pending.popleft() for _ in range(self._pending[0].group)]  # a request's choices
+                for job in group:
+                    if job.cancelled:
+                        self.stats.cancelled += 1
+                    else:
+                        new.append(job)
         groups: dict[tuple, list[Job]] = {}
         for job in new:
             if self._validate(job):
@@ -345,24 +591,20 @@ class EngineWorker:
             self._start(jobs)
 
     def _validate(self, job: Job) -> bool:
-        """Build the job's views once: a bad request fails alone, never its batch neighbours."""
-        method = self.methods[job.method]
-        try:
-            config = method.config_for(job.request)
-            views = method.build_views(job.request, config, self.backend, self.chat_template)
-            for spec in views:
-                ctx = self.backend.context_length(spec.model)
-                if ctx is not None and spec.length >= ctx:
-                    raise ValueError(f"the prompt is {spec.length} tokens; the model's context is {ctx} tokens.")
-        except ValueError as e:
-            self._fail([job], 400, str(e))
-            return False
-        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            logger.exception("building the views of a %s request failed", job.method)
-            self._fail([job], 500, f"the engine could not prepare this request: {type(e).__name__}: {e}")
-            return False
-        job.prompt_tokens = len(views[0].prompt_ids)
-        job.group_key = (job.method, tuple(v.model for v in views))
+        """The job's plan (made once, by the HTTP route, or here for a job made by hand): a bad request
+        fails alone, never its batch neighbours."""
+        if job.plan is None:
+            try:
+                job.plan = plan_request(self.methods[job.method], job.request, self.backend, self.chat_template)
+            except ValueError as e:
+                self._fail([job], 400, str(e), "messages" if isinstance(e, PromptTooLong) else "personalization")
+                return False
+            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                logger.exception("building the views of a %s request failed", job.method)
+                self._fail([job], 500, f"the engine could not prepare this request: {type(e).__name__}: {e}")
+                return False
+        job.prompt_tokens = job.plan.prompt_tokens
+        job.group_key = (job.method, tuple(v.model for v in job.plan.views))
         job.text = RowText(self.backend.tokenizer(), job.stop)
         return True
 
@@ -387,10 +629,10 @@ class EngineWorker:
                 return override
             delta = job.text.delta(final=final is not None)
             if delta:
-                job.post("delta", delta)
+                job.post(Delta(delta, job.index))
             if final is not None:
                 job.done = True
-                job.post("done", final, job.prompt_tokens, len(job.text.ids))
+                job.post(Done(final, job.prompt_tokens, len(job.text.ids), job.index))
             return override
 
         def run(*_: Any) -> None:
@@ -398,6 +640,7 @@ class EngineWorker:
                 method, [j.request for j in jobs], self._round_backend,
                 max_new_tokens=[j.max_tokens for j in jobs], sampling=[j.sampling for j in jobs],
                 generator=self.generator, chat_template=self.chat_template, on_row=on_row,
+                plans=[j.plan for j in jobs],
             ):
                 pass
 
@@ -407,8 +650,8 @@ class EngineWorker:
         self.stats.rows += len(jobs)
         self.stats.per_method[jobs[0].method] = self.stats.per_method.get(jobs[0].method, 0) + len(jobs)
 
-    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
+    def _fail(self, jobs: list[Job], status: int, message: str, param: str | None = None) -> None:
         for job in jobs:
             if not job.done:
                 job.done = True
-                job.post("error", status, message)
+                job.post(Failed(status, message, param, job.index))

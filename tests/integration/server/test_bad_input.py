@@ -75,7 +75,10 @@ def test_body_too_large(client):
     ("seed", 1.5, "seed"),
     ("stop", 3, "stop"),
     ("personalization", "concise", "personalization"),
-    ("n", 2, "n"),
+    ("n", "two", "n"),
+    ("n", 0, "n"),
+    ("n", 5, "n"),  # over Limits.max_n (4)
+    ("n", 2.0, "n"),
 ])
 def test_wrong_types(client, field, value, param):
     e = _err(chat(client, **{field: value}), 400, f"`{param}`")
@@ -134,3 +137,10 @@ def test_feedback_body_errors(client):
     _err(client.post("/v1/feedback", json={**base, "chosen_completion_id": "chatcmpl-none"}), 404, "chatcmpl-none")
     _err(client.post("/v1/feedback", json={"id": "f2", "user": "ghost", "prompt": "p", "chosen": "a",
                                           "rejected": "b"}), 404, "ghost")
+
+
+def test_the_server_is_healthy_after_the_battery(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 2}).status_code \
+        == 200

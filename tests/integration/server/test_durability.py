@@ -10,48 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
+from tests.integration.server.conftest import start_subprocess_server, stop_subprocess_server
 
 from personalign.server import Store
 
 ADMIN = "durability-admin"
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model_dir: Path, db: str, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PERSONALIGN_ADMIN_KEY": ADMIN, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "personalign", "serve", "--model", str(model_dir), "--db", db, "--port", str(port),
-         "--model-id", "tiny", "--dtype", "float32", "--device", "cpu"],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["status"] == "ok":
-                return proc
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
 
 
 def test_sigkill_keeps_every_acknowledged_feedback_exactly_once(tmp_path, tiny_lm, tiny_chat_tokenizer,
@@ -60,9 +30,7 @@ def test_sigkill_keeps_every_acknowledged_feedback_exactly_once(tmp_path, tiny_l
     tiny_lm.save_pretrained(model_dir)
     tiny_chat_tokenizer.save_pretrained(model_dir)
     db, log = f"sqlite:///{tmp_path / 'srv.db'}", tmp_path / "server.log"
-    port = _free_port()
-    proc = _start(model_dir, db, port, log)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_subprocess_server(model_dir, db, log, admin=ADMIN)
     try:
         key = httpx.post(f"{url}/v1/keys", json={"name": "d"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
         auth = {"Authorization": f"Bearer {key}"}
@@ -103,7 +71,7 @@ def test_sigkill_keeps_every_acknowledged_feedback_exactly_once(tmp_path, tiny_l
         assert len(acked) >= 30
 
         store = Store(db)
-        stored = Counter(f.feedback_id for f in store.list_feedback(store.owner_of(key), "u"))
+        stored = Counter(f.feedback_id for f in store.list_feedback(store.owner_of(key), "u", 100_000)[0])
         store.close()
         assert all(stored[fid] == 1 for fid in acked), [fid for fid in acked if stored[fid] != 1]
         assert set(stored) <= set(attempted) and set(stored.values()) == {1}
@@ -113,16 +81,25 @@ def test_sigkill_keeps_every_acknowledged_feedback_exactly_once(tmp_path, tiny_l
             for fid in attempted:  # clients retry everything
                 r = c.post("/v1/feedback", json=item(fid))
                 assert r.status_code == (200 if fid in stored else 201), (fid, r.status_code, r.text)
-            final = Counter(f["id"] for f in c.get("/v1/feedback", params={"user": "u"}).json()["data"])
+            # items stored but not folded when the server died are folded by the restarted one
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                q = c.get("/health").json()["queue"]
+                if q["folds_waiting"] == 0 and q["folds_running"] == 0:
+                    break
+                time.sleep(0.1)
+            items, after = [], None
+            while True:  # every page
+                body = c.get("/v1/feedback", params={"user": "u", "limit": 50, **({"after": after} if after else {})}).json()
+                items += body["data"]
+                if not body["has_more"]:
+                    break
+                after = body["last_id"]
+            final = Counter(f["id"] for f in items)
         assert set(final) == set(attempted) and set(final.values()) == {1}
-        # feedback and its Drift fold were committed together: the profile counts each item once
+        assert all(f["folded"] for f in items), [f["id"] for f in items if not f["folded"]]
+        # each item was folded once, in the same transaction that marked it folded
         drift = lv.store.get_profile(lv.store.owner_of(key), "u")["drift_profile"]
-        if drift is not None:
-            assert drift["num_pairs"] == len(final)
+        assert drift["num_pairs"] == len(final)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_subprocess_server(proc)

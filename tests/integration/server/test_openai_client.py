@@ -20,8 +20,9 @@ import torch
 from tests.conftest import make_tiny_lm
 from tests.integration.server.conftest import ADMIN, MODEL_ID, Live, start_server
 
+from personalign.assembly import Resources, build_backend, build_methods
 from personalign.cli.main import build_parser
-from personalign.cli.serve import build_backend, build_methods
+from personalign.cli.serve import build_served
 from personalign.decoding.loop import generate
 from personalign.decoding.sampling import SamplingConfig
 from personalign.methods import get_method, method_names
@@ -107,13 +108,12 @@ def served(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
     tok = tiny_chat_tokenizer
     model_dir = _model_dir(root, tiny_lm, tok)
     files = {"persrm": _persrm_dir(root, model_dir, tok), "reward_model": _reward_model_dir(root, tok),
-             "checkpoint": _pdpo_dir(root, model_dir, tok)}
+             "checkpoint": _pdpo_dir(root, model_dir, tok), "model": model_dir}
     argv = ["serve", "--model", str(model_dir), "--dtype", "float32", "--device", "cpu",
             "--persrm", str(files["persrm"]), "--reward-model", str(files["reward_model"]),
             "--checkpoint", str(files["checkpoint"])]
     args = build_parser().parse_args(argv)
-    backend = build_backend(args)
-    methods, unavailable = build_methods(args, backend)
+    backend, methods, unavailable = build_served(args)
     engine = EngineWorker(backend, methods, max_pending=64, max_batch=16)
     store = Store(f"sqlite:///{root / 'server.db'}")
     app = create_app(engine, store, limits=Limits(max_tokens=64, default_max_tokens=16), model_id=MODEL_ID,
@@ -263,18 +263,20 @@ def test_persrm_methods_take_each_requests_preference(served, oai_all):
         r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 4,
                                                  "personalization": {"method": "pad"}})
     assert r.status_code == 400 and "preference" in r.json()["error"]["message"], r.text
-    args = build_parser().parse_args(["serve", "--model", "unused", "--persrm", str(served.files["persrm"])])
-    methods, unavailable = build_methods(args, served.backend)
+    res = Resources(model=str(served.files["model"]), dtype="float32", device="cpu", persrm=str(served.files["persrm"]),
+                    shared=True)
+    backend = build_backend(res, ["pad", "args", "best_of_n"])
+    methods, unavailable = build_methods(["pad", "args", "best_of_n"], backend, res)
     assert {"pad", "args", "best_of_n"} <= set(methods), unavailable
-    rm = served.engine.methods["pad"].persrm
+    rm = methods["pad"].persrm  # loaded once for the backend: the reward of args and best_of_n too
     for name in ("args", "best_of_n"):
         scorer = methods[name].scorer
         assert scorer.persrm is rm and scorer.preference is None
         with pytest.raises(ValueError, match="`preference` must be a non-empty text"):
-            generate(methods[name], [Request(prompt=MESSAGES)], served.backend, max_new_tokens=2)
+            generate(methods[name], [Request(prompt=MESSAGES)], backend, max_new_tokens=2)
         two = generate(methods[name], [Request(prompt=MESSAGES, preference=p, seed=SEED) for p in ("kind", "funny")],
-                       served.backend, max_new_tokens=3, sampling=SamplingConfig(temperature=0.0))
-        alone = [generate(methods[name], [Request(prompt=MESSAGES, preference=p, seed=SEED)], served.backend,
+                       backend, max_new_tokens=3, sampling=SamplingConfig(temperature=0.0))
+        alone = [generate(methods[name], [Request(prompt=MESSAGES, preference=p, seed=SEED)], backend,
                           max_new_tokens=3, sampling=SamplingConfig(temperature=0.0))[0] for p in ("kind", "funny")]
         assert [o.text for o in two] == [o.text for o in alone]
 

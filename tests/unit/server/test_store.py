@@ -58,7 +58,7 @@ def test_profile_crud_round_trip(store):
     assert store.get_profile(owner, "ann") == p
     q = store.update_profile(owner, "ann", {"preference": "brief"})
     assert q["preference"] == "brief" and q["version"] == 2 and q["drift_profile"] == drift
-    assert [x["user"] for x in store.list_profiles(owner)] == ["ann"]
+    assert [x["user"] for x in store.list_profiles(owner)[0]] == ["ann"]
     other, _ = store.create_key()
     assert store.get_profile(other, "ann") is None and store.update_profile(other, "ann", {"preference": "x"}) is None
     assert store.delete_profile(owner, "ann") and store.get_profile(owner, "ann") is None
@@ -80,7 +80,7 @@ def test_feedback_is_idempotent_and_atomic_with_the_profile(store):
     with pytest.raises(ProfileConflict):
         store.add_feedback(owner, _fb("f2"), {"drift_profile": {"n": 2}}, expect_version=1)
     assert store.get_feedback(owner, "f2") is None and store.get_profile(owner, "u")["drift_profile"] == {"n": 1}
-    assert [f.feedback_id for f in store.list_feedback(owner, "u")] == ["f1"]
+    assert [f.feedback_id for f in store.list_feedback(owner, "u")[0]] == ["f1"]
 
 
 def test_delete_feedback_with_its_profile_change(store):
@@ -125,14 +125,15 @@ def test_concurrent_writers_record_each_feedback_once(store):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(store.list_feedback(owner)) == 20
+    assert len(store.list_feedback(owner)[0]) == 20
     assert store.get_profile(owner, "u")["drift_profile"] == {"n": 20}
 
 
 def test_completions(store):
     owner, _ = store.create_key()
     cid = f"chatcmpl-{owner}"
-    store.record_completion(owner, cid, "u", [{"role": "user", "content": "hi"}], "hello", "base", "stop")
+    store.record_completion(owner, cid, "u", [{"role": "user", "content": "hi"}],
+                            [{"index": 0, "text": "hello", "method": "base", "finish_reason": "stop"}])
     c = store.get_completion(owner, cid)
     assert c["text"] == "hello" and c["messages"] == [{"role": "user", "content": "hi"}]
     other, _ = store.create_key()
@@ -152,3 +153,87 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
 def test_bad_url():
     with pytest.raises(ValueError, match="database URL"):
         Store("personalign.db")
+
+
+def test_folding_steps_and_restart_queue(store):
+    """An item stored unfolded is pending; ``complete_fold`` writes the profile and marks it folded in one
+    transaction under the version check; ``fail_fold`` records why; a deleted item cannot be folded."""
+    from personalign.server.store import ProfileConflict
+
+    owner, _ = store.create_key()
+    p = store.create_profile(owner, "u", {})
+    for fid in ("f1", "f2", "f3"):
+        store.add_feedback(owner, _fb(fid, chosen=fid))
+    assert [f.feedback_id for o, f in store.pending_feedback() if o == owner] == ["f1", "f2", "f3"]
+    with pytest.raises(ProfileConflict):
+        store.complete_fold(owner, "f1", {"drift_profile": {"n": 1}}, p["version"] + 7)
+    assert store.get_feedback(owner, "f1").folded is False  # the failed transaction left nothing
+    done = store.complete_fold(owner, "f1", {"drift_profile": {"n": 1}}, p["version"])
+    assert done.folded and store.get_profile(owner, "u")["drift_profile"] == {"n": 1}
+    assert store.fail_fold(owner, "f2", "no luck").fold_error == "no luck"
+    assert [f.feedback_id for o, f in store.pending_feedback() if o == owner] == ["f3"]
+    assert store.count_feedback(owner, "u") == {"total": 3, "folded": 1, "failed": 1, "pending": 1}
+    store.delete_feedback(owner, "f3")
+    assert store.complete_fold(owner, "f3", {"drift_profile": {"n": 2}}, store.get_profile(owner, "u")["version"]) \
+        is None
+
+
+def test_pages_and_profile_cascade(store):
+    owner, _ = store.create_key()
+    for u in ("a", "b", "c"):
+        store.create_profile(owner, u, {})
+    rows, more = store.list_profiles(owner, 2)
+    assert [r["user"] for r in rows] == ["a", "b"] and more
+    rows, more = store.list_profiles(owner, 2, "b")
+    assert [r["user"] for r in rows] == ["c"] and not more
+    for i in range(3):
+        store.add_feedback(owner, _fb(f"x{i}", user="a"))
+    store.record_completion(owner, f"cc-{owner}", "a", [], [{"index": 0, "text": "t", "method": "base",
+                                                               "finish_reason": "stop"}])
+    page, more = store.list_feedback(owner, "a", 2)
+    assert [f.feedback_id for f in page] == ["x0", "x1"] and more
+    assert [f.feedback_id for f in store.list_feedback(owner, "a", 2, "x1")[0]] == ["x2"]
+    assert store.list_feedback(owner, "a", 2, "nope") == ([], False)
+    assert store.delete_profile(owner, "a") == {"feedback": 3, "completions": 1}
+    assert store.get_completion(owner, f"cc-{owner}") is None
+    store.add_feedback(owner, _fb("y", user="b"))
+    assert store.delete_profile(owner, "b", keep_history=True) == {"feedback": 0, "completions": 0}
+    assert store.get_feedback(owner, "y") is not None
+    assert store.delete_profile(owner, "zz") is None
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path):
+    """A store created before ``fold_error`` existed opens: the column is added in place, the rows kept."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    Store(f"sqlite:///{path}").close()
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE feedback DROP COLUMN fold_error")
+    con.execute("INSERT INTO api_keys (id, key_hash, name, created_at) VALUES ('k', 'h', '', 0)")
+    con.execute("INSERT INTO feedback (owner, feedback_id, user_id, prompt, chosen, rejected, folded, created_at) "
+                "VALUES ('k', 'old', 'u', '[]', 'a', 'b', 1, 0)")
+    con.commit()
+    con.close()
+    s = Store(f"sqlite:///{path}")
+    f = s.get_feedback("k", "old")
+    assert f.folded and f.fold_error is None
+    s.close()
+
+
+def test_a_locked_database_raises_store_busy_after_its_budget(tmp_path):
+    import sqlite3
+    import time
+
+    from personalign.server.store import StoreBusy
+
+    s = Store(f"sqlite:///{tmp_path / 'b.db'}", busy_seconds=0.3)
+    lock = sqlite3.connect(tmp_path / "b.db")
+    lock.execute("BEGIN EXCLUSIVE")
+    t0 = time.monotonic()
+    with pytest.raises(StoreBusy, match="busy"):
+        s.create_key()
+    assert time.monotonic() - t0 < 5
+    lock.rollback()
+    lock.close()
+    assert s.create_key()

@@ -12,7 +12,7 @@ from personalign.decoding.sampling import SamplingConfig
 from personalign.methods import get_method
 from personalign.methods.base import BaseMethod
 from personalign.methods.preference_prompting import PreferencePromptingMethod
-from personalign.server.worker import EngineWorker, Job, QueueFull
+from personalign.server.worker import Delta, Done, EngineWorker, Failed, Job, QueueFull
 from personalign.types import Request
 from personalign.views import HFBackend
 
@@ -34,10 +34,10 @@ async def _collect(job: Job) -> tuple[str, str]:
     parts = []
     while True:
         ev = await asyncio.wait_for(job.events.get(), 60)
-        if ev[0] == "delta":
-            parts.append(ev[1])
-        elif ev[0] == "done":
-            return "".join(parts), ev[1]
+        if isinstance(ev, Delta):
+            parts.append(ev.text)
+        elif isinstance(ev, Done):
+            return "".join(parts), ev.finish_reason
         else:
             raise AssertionError(ev)
 
@@ -96,7 +96,7 @@ def test_a_late_request_starts_while_others_run_and_rows_leave_on_their_own(back
         first, rest, stopped, late, long_done_first = asyncio.run(run())
     finally:
         w.stop()
-    assert first[1] + rest[0] == _alone(backend, BaseMethod(), PROMPTS[1], 30)
+    assert first.text + rest[0] == _alone(backend, BaseMethod(), PROMPTS[1], 30)
     assert stopped == (full[: full.find(stop)], "stop")
     assert late[0] == _alone(backend, BaseMethod(), PROMPTS[2], 3)
     assert not long_done_first  # the late row did not wait for the running batch to finish
@@ -121,7 +121,7 @@ def test_queue_bound_and_validation_errors(backend):
     finally:
         w.stop()
     assert a[0] == _alone(backend, BaseMethod(), PROMPTS[0], 6)  # the bad neighbour failed alone
-    assert b[0] == "error" and b[1] == 400 and "preference" in b[2]
+    assert isinstance(b, Failed) and b.status == 400 and "preference" in b.message
     with pytest.raises(ValueError, match="max_pending"):
         EngineWorker(backend, {}, max_pending=0)
 
@@ -184,7 +184,7 @@ def test_methods_with_different_views_and_forwards_share_rounds_and_a_late_one_j
         w.stop()
     used = backend.forward_count - f0
     texts = [r[0] for r in results]
-    texts[0] = head[1] + texts[0]
+    texts[0] = head.text + texts[0]
     alone_forwards = 0
     for j, text in zip(jobs, texts):
         f1 = backend.forward_count
@@ -195,3 +195,43 @@ def test_methods_with_different_views_and_forwards_share_rounds_and_a_late_one_j
     assert w.stats.max_cohort_rows >= 4
     assert w.stats.forwards == w.stats.steps  # every round: exactly one forward of the one model
     assert used < alone_forwards  # the rows shared forwards
+
+
+def test_folds_share_the_rounds_within_their_budget(backend, tiny_lm):
+    """A long fold queued before a chat: the chat is served at once (one bounded folding forward per
+    round beside it), the fold finishes later with the log-probs of one uncached forward per row, and
+    a full fold queue refuses more."""
+    import torch
+    from tests.numerics import assert_close_logprobs
+
+    from personalign.server.worker import FoldJob
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(8, 100, (30,), generator=g).tolist(), torch.randint(8, 100, (40,), generator=g).tolist())
+            for _ in range(24)]
+    w = EngineWorker(backend, {"base": BaseMethod()}, batch_wait=0.0, max_folds=1, fold_unit_rows=4,
+                     fold_idle_ms=5, fold_share=0.5)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        fold = FoldJob(rows=rows, model="main", loop=loop, future=loop.create_future())
+        w.submit_fold(fold)
+        with pytest.raises(QueueFull, match="being folded"):
+            w.submit_fold(FoldJob(rows=rows[:1], model="main", loop=loop, future=loop.create_future()))
+        await asyncio.sleep(0.05)  # folding has started
+        chat = _job(loop, PROMPTS[0], max_tokens=6)
+        w.submit(chat)
+        text, _ = await _collect(chat)
+        assert not fold.future.done() and w.load()["folds_running"] == 1  # the chat did not wait for the fold
+        return text, await asyncio.wait_for(fold.future, 120)
+
+    w.start()
+    try:
+        text, got = asyncio.run(run())
+    finally:
+        w.stop()
+    assert text == _alone(backend, BaseMethod(), PROMPTS[0], 6)
+    want = backend.sequence_logprobs([p for p, _ in rows], [c for _, c in rows])
+    for a, b in zip(got, want):
+        assert_close_logprobs(a, b, tiny_lm, tokens=70)
+    assert w.stats.folds == 1 and w.stats.fold_forwards > 10 and w.load()["folds_running"] == 0

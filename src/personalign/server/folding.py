@@ -1,0 +1,379 @@
+"""Folding feedback into users' Drift profiles: bounded, off the chat's critical path, in order, once.
+
+Drift (seed 002) models a user as weights ``p = v / ‖v‖`` over attribute prompts, where ``v`` sums,
+over the user's pairs ``(x, y_w, y_l)``, the per-attribute log-likelihood-ratio differences
+``W_i − L_i`` measured by the steering model. A new pair only adds its own ``W``, ``L`` rows, so the
+expensive part of a fold — scoring the chosen and the rejected reply under the base and every
+attribute prompt of the user's pool, ``2 (A + 1)`` teacher-forced sequences — does not depend on
+the rest of the profile, and the merge that follows is cheap.
+
+One feedback item (``POST /v1/feedback``, ``server.routes``) states one pair, or — a user's choice
+among a completion's ``n`` choices — ``n − 1`` pairs sharing the prompt and the chosen reply, scored
+together: the chosen reply is scored once, so the item is ``n (A + 1)`` sequences:
+
+1. ``prepare``: its texts are checked against the limits — characters, then the tokens of every
+   sequence to score under the steering model's tokenizer, against ``max_feedback_tokens`` and the
+   model's context (``FoldRejected``, a 400; no model work) — and its scoring rows are built;
+2. the item is stored, unfolded: the acknowledgement. Items of one user are stored and queued under
+   one lock, so the queue's order is the order of acknowledgement;
+3. ``start``: the engine scores its rows (``server.worker.FoldJob``) within the rounds' folding
+   budget, batched with other waiting folds; at most ``max_folds`` items wait or fold
+   (``FoldQueueFull``, a 429);
+4. the merge — the rows appended to the profile, the profile written and the item marked folded in
+   ONE transaction guarded by the profile's version — runs after every earlier item of the same user
+   has merged. A concurrent change of the profile re-runs the merge alone (``ProfileConflict``);
+   the scoring is repeated only if the profile's pool itself was replaced meanwhile.
+
+``wait: true`` answers after step 4, ``wait: false`` after step 2 (202). A server stopped before step
+4 leaves the item stored and unfolded; ``recover`` folds every such item when it starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from personalign.personas import drift
+from personalign.personas.attributes import AttributePool, default_pool
+from personalign.personas.identity import compare_identity, steer_identity
+from personalign.server.schemas import Limits
+from personalign.server.store import ProfileConflict, Store, StoredFeedback
+from personalign.server.worker import EngineWorker, FoldJob, QueueFull
+from personalign.views.base import Backend
+
+__all__ = ["FoldManager", "FoldRejected", "FoldQueueFull", "EngineStopped", "PreferencePair", "drift_prompt",
+           "check_profile", "unfold_pairs", "feedback_pairs", "steering_model_key"]
+
+logger = logging.getLogger(__name__)
+
+PreferencePair = drift.PreferencePair
+_MERGE_RETRIES = 50
+
+
+class FoldRejected(ValueError):
+    """A feedback item the server will not fold: ``field`` and the reason (a 400)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class FoldQueueFull(Exception):
+    """``max_folds`` items are waiting or folding (a 429)."""
+
+
+class EngineStopped(Exception):
+    """The server stopped before the item was folded (it stays stored; folded at the next start)."""
+
+
+def steering_model_key(methods: dict[str, Any], backend: Backend) -> str:
+    """The model Drift steers with on this server: feedback is scored by the same model."""
+    key = getattr(getattr(methods.get("drift"), "config", None), "steer_model", None)
+    if key in backend.models:
+        return key
+    return "steer" if "steer" in backend.models else "main"
+
+
+def drift_prompt(messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
+    """A stored prompt (chat messages) as Drift scores it: one user turn is its text."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return [dict(m) for m in messages]
+
+
+def check_profile(profile: dict[str, Any]) -> None:
+    """``ValueError`` unless ``profile`` reads as a Drift profile."""
+    drift.DriftProfile.from_dict(profile)
+
+
+def feedback_pairs(fb: StoredFeedback) -> list[PreferencePair]:
+    """The pairs a stored item states, as Drift scores them: the chosen reply over each rejected one."""
+    prompt = drift_prompt(fb.prompt)
+    return [PreferencePair(prompt=prompt, chosen=fb.chosen, rejected=r) for r in fb.rejected_texts]
+
+
+def unfold_pairs(profile: dict[str, Any], pairs: list[PreferencePair]) -> dict[str, Any] | None:
+    """``profile`` without ``pairs`` (``remove_pair``); None when none of them is in it."""
+    prof = drift.DriftProfile.from_dict(profile)
+    present = [p for p in pairs if p.pair_id in prof.pair_ids]
+    if not present:
+        return None
+    for p in present:
+        prof.remove_pair(p.pair_id)
+    return prof.to_dict()
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """What to score for one item (its pairs share the prompt and the chosen reply), and how its rows
+    merge: the pool and scoring settings of the user's profile at the time (or the defaults of a new
+    profile)."""
+
+    pairs: list[PreferencePair]
+    rows: list[tuple[list[int], list[int]]]
+    pool: AttributePool
+    chat_template: bool
+    max_response_tokens: int | None
+    top_m: int = 7
+
+
+@dataclass(eq=False)
+class FoldTicket:
+    owner: str
+    user: str
+    feedback_id: str
+    plan: FoldPlan
+    merged: asyncio.Future  # -> StoredFeedback (folded, or with fold_error), None when the item is gone
+    job: FoldJob | None = None
+    merging: bool = False
+    cancelled: bool = False
+    previous: asyncio.Future | None = None  # the merge of the user's item before this one
+
+
+@dataclass
+class _UserQueue:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tail: asyncio.Future | None = None  # the last item's merge
+
+
+class FoldManager:
+    """Schedules the folds of one server (see the module docstring).
+
+    Args:
+        engine: the engine worker that scores (``submit_fold``).
+        store: where items and profiles live.
+        limits: ``max_feedback_chars``, ``max_feedback_tokens``, ``max_folds``.
+        steer_key: the backend model that scores (Drift's steering model).
+        chat_template: how a new profile scores prompts.
+        run_sync: runs a blocking function off the event loop (the server's thread pool).
+    """
+
+    def __init__(self, engine: EngineWorker, store: Store, limits: Limits, *, steer_key: str,
+                 chat_template: bool, run_sync: Any) -> None:
+        self.engine, self.store, self.limits = engine, store, limits
+        self.steer_key, self.chat_template, self.run_sync = steer_key, chat_template, run_sync
+        backend = engine.backend
+        self.tokenizer = backend.tokenizer(steer_key)
+        self.identity = steer_identity(backend.models[steer_key], self.tokenizer)
+        ctx = backend.context_length(steer_key)
+        self.max_tokens = min(limits.max_feedback_tokens, ctx - 1) if ctx else limits.max_feedback_tokens
+        self._users: dict[tuple[str, str], _UserQueue] = {}
+        self._tickets: dict[tuple[str, str], FoldTicket] = {}
+        self._backlog: deque[FoldTicket] = deque()  # recovered items beyond the engine's queue
+
+    # ------------------------------------------------------------------ step 1: bounds, rows
+    def user_lock(self, owner: str, user: str) -> asyncio.Lock:
+        return self._users.setdefault((owner, user), _UserQueue()).lock
+
+    def check_chars(self, pairs: list[PreferencePair]) -> None:
+        """``FoldRejected`` when a text is longer than ``max_feedback_chars`` (checked before anything else)."""
+        lim = self.limits.max_feedback_chars
+        pair = pairs[0]
+        prompt = pair.prompt if isinstance(pair.prompt, str) else "".join(m["content"] for m in pair.prompt)
+        texts = [("prompt", prompt), ("chosen", pair.chosen)] + [("rejected", p.rejected) for p in pairs]
+        for name, text in texts:
+            if len(text) > lim:
+                raise FoldRejected(name, f"`{name}` is {len(text)} characters; the limit is {lim} "
+                                         "(max_feedback_chars).")
+
+    def prepare(self, pairs: list[PreferencePair], profile: dict[str, Any]) -> FoldPlan:
+        """The item's scoring rows under the user's pool (blocking: tokenizes; run off the loop).
+
+        Raises:
+            FoldRejected: a text over a limit, a sequence over ``max_feedback_tokens`` or the steering
+                model's context, a profile fitted with another steering model or with hand-set weights.
+        """
+        self.check_chars(pairs)
+        pair = pairs[0]
+        if any((p.prompt, p.chosen) != (pair.prompt, pair.chosen) for p in pairs):
+            raise ValueError("an item's pairs must share the prompt and the chosen reply.")
+        stored = profile.get("drift_profile")
+        if stored is None:
+            pool, chat, max_resp, top_m = default_pool(), self.chat_template, None, 7
+        else:
+            prof = drift.DriftProfile.from_dict(stored)
+            if prof.manual_weights is not None:
+                raise FoldRejected("user", f"user {profile['user']!r} has a Drift profile with hand-set weights; "
+                                           "set a fitted one (or none) to learn from feedback.")
+            try:
+                compare_identity(prof.steer, self.identity, f"user {profile['user']!r}'s Drift profile")
+            except ValueError as e:
+                raise FoldRejected("user", str(e)) from None
+            pool, chat, max_resp, top_m = prof.pool, prof.chat_template, prof.max_response_tokens, prof.top_m
+        if any(pair.chosen.strip() == p.rejected.strip() for p in pairs):
+            raise FoldRejected("rejected", "`chosen` and `rejected` are the same text; a preference needs two replies.")
+        replies = [pair.chosen, *(p.rejected for p in pairs)]
+        try:
+            rows = drift.score_rows(self.tokenizer, pair.prompt, replies, pool,
+                                    chat_template=chat, max_response_tokens=max_resp)
+        except ValueError as e:  # a reply that encodes to no token
+            raise FoldRejected("chosen", str(e)) from None
+        longest = max(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        n = len(rows[longest][0]) + len(rows[longest][1])
+        if n > self.max_tokens:
+            which = "chosen" if longest < len(rows) // len(replies) else "rejected"
+            raise FoldRejected(which, f"the prompt and `{which}` are {n} tokens under the steering model's attribute "
+                                      f"prompts; the limit is {self.max_tokens} (max_feedback_tokens, and the model's "
+                                      "context).")
+        return FoldPlan(pairs=list(pairs), rows=rows, pool=pool, chat_template=chat, max_response_tokens=max_resp, top_m=top_m)
+
+    def check_capacity(self) -> None:
+        """``FoldQueueFull`` when ``max_folds`` items already wait or fold."""
+        n = len(self._tickets)
+        if n >= self.limits.max_folds:
+            raise FoldQueueFull(f"{n} feedback items are waiting to be folded (limit {self.limits.max_folds}).")
+
+    # ------------------------------------------------------------------ steps 3, 4
+    def start(self, owner: str, fb: StoredFeedback, plan: FoldPlan) -> FoldTicket:
+        """Queue a stored item's fold; call it holding ``user_lock`` right after storing the item."""
+        loop = asyncio.get_running_loop()
+        queue = self._users.setdefault((owner, fb.user_id), _UserQueue())
+        ticket = FoldTicket(owner=owner, user=fb.user_id, feedback_id=fb.feedback_id, plan=plan,
+                            merged=loop.create_future(), previous=queue.tail)
+        queue.tail = ticket.merged
+        self._tickets[(owner, fb.feedback_id)] = ticket
+        if self._backlog or not self._submit(ticket):
+            self._backlog.append(ticket)
+        asyncio.ensure_future(self._run(ticket))
+        return ticket
+
+    def _submit(self, ticket: FoldTicket) -> bool:
+        loop = asyncio.get_running_loop()
+        job = FoldJob(rows=ticket.plan.rows, model=self.steer_key, loop=loop, future=loop.create_future(),
+                      label=f"{ticket.owner}/{ticket.feedback_id}")
+        try:
+            self.engine.submit_fold(job)
+        except QueueFull:
+            return False
+        ticket.job = job
+        return True
+
+    def _pump(self) -> None:
+        while self._backlog:
+            t = self._backlog[0]
+            if t.cancelled:
+                self._backlog.popleft()
+                continue
+            if not self._submit(t):
+                return
+            self._backlog.popleft()
+
+    async def _run(self, ticket: FoldTicket) -> None:
+        try:
+            while ticket.job is None and not ticket.cancelled:  # waiting in the backlog
+                await asyncio.sleep(0.05)
+                self._pump()
+            result = None
+            if not ticket.cancelled:
+                try:
+                    logprobs = await ticket.job.future
+                    result = drift.rewards_from_scores(logprobs, 1 + len(ticket.plan.pairs), ticket.plan.pool)
+                except RuntimeError as e:
+                    if not self.engine.alive:
+                        raise EngineStopped(str(e)) from None
+                    raise
+            self._pump()
+            if ticket.previous is not None:  # the user's earlier items merge first
+                await asyncio.shield(ticket.previous)
+            if ticket.cancelled or result is None:
+                self._settle(ticket, None)
+                return
+            ticket.merging = True
+            stored = await self.run_sync(self._merge, ticket, result[0], result[1:])
+            self._settle(ticket, stored)
+        except EngineStopped as e:
+            self._settle(ticket, e)
+        except Exception as e:  # noqa: BLE001 - recorded on the item, logged
+            logger.exception("folding feedback %s failed", ticket.feedback_id)
+            try:
+                failed = await self.run_sync(self.store.fail_fold, ticket.owner, ticket.feedback_id,
+                                             f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001
+                failed = None
+            self._settle(ticket, failed)
+        finally:
+            self._pump()
+
+    def _settle(self, ticket: FoldTicket, value: Any) -> None:
+        self._tickets.pop((ticket.owner, ticket.feedback_id), None)
+        if not ticket.merged.done():
+            if isinstance(value, BaseException):
+                ticket.merged.set_exception(value)
+                ticket.merged.exception()  # retrieved: a waiter may have gone
+            else:
+                ticket.merged.set_result(value)
+
+    def _merge(self, ticket: FoldTicket, wins: Any, losses: Any) -> StoredFeedback | None:
+        """Step 4 (blocking, off the loop): append the rows (``wins`` [A], ``losses`` [pairs, A]) under the
+        profile's version check; a conflict retries this merge only. Returns the stored item, None when it
+        or the profile is gone."""
+        for _ in range(_MERGE_RETRIES):
+            if ticket.cancelled:
+                return None
+            profile = self.store.get_profile(ticket.owner, ticket.user)
+            if profile is None:
+                return None
+            stored = profile.get("drift_profile")
+            if stored is None:
+                plan = ticket.plan
+                prof = drift.DriftProfile.empty(self.identity, plan.pool, top_m=plan.top_m,
+                                                chat_template=plan.chat_template,
+                                                max_response_tokens=plan.max_response_tokens)
+            else:
+                prof = drift.DriftProfile.from_dict(stored)
+                if prof.pool.to_dict() != ticket.plan.pool.to_dict():
+                    raise ValueError("the user's Drift profile was replaced with another attribute pool while this "
+                                     "feedback was folded; post it again to score it under the new pool.")
+            for pair, loss in zip(ticket.plan.pairs, losses):
+                prof.add_rewards(pair.pair_id, wins, loss)
+            try:
+                return self.store.complete_fold(ticket.owner, ticket.feedback_id, {"drift_profile": prof.to_dict()},
+                                                profile["version"])
+            except ProfileConflict:
+                continue
+        raise RuntimeError(f"profile {ticket.user!r} kept changing; {_MERGE_RETRIES} merges conflicted.")
+
+    # ------------------------------------------------------------------ deletes, restarts, stats
+    async def settle(self, owner: str, feedback_id: str) -> None:
+        """Cancel the item's fold if it has not merged yet, or wait for its merge if it is merging (a
+        delete then sees the item as folded or not, never in between)."""
+        ticket = self._tickets.get((owner, feedback_id))
+        if ticket is None:
+            return
+        if ticket.merging:
+            await asyncio.shield(ticket.merged)
+            return
+        ticket.cancelled = True
+        if ticket.job is not None:
+            ticket.job.cancelled = True
+        self._settle(ticket, None)
+
+    async def recover(self) -> int:
+        """Fold every stored item left unfolded by a stopped server, in order of arrival."""
+        pending = await self.run_sync(self.store.pending_feedback)
+        n = 0
+        for owner, fb in pending:
+            profile = await self.run_sync(self.store.get_profile, owner, fb.user_id)
+            try:
+                if profile is None:
+                    raise FoldRejected("user", f"user {fb.user_id!r} has no profile any more.")
+                plan = await self.run_sync(self.prepare, feedback_pairs(fb), profile)
+            except (FoldRejected, ValueError) as e:
+                await self.run_sync(self.store.fail_fold, owner, fb.feedback_id, str(e))
+                continue
+            async with self.user_lock(owner, fb.user_id):
+                self.start(owner, fb, plan)
+            n += 1
+        if n:
+            logger.info("folding %d feedback item(s) left unfolded by the last run", n)
+        return n
+
+    def load(self) -> dict[str, int]:
+        """Items waiting (in the engine's queue or the backlog) and folding, for ``/health``."""
+        eng = self.engine.load()
+        merging = sum(1 for t in self._tickets.values() if t.merging)
+        return {"folds_waiting": eng["folds_waiting"] + len(self._backlog), "folds_running": eng["folds_running"]
+                + merging, "max_folds": self.limits.max_folds}
