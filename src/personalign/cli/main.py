@@ -6,11 +6,13 @@ import argparse
 import logging
 import sys
 
-from personalign import __version__
-from personalign.cli import bench, data, demo, fit, generate, serve, train
-from personalign.cli import eval as eval_cmd
+from transformers.utils import logging as hf_logging
 
-COMMANDS = [generate, demo, bench, eval_cmd, data, fit, train, serve]
+from personalign.cli import bench, data, demo, feedback, fit, generate, serve, train
+from personalign.cli import eval as eval_cmd
+from personalign.environment import __version__
+
+COMMANDS = [generate, demo, bench, eval_cmd, data, fit, feedback, train, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     if not getattr(args, "func", None):
