@@ -35,6 +35,7 @@ import torch
 
 from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.personas.prompts import build_prompt_ids
+from personalign.training.pdpo.user_fit import UserEmbedding
 from personalign.training.user_model import UserIndex, UserModel, UserModelConfig, encode_user_text
 from personalign.types import Request, ViewSpec
 from personalign.views.base import Backend
@@ -51,10 +52,14 @@ class PDPOConfig:
     Attributes:
         user: the user's id (seen users get their embedding, others the generic e_0).
         user_text: the user's textual information u_t (demographics, stated preferences), or None.
+        user_embedding: an implicit embedding fitted for a user the checkpoint never saw
+            (``training.pdpo.user_fit``; a ``UserEmbedding`` or its ``to_dict`` form), used in place
+            of the user's row; None: the row of ``user``.
     """
 
     user: str | int | None = None
     user_text: str | None = None
+    user_embedding: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.user, int) and not isinstance(self.user, bool):
@@ -63,6 +68,8 @@ class PDPOConfig:
             raise ValueError(f"`user` must be a non-empty user id, got {self.user!r}.")
         if self.user_text is not None and not isinstance(self.user_text, str):
             raise ValueError(f"`user_text` must be a string, got {type(self.user_text).__name__}.")
+        if self.user_embedding is not None:
+            object.__setattr__(self, "user_embedding", UserEmbedding.from_dict(self.user_embedding))
 
 
 class PDPOMethod(TokenMethod):
@@ -82,7 +89,7 @@ class PDPOMethod(TokenMethod):
             users = UserModel(UserModelConfig(kind="uniform", user_tokens=0, hidden_size=1))
         self.users = users.eval()
         self.index = index if index is not None else UserIndex([])
-        self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor | None] = {}
+        self._cache: dict[tuple[int | str, tuple[int, ...]], torch.Tensor | None] = {}
 
     @classmethod
     def from_resources(cls, config: PDPOConfig, loaded: Any) -> PDPOMethod:
@@ -98,9 +105,11 @@ class PDPOMethod(TokenMethod):
             uid = request.user
         return uid, self.index.row(uid, strict=False) if uid is not None else 0
 
-    def user_prefix(self, row: int, text_ids: tuple[int, ...], backend: Backend) -> torch.Tensor | None:
-        """The soft prompt e_u float [P, D] on the main model's device (cached), or None when empty."""
-        key = (row, text_ids)
+    def user_prefix(self, row: int, text_ids: tuple[int, ...], backend: Backend,
+                    fitted: UserEmbedding | None = None) -> torch.Tensor | None:
+        """The soft prompt e_u float [P, D] on the main model's device (cached), or None when empty:
+        the user model's row ``row``, or the ``fitted`` embedding in its place, then the text."""
+        key = (fitted.digest if fitted is not None else row, text_ids)
         if key not in self._cache:
             emb = backend.models[self.model].get_input_embeddings()
             if self.users.config.user_tokens and self.users.config.hidden_size != emb.weight.shape[1]:
@@ -108,9 +117,22 @@ class PDPOMethod(TokenMethod):
                     f"the user model has width {self.users.config.hidden_size}, the main model "
                     f"{emb.weight.shape[1]}: the checkpoint belongs to another base model."
                 )
+            if fitted is not None and fitted.shape != (self.users.config.user_tokens, emb.weight.shape[1]):
+                raise ValueError(
+                    f"`user_embedding` has shape {list(fitted.shape)}; this checkpoint's user embeddings are "
+                    f"[{self.users.config.user_tokens}, {emb.weight.shape[1]}] (T_u, D)."
+                )
             self.users.to(emb.weight.device)
             with torch.no_grad():
-                e = self.users.prefixes(torch.tensor([row]), emb, [text_ids])[0].detach()
+                if fitted is None:
+                    e = self.users.prefixes(torch.tensor([row]), emb, [text_ids])[0].detach()
+                else:
+                    parts = [fitted.tensor.to(emb.weight.device, emb.weight.dtype)]
+                    if text_ids:
+                        parts.append(self.users.explicit(text_ids, emb).detach().to(emb.weight.dtype))
+                    e = torch.cat(parts, 0)
+            if len(self._cache) > 4096:  # fitted embeddings change with every choice: bound the cache
+                self._cache.clear()
             self._cache[key] = e.to(emb.weight.dtype) if e.shape[0] else None
         return self._cache[key]
 
@@ -121,13 +143,17 @@ class PDPOMethod(TokenMethod):
         tok = backend.tokenizer(self.model)
         ids = build_prompt_ids(tok, request.prompt, chat_template=chat_template)
         _, row = self.resolve_user(request, config)
-        prefix = self.user_prefix(row, encode_user_text(tok, config.user_text), backend)
-        return [ViewSpec(prompt_ids=ids, prefix_embeds=prefix, model=self.model, role=f"user_row:{row}")]
+        fitted = config.user_embedding
+        prefix = self.user_prefix(row, encode_user_text(tok, config.user_text), backend, fitted)
+        role = f"user_row:{row}" if fitted is None else f"user_fitted:{fitted.digest}"
+        return [ViewSpec(prompt_ids=ids, prefix_embeds=prefix, model=self.model, role=role)]
 
     def prepare(self, state: DecodeState, backend: Backend) -> None:
         for b, (req, cfg) in enumerate(zip(state.requests, state.configs)):
             uid, row = self.resolve_user(req, cfg)
-            state.row_stats(b).update(user=uid, user_row=row, user_known=row > 0)
+            fitted = cfg.user_embedding
+            state.row_stats(b).update(user=uid, user_row=row, user_known=row > 0,
+                                      user_fitted_pairs=None if fitted is None else fitted.num_pairs)
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return logprobs[:, 0]

@@ -41,9 +41,12 @@ from personalign.server.routes import add_routes
 from personalign.server.schemas import ChatRequest, Limits, check_id
 from personalign.server.store import Store, StoreBusy
 from personalign.server.worker import Delta, Done, EngineWorker, Event, Failed, Job, QueueFull
+from personalign.training.pdpo.user_fit import EmbeddingFitConfig
 from personalign.types import Request as GenRequest
 
 __all__ = ["create_app", "ServerContext"]
+
+DEFAULT_EMBEDDING_FIT = EmbeddingFitConfig()
 
 
 @dataclass
@@ -87,7 +90,8 @@ def _bearer(request: Request) -> str:
 
 
 def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = None, model_id: str = "personalign",
-               admin_key: str | None = None, unavailable: dict[str, str] | None = None) -> FastAPI:
+               admin_key: str | None = None, unavailable: dict[str, str] | None = None,
+               embedding_fit: EmbeddingFitConfig | None = DEFAULT_EMBEDDING_FIT) -> FastAPI:
     """The FastAPI app over a (not yet started) engine worker and a store.
 
     Args:
@@ -97,6 +101,8 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
         model_id: the name clients pass as ``model`` (listed by ``/v1/models``).
         admin_key: the admin key; default: the ``PERSONALIGN_ADMIN_KEY`` environment variable.
         unavailable: methods registered but not served here, with the reason (shown by ``/health``).
+        embedding_fit: where ``pdpo`` is served, how feedback fits the P-DPO embedding of a user its
+            checkpoint never saw (``server.folding``); None: such users keep the generic embedding.
     """
 
     if admin_key is None:
@@ -108,7 +114,7 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
     ctx = ServerContext(engine=engine, store=store, limits=limits, model_id=model_id,
                         admin_key=admin_key, unavailable=dict(unavailable or {}))
     ctx.folds = FoldManager(engine, store, ctx.limits, steer_key=steering_model_key(engine.methods, engine.backend),
-                            chat_template=engine.chat_template, run_sync=ctx.db)
+                            chat_template=engine.chat_template, run_sync=ctx.db, embedding_fit=embedding_fit)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

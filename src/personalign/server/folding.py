@@ -24,6 +24,15 @@ together: the chosen reply is scored once, so the item is ``n (A + 1)`` sequence
    has merged. A concurrent change of the profile re-runs the merge alone (``ProfileConflict``);
    the scoring is repeated only if the profile's pool itself was replaced meanwhile.
 
+Where the server serves a ``pdpo`` checkpoint, a user it never saw (neither their ``pdpo_user_id`` nor
+their id is in its user index) also learns their own P-DPO embedding from the same item (our
+extension, ``training.pdpo.user_fit``): after the user's earlier items have merged, an
+``EmbeddingFit`` on the item's pairs and the user's most recent earlier ones (``max_pairs`` in all)
+starts from their last embedding (or ``e_0``) and runs as a fold task in the engine's folding budget,
+a piece (whole pairs, forward and backward) per round; step 4 then writes the embedding with the
+Drift rows in the same transaction. Deleting a folded item drops the embedding (one pair cannot be
+taken back out of it); the next item fits it again from the remaining pairs.
+
 ``wait: true`` answers after step 4, ``wait: false`` after step 2 (202). A server stopped before step
 4 leaves the item stored and unfolded; ``recover`` folds every such item when it starts again.
 """
@@ -42,9 +51,17 @@ from personalign.personas.identity import compare_identity, steer_identity
 from personalign.server.schemas import Limits
 from personalign.server.store import ProfileConflict, Store, StoredFeedback
 from personalign.server.worker import EngineWorker, FoldJob, QueueFull
+from personalign.training.pdpo.data import TokenizedPair, tokenize_pairs
+from personalign.training.pdpo.user_fit import (
+    EmbeddingFit,
+    EmbeddingFitConfig,
+    UserEmbedding,
+    generic_embedding,
+)
 from personalign.views.base import Backend
 
-__all__ = ["FoldManager", "FoldRejected", "FoldQueueFull", "EngineStopped", "PreferencePair", "drift_prompt",
+__all__ = ["FoldManager", "EmbeddingLearner", "FoldRejected", "FoldQueueFull", "EngineStopped", "PreferencePair",
+           "drift_prompt",
            "check_profile", "unfold_pairs", "feedback_pairs", "steering_model_key"]
 
 logger = logging.getLogger(__name__)
@@ -120,6 +137,53 @@ class FoldPlan:
     top_m: int = 7
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddingLearner:
+    """A served ``pdpo`` checkpoint whose new users' embeddings are fitted from their feedback."""
+
+    model: str  # the backend key of the personalized LLM
+    users: Any  # the checkpoint's UserModel
+    index: Any  # its UserIndex
+    tokenizer: Any
+    chat_template: bool
+    config: EmbeddingFitConfig
+    generic: Any  # e_0, float32 [T_u, D]
+    embedding_std: float
+    max_prompt_tokens: int
+
+    @classmethod
+    def of(cls, method: Any, backend: Backend, *, chat_template: bool, config: EmbeddingFitConfig,
+           max_prompt_tokens: int) -> EmbeddingLearner | None:
+        """The learner of a served ``pdpo`` method; None when its user model has no embedding to fit."""
+        users = getattr(method, "users", None)
+        if users is None or users.config.kind == "uniform" or method.model not in backend.models:
+            return None
+        weight = backend.models[method.model].get_input_embeddings().weight
+        return cls(model=method.model, users=users, index=method.index, tokenizer=backend.tokenizer(method.model),
+                   chat_template=chat_template, config=config, generic=generic_embedding(users),
+                   embedding_std=float(weight.detach().float().std()), max_prompt_tokens=max_prompt_tokens)
+
+    def learns(self, profile: dict[str, Any]) -> bool:
+        """Whether this user is new to the checkpoint (a seen user decodes with their own row)."""
+        uid = profile.get("pdpo_user_id") or profile["user"]
+        return uid not in self.index
+
+    def start(self, profile: dict[str, Any]) -> UserEmbedding | None:
+        """The user's last embedding when it fits this checkpoint's shape."""
+        stored = profile.get("pdpo_embedding")
+        if stored is None:
+            return None
+        try:
+            emb = UserEmbedding.from_dict(stored)
+        except ValueError:
+            return None
+        return emb if emb.shape == tuple(self.generic.shape) else None
+
+    def tokenize(self, pairs: list[PreferencePair]) -> list[TokenizedPair]:
+        return tokenize_pairs(pairs, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens,
+                              max_response_tokens=self.config.max_response_tokens, chat_template=self.chat_template)
+
+
 @dataclass(eq=False)
 class FoldTicket:
     owner: str
@@ -128,6 +192,7 @@ class FoldTicket:
     plan: FoldPlan
     merged: asyncio.Future  # -> StoredFeedback (folded, or with fold_error), None when the item is gone
     job: FoldJob | None = None
+    fit_job: FoldJob | None = None
     merging: bool = False
     cancelled: bool = False
     previous: asyncio.Future | None = None  # the merge of the user's item before this one
@@ -149,10 +214,11 @@ class FoldManager:
         steer_key: the backend model that scores (Drift's steering model).
         chat_template: how a new profile scores prompts.
         run_sync: runs a blocking function off the event loop (the server's thread pool).
+        embedding_fit: how new users' P-DPO embeddings are fitted where ``pdpo`` is served; None: not.
     """
 
     def __init__(self, engine: EngineWorker, store: Store, limits: Limits, *, steer_key: str,
-                 chat_template: bool, run_sync: Any) -> None:
+                 chat_template: bool, run_sync: Any, embedding_fit: EmbeddingFitConfig | None = None) -> None:
         self.engine, self.store, self.limits = engine, store, limits
         self.steer_key, self.chat_template, self.run_sync = steer_key, chat_template, run_sync
         backend = engine.backend
@@ -160,6 +226,9 @@ class FoldManager:
         self.identity = steer_identity(backend.models[steer_key], self.tokenizer)
         ctx = backend.context_length(steer_key)
         self.max_tokens = min(limits.max_feedback_tokens, ctx - 1) if ctx else limits.max_feedback_tokens
+        pdpo = engine.methods.get("pdpo")
+        self.learner = None if embedding_fit is None or pdpo is None else EmbeddingLearner.of(
+            pdpo, backend, chat_template=chat_template, config=embedding_fit, max_prompt_tokens=self.max_tokens)
         self._users: dict[tuple[str, str], _UserQueue] = {}
         self._tickets: dict[tuple[str, str], FoldTicket] = {}
         self._backlog: deque[FoldTicket] = deque()  # recovered items beyond the engine's queue
@@ -278,11 +347,14 @@ class FoldManager:
             self._pump()
             if ticket.previous is not None:  # the user's earlier items merge first
                 await asyncio.shield(ticket.previous)
+            fitted = None
+            if self.learner is not None and not ticket.cancelled and result is not None:
+                fitted = await self._fit(ticket)
             if ticket.cancelled or result is None:
                 self._settle(ticket, None)
                 return
             ticket.merging = True
-            stored = await self.run_sync(self._merge, ticket, result[0], result[1:])
+            stored = await self.run_sync(self._merge, ticket, result[0], result[1:], fitted)
             self._settle(ticket, stored)
         except EngineStopped as e:
             self._settle(ticket, e)
@@ -297,6 +369,41 @@ class FoldManager:
         finally:
             self._pump()
 
+    async def _fit(self, ticket: FoldTicket) -> UserEmbedding | None:
+        """The user's P-DPO embedding refitted with this item (None: a user the checkpoint knows)."""
+        learner = self.learner
+        profile = await self.run_sync(self.store.get_profile, ticket.owner, ticket.user)
+        if profile is None or not learner.learns(profile):
+            return None
+        start = learner.start(profile)
+        cfg = learner.config
+        prior = await self.run_sync(self.store.recent_feedback, ticket.owner, ticket.user, cfg.max_pairs,
+                                    ticket.feedback_id)
+        pairs = (list(ticket.plan.pairs) + [p for fb in prior for p in feedback_pairs(fb)])[:cfg.max_pairs]
+        tokenized = await self.run_sync(learner.tokenize, pairs)
+        fit = EmbeddingFit(self.engine.backend.models[learner.model], tokenized,
+                           learner.generic if start is None else start.tensor, learner.generic, cfg,
+                           embedding_std=learner.embedding_std)
+        loop = asyncio.get_running_loop()
+        job = FoldJob(rows=[], model=learner.model, loop=loop, future=loop.create_future(),
+                      label=f"{ticket.owner}/{ticket.feedback_id}/pdpo", task=fit)
+        ticket.fit_job = job
+        while not ticket.cancelled:
+            try:
+                self.engine.submit_fold(job)
+                break
+            except QueueFull:
+                await asyncio.sleep(0.05)
+        if ticket.cancelled:
+            return None
+        try:
+            done = await job.future
+        except RuntimeError as e:
+            if not self.engine.alive:
+                raise EngineStopped(str(e)) from None
+            raise
+        return done.result((start.num_pairs if start is not None else 0) + len(ticket.plan.pairs))
+
     def _settle(self, ticket: FoldTicket, value: Any) -> None:
         self._tickets.pop((ticket.owner, ticket.feedback_id), None)
         if not ticket.merged.done():
@@ -306,10 +413,11 @@ class FoldManager:
             else:
                 ticket.merged.set_result(value)
 
-    def _merge(self, ticket: FoldTicket, wins: Any, losses: Any) -> StoredFeedback | None:
-        """Step 4 (blocking, off the loop): append the rows (``wins`` [A], ``losses`` [pairs, A]) under the
-        profile's version check; a conflict retries this merge only. Returns the stored item, None when it
-        or the profile is gone."""
+    def _merge(self, ticket: FoldTicket, wins: Any, losses: Any,
+               fitted: UserEmbedding | None = None) -> StoredFeedback | None:
+        """Step 4 (blocking, off the loop): append the rows (``wins`` [A], ``losses`` [pairs, A]) and set
+        the ``fitted`` P-DPO embedding under the profile's version check; a conflict retries this merge
+        only. Returns the stored item, None when it or the profile is gone."""
         for _ in range(_MERGE_RETRIES):
             if ticket.cancelled:
                 return None
@@ -329,9 +437,11 @@ class FoldManager:
                                      "feedback was folded; post it again to score it under the new pool.")
             for pair, loss in zip(ticket.plan.pairs, losses):
                 prof.add_rewards(pair.pair_id, wins, loss)
+            update: dict[str, Any] = {"drift_profile": prof.to_dict()}
+            if fitted is not None:
+                update["pdpo_embedding"] = fitted.to_dict()
             try:
-                return self.store.complete_fold(ticket.owner, ticket.feedback_id, {"drift_profile": prof.to_dict()},
-                                                profile["version"])
+                return self.store.complete_fold(ticket.owner, ticket.feedback_id, update, profile["version"])
             except ProfileConflict:
                 continue
         raise RuntimeError(f"profile {ticket.user!r} kept changing; {_MERGE_RETRIES} merges conflicted.")
@@ -347,8 +457,9 @@ class FoldManager:
             await asyncio.shield(ticket.merged)
             return
         ticket.cancelled = True
-        if ticket.job is not None:
-            ticket.job.cancelled = True
+        for job in (ticket.job, ticket.fit_job):
+            if job is not None:
+                job.cancelled = True
         self._settle(ticket, None)
 
     async def recover(self) -> int:

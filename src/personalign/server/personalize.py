@@ -7,7 +7,8 @@ server default (``base``; ``preference_prompting`` when only a preference is kno
 * the profile is ``personalization.profile_id`` (404 when this key has no such profile) or else
   the OpenAI ``user`` field (a user without a profile simply gets the defaults);
 * stored parameters apply only when the request decodes with the profile's own method;
-* per-user state a method reads from the profile (the Drift weights, the P-DPO user id) is put
+* per-user state a method reads from the profile (the Drift weights, the P-DPO user id or the P-DPO
+  embedding fitted from the user's feedback) is put
   into the request's parameters by ``profile_params``; a ``pdpo`` request of a profile without a
   ``pdpo_user_id`` decodes as the user of the same id (the ``user`` field or ``profile_id``), a user
   the checkpoint never saw getting the generic user embedding.
@@ -71,10 +72,13 @@ def profile_params(method: str, profile: dict[str, Any] | None, served: Any = No
 
     ``drift`` decodes with the user's stored Drift profile (kept up to date by feedback); a user
     without one falls back to the server's default profile (``serve --profile``) if there is one.
-    ``pdpo`` decodes as the profile's ``pdpo_user_id`` when it has one.
+    ``pdpo`` decodes as the profile's ``pdpo_user_id`` when it has one, else with the embedding
+    fitted from the user's feedback (``pdpo_embedding``) when there is one.
     """
     if method == "pdpo" and profile is not None and profile.get("pdpo_user_id"):
         return {"user": profile["pdpo_user_id"]}
+    if method == "pdpo" and profile is not None and profile.get("pdpo_embedding"):
+        return {"user_embedding": profile["pdpo_embedding"]}
     if method != "drift" or profile is None:
         return {}
     if profile.get("drift_profile") is None:
@@ -123,7 +127,10 @@ async def resolve(ctx: Any, owner: str, body: ChatRequest) -> list[tuple[str, st
             check_text_params(ctx, pers.params(), "personalization")
             params.update(pers.params())
         info = {"method": method, "preference": preference, "profile_id": profile["user"] if profile else None,
-                "params": {k: v for k, v in params.items() if k != "profile" and _jsonable(v)}}
+                "params": {k: v for k, v in params.items() if k not in ("profile", "user_embedding") and _jsonable(v)}}
+        emb = params.get("user_embedding") if method == "pdpo" else None
+        if isinstance(emb, dict):
+            info["pdpo"] = {"fitted_embedding": True, "num_pairs": emb.get("num_pairs"), "sha256": emb.get("sha256")}
         dp = params.get("profile") if method == "drift" else None
         if isinstance(dp, dict):
             info["drift"] = {"num_pairs": dp.get("num_pairs"),

@@ -44,6 +44,7 @@ from personalign.server.personalize import check_method, check_text_params
 from personalign.server.schemas import FeedbackBody, KeyBody, ProfileBody, check_id, shown
 from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, StoredFeedback
 from personalign.server.worker import Delta, Failed, Job, QueueFull
+from personalign.training.pdpo.user_fit import UserEmbedding
 from personalign.types import Request as GenRequest
 
 __all__ = ["add_routes"]
@@ -103,6 +104,11 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
                 check_profile(fields["drift_profile"])
             except ValueError as e:
                 raise APIError(400, f"`drift_profile`: {e}", param="drift_profile") from None
+        if fields.get("pdpo_embedding") is not None:
+            try:
+                UserEmbedding.from_dict(fields["pdpo_embedding"], "pdpo_embedding")
+            except ValueError as e:
+                raise APIError(400, str(e), param="pdpo_embedding") from None
         if method is not None:
             check_method(ctx, method, "method")
             if fields.get("params"):
@@ -267,6 +273,10 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
             if f.folded and profile is not None and profile["drift_profile"] is not None:
                 new = await ctx.db(unfold_pairs, profile["drift_profile"], feedback_pairs(f))
                 update = None if new is None else {"drift_profile": new}
+            if f.folded and profile is not None and profile.get("pdpo_embedding") is not None:
+                # a fitted embedding cannot take one pair back out: it is dropped, and the next feedback
+                # fits it again from the user's remaining pairs
+                update = {**(update or {}), "pdpo_embedding": None}
             try:
                 if not await ctx.db(store.delete_feedback, owner, fid, update,
                                     profile["version"] if profile else None):

@@ -225,6 +225,7 @@ class ProfileBody(_Body):
     params: dict[str, Any] | None = None
     drift_profile: dict[str, Any] | None = None
     pdpo_user_id: Text | None = Field(default=None, min_length=1, max_length=200)
+    pdpo_embedding: dict[str, Any] | None = None
 
 
 class FeedbackBody(_Body):

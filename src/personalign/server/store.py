@@ -78,6 +78,9 @@ class Profile(Base):
     params: Mapped[dict] = mapped_column(JSON, default=dict)
     drift_profile: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     pdpo_user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # a P-DPO embedding fitted from the user's feedback (``UserEmbedding.to_dict``), for users the
+    # checkpoint never saw
+    pdpo_embedding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -190,13 +193,13 @@ class StoredFeedback:
                 "folded": self.folded, "fold_error": self.fold_error, "created": int(self.created_at)}
 
 
-PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id")
+PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id", "pdpo_embedding")
 
 
 def _profile_dict(p: Profile) -> dict[str, Any]:
     return {"id": p.user_id, "object": "profile", "user": p.user_id, "preference": p.preference,
             "method": p.method, "params": p.params or {}, "drift_profile": p.drift_profile,
-            "pdpo_user_id": p.pdpo_user_id, "version": p.version, "created": int(p.created_at),
+            "pdpo_user_id": p.pdpo_user_id, "pdpo_embedding": p.pdpo_embedding, "version": p.version, "created": int(p.created_at),
             "updated": int(p.updated_at)}
 
 
@@ -410,6 +413,17 @@ class Store:
         def fn(s: Session) -> StoredFeedback | None:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
             return _feedback_record(f) if f is not None else None
+        return self._read(fn)
+
+    def recent_feedback(self, owner: str, user_id: str, limit: int, before: str | None = None) -> list[StoredFeedback]:
+        """The user's ``limit`` most recent folded items (newest first), those before item ``before`` when given."""
+        def fn(s: Session) -> list[StoredFeedback]:
+            q = select(Feedback).where(Feedback.owner == owner, Feedback.user_id == user_id, Feedback.folded.is_(True))
+            if before is not None:
+                pk = s.scalar(select(Feedback.pk).where(Feedback.owner == owner, Feedback.feedback_id == before))
+                if pk is not None:
+                    q = q.where(Feedback.pk < pk)
+            return [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk.desc()).limit(limit))]
         return self._read(fn)
 
     def list_feedback(self, owner: str, user_id: str | None = None, limit: int = 100,

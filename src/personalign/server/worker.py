@@ -144,6 +144,10 @@ class FoldJob:
 
     ``future`` (on ``loop``) gets the rows' per-token log-probs (``ChunkedScorer.result``) or the
     exception that stopped them. A cancelled job is dropped before it starts (or its result ignored).
+
+    A job with a ``task`` instead (no rows) runs that task in bounded pieces, alone: anything with
+    ``advance(tokens) -> tokens fed`` and ``done`` (e.g. ``training.pdpo.user_fit.EmbeddingFit``, a
+    user's P-DPO embedding fitted from their feedback); ``future`` gets the finished task.
     """
 
     rows: list[tuple[list[int], list[int]]]
@@ -152,6 +156,7 @@ class FoldJob:
     future: asyncio.Future
     label: str = ""
     cancelled: bool = False
+    task: Any = None
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         def set_() -> None:
@@ -249,6 +254,7 @@ class EngineStats:
     cancelled: int = 0
     per_method: dict[str, int] = field(default_factory=dict)
     folds: int = 0  # feedback items scored
+    fits: int = 0  # fold tasks run (P-DPO embedding fits)
     fold_forwards: int = 0
     fold_tokens: int = 0
     fold_seconds: float = 0.0
@@ -292,8 +298,9 @@ class EngineWorker:
         self.fold_unit_rows, self.fold_batch_rows = fold_unit_rows, fold_batch_rows
         self._folds: deque[FoldJob] = deque()
         self._fold_batch: list[tuple[FoldJob, int, int]] = []  # (job, first row, end row) in the scorer
-        self._scorer: ChunkedScorer | None = None
+        self._scorer: Any = None  # a ChunkedScorer over a batch of folds, or a fold task
         self._fold_cost = _FoldCost()
+        self._task_cost = _FoldCost()  # a fold task's piece (forward and backward), fitted apart
         self._fold_credit = 0.0  # seconds of folding earned while requests decode
         self._decode_seconds = 0.0  # this round's decoding forward time
         if not 0 <= batch_wait <= 10:
@@ -451,15 +458,16 @@ class EngineWorker:
         if self._scorer is None and not self._start_fold_batch():
             self._fold_credit = 0.0
             return
-        cost = self._fold_cost
+        task = self._fold_batch[0][0].task is not None
+        cost, least = (self._task_cost, 1) if task else (self._fold_cost, self.fold_unit_rows)
         if busy:
             self._fold_credit = min(self._fold_credit + self.fold_share * self._decode_seconds, self.fold_idle)
             budget = self._fold_credit
-            if budget < cost.seconds(self.fold_unit_rows):
+            if budget < cost.seconds(least):
                 return  # not enough credit for a forward yet: decoding goes on
         else:
             self._fold_credit, budget = 0.0, self.fold_idle
-        tokens = cost.tokens(budget, self.fold_unit_rows)
+        tokens = cost.tokens(budget, least)
         t0 = time.perf_counter()
         try:
             fed = self._scorer.advance(tokens)
@@ -477,7 +485,14 @@ class EngineWorker:
         self.stats.fold_forwards += 1
         self.stats.fold_tokens += fed
         self.stats.fold_seconds += dt
-        if self._scorer.done:
+        if self._scorer.done and task:
+            job = self._fold_batch[0][0]
+            if not job.cancelled:
+                job.resolve(self._scorer)
+            self.stats.fits += 1
+            with self._cv:
+                self._fold_batch, self._scorer = [], None
+        elif self._scorer.done:
             out = self._scorer.result()
             for job, a, b in self._fold_batch:
                 if not job.cancelled:
@@ -493,9 +508,13 @@ class EngineWorker:
                 self._folds.popleft()
             if not self._folds:
                 return False
+            if self._folds[0].task is not None:  # a task runs alone
+                job = self._folds.popleft()
+                self._fold_batch, self._scorer = [(job, 0, 0)], job.task
+                return True
             model = self._folds[0].model
             batch, rows = [], []
-            while self._folds and self._folds[0].model == model and (
+            while self._folds and self._folds[0].task is None and self._folds[0].model == model and (
                     not rows or len(rows) + len(self._folds[0].rows) <= self.fold_batch_rows):
                 job = self._folds.popleft()
                 if job.cancelled:

@@ -27,7 +27,7 @@ from personalign.training.user_model import UserModel
 from personalign.views.masks import padded_mask
 
 __all__ = ["PersonalizedLM", "PersonalizedRewardModel", "REWARD_HEADS", "base_identity", "check_base_identity",
-           "pack_rows"]
+           "pack_rows", "sequence_logps"]
 
 REWARD_HEADS = ("soft_prompt", "linear")
 
@@ -49,6 +49,32 @@ def pack_rows(
         padded.append(F.pad(e, (0, 0, W - e.shape[0], 0)))
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     return torch.stack(padded), mask, pos
+
+
+def sequence_logps(
+    lm: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    prefixes: Sequence[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Summed log-probs float32 [R] of each response after its prefix and prompt under ``lm`` (no cache)."""
+    if prefixes is None:
+        prefixes = [None] * len(prompts)
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    embeds, mask, pos = pack_rows(lm.get_input_embeddings(), prefixes, seqs)
+    n_resp = torch.tensor([len(r) for r in responses], device=mask.device)
+    keep = int(n_resp.max()) + 1
+    logits = lm(inputs_embeds=embeds, attention_mask=padded_mask(lm, mask, pos), position_ids=pos,
+                use_cache=False, logits_to_keep=keep).logits  # [R, keep, V]
+    logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # column j predicts kept column j + 1
+    targets = torch.zeros(len(seqs), keep - 1, dtype=torch.long, device=mask.device)
+    valid = torch.zeros(len(seqs), keep - 1, dtype=torch.bool, device=mask.device)
+    for r, resp in enumerate(responses):
+        if resp:
+            targets[r, keep - 1 - len(resp):] = torch.tensor(list(resp), device=mask.device)
+            valid[r, keep - 1 - len(resp):] = True
+    tok = logprobs.gather(-1, targets[..., None])[..., 0]
+    return (tok * valid).sum(-1)
 
 
 def _adapter_off(lm: Any) -> Any:
@@ -77,23 +103,7 @@ class PersonalizedLM(nn.Module):
         prefixes: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Summed log-probs float32 [R] of each response after its prefix and prompt (no cache)."""
-        if prefixes is None:
-            prefixes = [None] * len(prompts)
-        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        embeds, mask, pos = pack_rows(self.input_embeddings(), prefixes, seqs)
-        n_resp = torch.tensor([len(r) for r in responses], device=mask.device)
-        keep = int(n_resp.max()) + 1
-        logits = self.lm(inputs_embeds=embeds, attention_mask=padded_mask(self.lm, mask, pos), position_ids=pos,
-                         use_cache=False, logits_to_keep=keep).logits  # [R, keep, V]
-        logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # column j predicts kept column j + 1
-        targets = torch.zeros(len(seqs), keep - 1, dtype=torch.long, device=mask.device)
-        valid = torch.zeros(len(seqs), keep - 1, dtype=torch.bool, device=mask.device)
-        for r, resp in enumerate(responses):
-            if resp:
-                targets[r, keep - 1 - len(resp):] = torch.tensor(list(resp), device=mask.device)
-                valid[r, keep - 1 - len(resp):] = True
-        tok = logprobs.gather(-1, targets[..., None])[..., 0]
-        return (tok * valid).sum(-1)
+        return sequence_logps(self.lm, prompts, responses, prefixes)
 
     def reference_logps(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> torch.Tensor:
         """``log pi_SFT(y | x)`` float32 [R]: adapter disabled, no user prompt, no grad."""

@@ -1,0 +1,134 @@
+"""A user the P-DPO checkpoint never saw learns their own embedding from their choices, live.
+
+The server serves ``pdpo`` with an individual user model that knows one user ("seen"). A new user's
+choice among two replies is folded into their Drift profile and, in the same merge, fits their P-DPO
+embedding (a fold task in the engine's folding budget): the stored embedding makes the chosen reply
+likelier than the generic user does, the next ``pdpo`` request decodes with it (the same tokens as
+decoding locally with that embedding), a seen user keeps their own row, deleting the item drops the
+embedding, and a malformed embedding is refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, Live, start_server
+
+from personalign.assembly import build_methods
+from personalign.decoding.loop import generate
+from personalign.methods import METHODS
+from personalign.methods.pdpo import PDPOMethod
+from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.training.pdpo.data import PreferencePair, tokenize_pairs
+from personalign.training.pdpo.model import sequence_logps
+from personalign.training.pdpo.user_fit import UserEmbedding, generic_embedding
+from personalign.training.user_model import UserIndex, UserModel
+from personalign.types import Request
+from personalign.views import HFBackend
+
+MSG = [{"role": "user", "content": "tell me a story about the cat"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
+    backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
+    methods, unavailable = build_methods(METHODS.names(), backend)
+    users = UserModel.for_model(tiny_lm, kind="individual", num_users=1, user_tokens=2)
+    methods["pdpo"] = PDPOMethod(users=users, index=UserIndex(["seen"]), model="main")
+    engine = EngineWorker(backend, methods, max_batch=8)
+    store = Store(f"sqlite:///{tmp_path_factory.mktemp('pdpo') / 's.db'}")
+    app = create_app(engine, store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN,
+                     unavailable=unavailable)
+    url, server, thread = start_server(app)
+    lv = Live(url, store, engine, unavailable, backend)
+    with lv.client(lv.new_key("pdpo")) as c:
+        yield lv, c, users
+    server.should_exit = True
+    thread.join(timeout=30)
+    store.close()
+
+
+def choose(c, user: str, fid: str, seed: int = 3) -> tuple[dict, dict]:
+    r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSG, "max_tokens": 10, "n": 2,
+                                             "temperature": 1.0, "seed": seed, "user": user})
+    assert r.status_code == 200, r.text
+    comp = r.json()
+    assert comp["choices"][0]["message"]["content"] != comp["choices"][1]["message"]["content"]
+    f = c.post("/v1/feedback", json={"id": fid, "completion_id": comp["id"], "chosen_index": 1})
+    assert f.status_code == 201 and f.json()["folded"], f.text
+    return comp, c.get(f"/v1/profiles/{user}").json()
+
+
+def test_a_new_users_choice_fits_their_embedding_and_pdpo_uses_it(served, tiny_lm, tiny_chat_tokenizer):
+    lv, c, users = served
+    assert c.post("/v1/profiles", json={"user": "alice"}).status_code == 201
+    fits = lv.engine.stats.fits
+    comp, prof = choose(c, "alice", "a1")
+    assert lv.engine.stats.fits == fits + 1
+    emb = UserEmbedding.from_dict(prof["pdpo_embedding"])
+    assert emb.num_pairs == 1 and emb.shape == (2, tiny_lm.config.hidden_size)
+    assert prof["drift_profile"]["num_pairs"] == 1  # the same item, the same merge
+    # the fitted embedding prefers the chosen reply more than the generic user does (the DPO margin > 0)
+    chosen, rejected = (comp["choices"][i]["message"]["content"] for i in (1, 0))
+    [tp] = tokenize_pairs([PreferencePair(prompt=MSG, chosen=chosen, rejected=rejected)], tiny_chat_tokenizer,
+                          max_prompt_tokens=256, max_response_tokens=128)
+    e0 = generic_embedding(users)
+    with torch.no_grad():
+        def margin(e):
+            lp = sequence_logps(tiny_lm, [tp.prompt_ids] * 2, [tp.chosen_ids, tp.rejected_ids], [e, e])
+            return float(lp[0] - lp[1])
+        assert margin(emb.tensor) > margin(e0) + 1e-3
+    assert emb.loss is not None and emb.loss < math.log(2.0)
+
+    # the next pdpo request decodes with it: the same tokens as decoding locally with that embedding
+    r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSG, "max_tokens": 8, "temperature": 0,
+                                             "user": "alice", "personalization": {"method": "pdpo"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["personalization"]["pdpo"] == {"fitted_embedding": True, "num_pairs": 1, "sha256": emb.digest}
+    method = lv.engine.methods["pdpo"]
+
+    def local(params):  # on the engine thread, between its rounds
+        return lv.engine.call(lambda be: generate(method, [Request(prompt=MSG, params=params)], be, max_new_tokens=8,
+                                                chat_template=True)[0]).result(timeout=60)
+    want = local({"user_embedding": prof["pdpo_embedding"]})
+    assert body["choices"][0]["message"]["content"] == want.text
+    generic = local({})
+    assert generic.stats["user_fitted_pairs"] is None and want.stats["user_fitted_pairs"] == 1
+
+    # a second choice refits from the last embedding with both pairs
+    _, prof2 = choose(c, "alice", "a2", seed=4)
+    assert UserEmbedding.from_dict(prof2["pdpo_embedding"]).num_pairs == 2 and prof2["drift_profile"]["num_pairs"] == 2
+
+    # undo: the embedding cannot take one pair back out, so it is dropped (refit at the next choice)
+    d = c.delete("/v1/feedback/a2")
+    assert d.status_code == 200 and d.json()["unfolded"]
+    prof3 = c.get("/v1/profiles/alice").json()
+    assert prof3["pdpo_embedding"] is None and prof3["drift_profile"]["num_pairs"] == 1
+
+
+def test_a_seen_user_keeps_their_row(served):
+    lv, c, _ = served
+    assert c.post("/v1/profiles", json={"user": "bob", "pdpo_user_id": "seen"}).status_code == 201
+    fits = lv.engine.stats.fits
+    _, prof = choose(c, "bob", "b1")
+    assert prof["pdpo_embedding"] is None and lv.engine.stats.fits == fits
+
+
+def test_a_malformed_embedding_is_refused_by_name(served):
+    _, c, _ = served
+    assert c.post("/v1/profiles", json={"user": "carol"}).status_code == 201
+    bad = UserEmbedding(torch.zeros(2, 3)).to_dict()
+    bad["shape"] = [2, 4]
+    r = c.patch("/v1/profiles/carol", json={"pdpo_embedding": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "pdpo_embedding", r.text
+    assert "pdpo_embedding.data" in r.json()["error"]["message"]
+    assert c.get("/v1/profiles/carol").json()["pdpo_embedding"] is None  # nothing stored
+    # the right fields but the wrong shape for this checkpoint: a pdpo request names it
+    wrong = UserEmbedding(torch.zeros(3, 5)).to_dict()
+    assert c.patch("/v1/profiles/carol", json={"pdpo_embedding": wrong}).status_code == 200
+    r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSG, "max_tokens": 4, "user": "carol",
+                                             "personalization": {"method": "pdpo"}})
+    assert r.status_code == 400 and "user_embedding" in r.json()["error"]["message"], r.text
