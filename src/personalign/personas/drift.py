@@ -86,9 +86,13 @@ def fit_pairs(path: str | Path) -> tuple[list[PreferencePair], int]:
 
 # ---------------------------------------------------------------------- rewards
 def _response_ids(tokenizer: Any, text: str, max_tokens: int | None) -> list[int]:
+    """The tokens scored for a response; an empty answer (the model stopped at once) is scored as its
+    end-of-sequence token, so "an answer over none" is a pair like any other."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = [int(tokenizer.eos_token_id)]
     if not ids:
-        raise ValueError(f"response encodes to no tokens: {text!r}.")
+        raise ValueError(f"response encodes to no tokens and the tokenizer has no end-of-sequence token: {text!r}.")
     return ids[:max_tokens] if max_tokens else ids
 
 

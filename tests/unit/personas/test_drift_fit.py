@@ -85,6 +85,20 @@ def test_truncated_responses_score_only_a_prefix(backend, tiny_lm, tiny_chat_tok
     assert float(w[0, 0]) == pytest.approx(ref, abs=2e-4)
 
 
+def test_an_empty_answer_is_scored_as_its_end_token(backend, tiny_lm, tiny_chat_tokenizer):
+    """A model that stopped at once answered "": the pair is still a pair, the empty side scored as EOS."""
+    tok = tiny_chat_tokenizer
+    pair = PreferencePair(PAIRS[0].prompt, PAIRS[0].chosen, "")
+    _, losses = pair_rewards(backend, [pair], POOL)
+    for i, attr in enumerate(POOL.attributes):
+        p_i = list(build_prompt_ids(tok, pair.prompt, system=attr.prompt))
+        p_0 = list(build_prompt_ids(tok, pair.prompt, system=POOL.base))
+        with torch.no_grad():
+            li = torch.log_softmax(tiny_lm(torch.tensor([p_i])).logits[0, -1].double(), -1)[tok.eos_token_id]
+            l0 = torch.log_softmax(tiny_lm(torch.tensor([p_0])).logits[0, -1].double(), -1)[tok.eos_token_id]
+        assert float(losses[0, i]) == pytest.approx(float(li - l0), abs=2e-4)
+
+
 finite = st.floats(-50, 50, allow_nan=False, width=32)
 
 
