@@ -27,6 +27,7 @@ from personalign.cli.common import (
 )
 from personalign.methods import METHODS
 from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.training.pdpo.user_fit import EmbeddingFitConfig
 
 HELP = "Serve an OpenAI-compatible chat API that personalizes every reply (profiles, feedback, API keys)."
 
@@ -73,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     fold = p.add_argument_group("feedback folding (runs within the engine's rounds)")
     fold.add_argument("--fold-share", type=float, default=0.5, metavar="X",
                       help="while requests decode, folding may take X times their decoding time (default 0.5)")
+    fold.add_argument("--fit-steps", type=int, default=EmbeddingFitConfig.steps, metavar="N",
+                      help="with --checkpoint: Adam steps of the P-DPO embedding fit each choice of a user the "
+                           "checkpoint never saw runs (0: such users keep the generic embedding)")
+    fold.add_argument("--fit-pairs", type=int, default=EmbeddingFitConfig.max_pairs, metavar="N",
+                      help="the user's most recent pairs one embedding fit sees")
     fold.add_argument("--fold-idle-ms", type=float, default=200.0, metavar="MS",
                       help="a folding forward's time when nothing decodes: also the longest a request arriving "
                            "meanwhile waits to start (default 200)")
@@ -99,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--port` must lie in [0, 65535], got {args.port}.")
     if args.drain_seconds < 0:
         raise ValueError(f"`--drain-seconds` must be >= 0, got {args.drain_seconds}.")
+    if args.fit_steps < 0 or args.fit_pairs < 1:
+        raise ValueError(f"`--fit-steps` must be >= 0 and `--fit-pairs` >= 1, got {args.fit_steps} and {args.fit_pairs}.")
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(256, args.max_tokens),
                     max_message_chars=args.max_message_chars, max_messages=args.max_messages,
                     max_body_bytes=args.max_body_bytes, max_id_chars=args.max_id_chars,
@@ -112,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                           chat_template=not args.no_chat_template, batch_wait=args.batch_wait_ms / 1000,
                           max_folds=args.max_folds, fold_share=args.fold_share, fold_idle_ms=args.fold_idle_ms)
     model_id = args.model_id or Path(args.model.rstrip("/")).name
-    app = create_app(engine, store, limits=limits, model_id=model_id, unavailable=unavailable)
+    fit = None if args.fit_steps == 0 else EmbeddingFitConfig(steps=args.fit_steps, max_pairs=args.fit_pairs)
+    app = create_app(engine, store, limits=limits, model_id=model_id, unavailable=unavailable, embedding_fit=fit)
     if not os.environ.get("PERSONALIGN_ADMIN_KEY"):
         print("personalign serve: PERSONALIGN_ADMIN_KEY is not set: keys cannot be created over HTTP.")
     print(f"personalign serve: {model_id} on http://{args.host}:{args.port} (store: {store.dialect}; "

@@ -24,8 +24,9 @@ together: the chosen reply is scored once, so the item is ``n (A + 1)`` sequence
    has merged. A concurrent change of the profile re-runs the merge alone (``ProfileConflict``);
    the scoring is repeated only if the profile's pool itself was replaced meanwhile.
 
-Where the server serves a ``pdpo`` checkpoint, a user it never saw (neither their ``pdpo_user_id`` nor
-their id is in its user index) also learns their own P-DPO embedding from the same item (our
+Where the server serves a ``pdpo`` checkpoint, a ``pdpo`` user it never saw (the profile's method is
+``pdpo``, or it holds a fitted embedding; neither its ``pdpo_user_id`` nor its id is in the user index)
+also learns their own P-DPO embedding from the same item (our
 extension, ``training.pdpo.user_fit``): after the user's earlier items have merged, an
 ``EmbeddingFit`` on the item's pairs and the user's most recent earlier ones (``max_pairs`` in all)
 starts from their last embedding (or ``e_0``) and runs as a fold task in the engine's folding budget,
@@ -164,7 +165,10 @@ class EmbeddingLearner:
                    embedding_std=float(weight.detach().float().std()), max_prompt_tokens=max_prompt_tokens)
 
     def learns(self, profile: dict[str, Any]) -> bool:
-        """Whether this user is new to the checkpoint (a seen user decodes with their own row)."""
+        """Whether this is a ``pdpo`` user (their profile's method, or an embedding fitted before) that
+        the checkpoint never saw (a seen user decodes with their own row)."""
+        if profile.get("method") != "pdpo" and profile.get("pdpo_embedding") is None:
+            return False
         uid = profile.get("pdpo_user_id") or profile["user"]
         return uid not in self.index
 

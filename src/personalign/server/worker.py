@@ -18,7 +18,9 @@ request, whatever their methods, then at most one bounded forward of feedback fo
    within ``1 + fold_share`` of an idle server's on average, whatever feedback is queued; when none
    decodes, a forward takes ``fold_idle_ms`` (which bounds how long a request that arrives meanwhile
    waits to start). Folds wait in a bounded queue (``max_folds``; ``submit_fold`` raises
-   ``QueueFull`` beyond it, HTTP 429).
+   ``QueueFull`` beyond it, HTTP 429). A *fold task* (``FoldJob.task``: a user's P-DPO embedding fit)
+   takes its turn in the same queue and budget: one piece — whole pairs, forward and backward — per
+   folding turn, sized by its own cost model.
 
 Each cohort's ``decode`` runs in a greenlet on the engine thread, with the backend seen through
 ``_RoundBackend``, whose ``step`` parks the greenlet until the round's joined forward is done. So

@@ -63,7 +63,11 @@ def choose(c, user: str, fid: str, seed: int = 3) -> tuple[dict, dict]:
 
 def test_a_new_users_choice_fits_their_embedding_and_pdpo_uses_it(served, tiny_lm, tiny_chat_tokenizer):
     lv, c, users = served
-    assert c.post("/v1/profiles", json={"user": "alice"}).status_code == 201
+    assert c.post("/v1/profiles", json={"user": "zed"}).status_code == 201  # not a pdpo user: Drift only
+    fits = lv.engine.stats.fits
+    _, prof = choose(c, "zed", "z1")
+    assert prof["pdpo_embedding"] is None and lv.engine.stats.fits == fits
+    assert c.post("/v1/profiles", json={"user": "alice", "method": "pdpo"}).status_code == 201
     fits = lv.engine.stats.fits
     comp, prof = choose(c, "alice", "a1")
     assert lv.engine.stats.fits == fits + 1
@@ -111,7 +115,7 @@ def test_a_new_users_choice_fits_their_embedding_and_pdpo_uses_it(served, tiny_l
 
 def test_a_seen_user_keeps_their_row(served):
     lv, c, _ = served
-    assert c.post("/v1/profiles", json={"user": "bob", "pdpo_user_id": "seen"}).status_code == 201
+    assert c.post("/v1/profiles", json={"user": "bob", "method": "pdpo", "pdpo_user_id": "seen"}).status_code == 201
     fits = lv.engine.stats.fits
     _, prof = choose(c, "bob", "b1")
     assert prof["pdpo_embedding"] is None and lv.engine.stats.fits == fits
