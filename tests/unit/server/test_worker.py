@@ -208,7 +208,7 @@ def test_folds_share_the_rounds_within_their_budget(backend, tiny_lm):
 
     g = torch.Generator().manual_seed(0)
     rows = [(torch.randint(8, 100, (30,), generator=g).tolist(), torch.randint(8, 100, (40,), generator=g).tolist())
-            for _ in range(24)]
+            for _ in range(120)]  # far more than a few idle forwards can fold on any machine
     w = EngineWorker(backend, {"base": BaseMethod()}, batch_wait=0.0, max_folds=1, fold_unit_rows=4,
                      fold_idle_ms=5, fold_share=0.5)
 
@@ -218,7 +218,8 @@ def test_folds_share_the_rounds_within_their_budget(backend, tiny_lm):
         w.submit_fold(fold)
         with pytest.raises(QueueFull, match="being folded"):
             w.submit_fold(FoldJob(rows=rows[:1], model="main", loop=loop, future=loop.create_future()))
-        await asyncio.sleep(0.05)  # folding has started
+        while w.stats.fold_forwards == 0:  # folding has started
+            await asyncio.sleep(0.001)
         chat = _job(loop, PROMPTS[0], max_tokens=6)
         w.submit(chat)
         text, _ = await _collect(chat)
