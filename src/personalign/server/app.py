@@ -8,6 +8,7 @@ Routes:
   with neither, ``base``. ``stream: true`` answers Server-Sent Events in OpenAI's chunk format.
 * ``GET /v1/models``, ``GET /health``.
 * ``/v1/profiles`` CRUD, ``/v1/feedback`` (see ``server.routes``), ``/v1/keys`` (admin).
+* ``GET /playground`` (and ``/`` redirecting to it): the browser playground (``server.pages``).
 
 State lives in ``store`` only; ``engine`` (an ``EngineWorker``) decodes. An API key
 (``Authorization: Bearer ...``) owns its users; the admin key (``PERSONALIGN_ADMIN_KEY``, read when
@@ -36,6 +37,7 @@ from personalign.decoding.loop import PromptTooLong, RequestPlan, plan_request
 from personalign.decoding.sampling import SamplingConfig
 from personalign.server.errors import APIError, BodyLimit, install_error_handlers
 from personalign.server.folding import FoldManager, steering_model_key
+from personalign.server.pages import add_playground
 from personalign.server.personalize import resolve
 from personalign.server.routes import add_routes
 from personalign.server.schemas import ChatRequest, Limits, check_id
@@ -185,6 +187,7 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
                 "personalization": meta["infos"][0]}
 
     add_routes(app, ctx)
+    add_playground(app)
     return app
 
 
