@@ -40,7 +40,7 @@ def feedback(i: int, user: str, chars: int) -> dict:
             "chosen": text(2 * chars // 5, f"a kind answer {i}"), "rejected": text(2 * chars // 5, f"a short one {i}")}
 
 
-def start(model_name: str) -> tuple[str, object, object]:
+def start(model_name: str, pdpo_checkpoint: str | None = None) -> tuple[str, object, object]:
     import uvicorn
 
     from personalign.assembly import build_methods
@@ -49,10 +49,17 @@ def start(model_name: str) -> tuple[str, object, object]:
     from personalign.views import HFBackend, load_model
 
     path = {"stories260k": str(ROOT.parent / "shared" / "models" / "stories260k")}.get(model_name, model_name)
-    lm = load_model(path, dtype="float32")
-    backend = HFBackend(lm.model, lm.tokenizer)
-    methods, _ = build_methods(METHODS.names(), backend)
-    chat_template = lm.tokenizer.chat_template is not None
+    if pdpo_checkpoint is None:
+        lm = load_model(path, dtype="float32")
+        backend = HFBackend(lm.model, lm.tokenizer)
+        methods, _ = build_methods(METHODS.names(), backend)
+    else:  # as `personalign serve --checkpoint` builds it: pdpo on its own copy of the base model
+        from personalign.assembly import Resources, build_backend
+
+        res = Resources(model=path, dtype="float32", pdpo_checkpoint=pdpo_checkpoint, shared=True)
+        backend = build_backend(res, METHODS.names())
+        methods, _ = build_methods(METHODS.names(), backend, res)
+    chat_template = backend.tokenizer("main").chat_template is not None
     engine = EngineWorker(backend, methods, chat_template=chat_template)
     import tempfile
 
