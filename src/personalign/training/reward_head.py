@@ -128,14 +128,14 @@ def fit_reward_head(diff_train: torch.Tensor, diff_eval: torch.Tensor | None = N
     d = diff_train.double()
     scale = d.norm(dim=1).mean().clamp(min=1e-12)  # conditioning only: w is rescaled back below
     d = d / scale  # optimize w' = scale·w: d'·w' = d·w and l2‖w‖² = (l2 / scale²)‖w'‖²
-    lam = l2 / float(scale) ** 2
+    l2_scaled = l2 / float(scale) ** 2
     w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.softplus(-(d @ w)).mean() + lam * (w @ w)
+        loss = torch.nn.functional.softplus(-(d @ w)).mean() + l2_scaled * (w @ w)
         loss.backward()
         return loss
 

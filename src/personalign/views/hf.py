@@ -21,9 +21,12 @@ Rows come and go between steps:
   rows end; later steps neither compute nor store them);
 * ``step_many(calls)`` serves several states' steps (different batches, methods, view layouts,
   numbers of fed tokens) with ONE forward per model: the groups' caches are right-aligned into one
-  batch (shorter ones padded with masked columns), run together, and split back. A server decodes
-  every running request, whatever its method, this way, and a request that arrives mid-decode joins
-  the next forward.
+  batch (shorter ones padded with masked columns), run together, and split back (``views.merge``).
+  A server decodes every running request, whatever its method, this way, and a request that arrives
+  mid-decode joins the next forward.
+
+Scoring known texts without a cache (``sequence_logprobs``) is ``views.teacher``'s job; the backend
+only batches it and counts its forwards.
 """
 
 from __future__ import annotations
@@ -35,12 +38,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from personalign.types import ViewSpec
 from personalign.views.adapters import _cache_name
-from personalign.views.cache import GrowingLayer, new_cache
+from personalign.views.cache import new_cache
 from personalign.views.masks import attention_layout, decode_mask, sliding_masks
+from personalign.views.merge import (
+    cache_layers,
+    join_caches,
+    mergeable,
+    select_cache_rows,
+    set_cache_layers,
+    split_cache,
+)
+from personalign.views.teacher import teacher_forced_logprobs
 
 __all__ = ["HFBackend", "HFViewState", "check_same_tokenizer"]
 
@@ -56,39 +67,6 @@ def check_same_tokenizer(a: Any, b: Any, name_a: str, name_b: str) -> None:
             f"views mix models whose tokenizers differ: {name_a!r} ({type(a).__name__}, {len(a)} tokens) and "
             f"{name_b!r} ({type(b).__name__}, {len(b)} tokens); all views of a request must share one tokenizer."
         )
-
-
-def _new_cache(model: Any) -> Any:
-    """A ``DynamicCache`` whose full-attention layers append in place (``views.cache.GrowingLayer``)."""
-
-    return new_cache(model)
-
-
-def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (keys, values) tensors [R, H, S, D] of every layer of a ``DynamicCache``."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _set_layers(cache: Any, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Make ``cache`` hold ``pairs`` (no copy where the layers exist already)."""
-    for i, (k, v) in enumerate(pairs):
-        if i < len(cache.layers) and cache.layers[i].is_initialized:
-            cache.layers[i].keys, cache.layers[i].values = k, v
-        else:
-            cache.update(k, v, i)
-
-
-def _select_rows(cache: Any, idx: torch.Tensor) -> None:
-    _set_layers(cache, [(k[idx.to(k.device)], v[idx.to(v.device)]) for k, v in _layers(cache)])
-
-
-def _mergeable(cache: Any) -> bool:
-    """Dynamic caches (every layer keeping its whole history) can be joined row-wise; static ones cannot."""
-
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized
-                                for layer in layers)
 
 
 def _takes_additive_mask(model: Any) -> bool:
@@ -393,7 +371,7 @@ class HFBackend:
     def _prefill_group(self, model: str, view_ids: list[int], rows: list[ViewSpec]) -> tuple[_Group, torch.Tensor]:
         dev = self.device(model)
         R = len(rows)
-        cache = _new_cache(self.models[model])
+        cache = new_cache(self.models[model])
         lengths = torch.tensor([r.length for r in rows], dtype=torch.long)
         has_embeds = any(r.prefix_embeds is not None for r in rows)
         shared = 0
@@ -482,7 +460,7 @@ class HFBackend:
                 seen.add(id(feed.group))
                 by_model.setdefault(feed.group.model, []).append(feed)
         for model, feeds in by_model.items():
-            if len(feeds) > 1 and not all(_mergeable(f.group.cache) for f in feeds):
+            if len(feeds) > 1 and not all(mergeable(f.group.cache) for f in feeds):
                 for f in feeds:  # caches that cannot be joined: one forward each
                     self._run_feeds(model, [f])
             else:
@@ -582,28 +560,13 @@ class HFBackend:
         widths = [int(f.group.mask.shape[1]) - L for f in feeds]  # cache columns before this step
         S = max(widths)
         masks = [torch.nn.functional.pad(f.group.mask, (S - w, 0)) for f, w in zip(feeds, widths)]
-        layers = [_layers(f.group.cache) for f in feeds]
-        n_layers = len(layers[0])
-        if any(len(ls) != n_layers for ls in layers):
-            raise ValueError(f"model {model!r}: the caches to merge hold different numbers of layers.")
-        cache = _new_cache(self.models[model])
-        merged = []
-        for i in range(n_layers):
-            ks, vs = [], []
-            for ls, w in zip(layers, widths):
-                k, v = ls[i]
-                ks.append(torch.nn.functional.pad(k, (0, 0, S - w, 0)) if w < S else k)
-                vs.append(torch.nn.functional.pad(v, (0, 0, S - w, 0)) if w < S else v)
-            merged.append((torch.cat(ks), torch.cat(vs)))
-        _set_layers(cache, merged)
+        try:
+            cache = join_caches(self.models[model], [f.group.cache for f in feeds], widths)
+        except ValueError as e:
+            raise ValueError(f"model {model!r}: {e}") from e
         lp = self._forward(model, cache, torch.cat(masks), pos, L, ids=ids)
         hidden = self._last_hidden(model)
-        out_layers = _layers(cache)
-        r0 = 0
-        for f, w in zip(feeds, widths):
-            r1 = r0 + int(f.ids.shape[0])
-            _set_layers(f.group.cache, [(k[r0:r1, :, S - w :], v[r0:r1, :, S - w :]) for k, v in out_layers])
-            r0 = r1
+        split_cache(cache, [f.group.cache for f in feeds], [int(f.ids.shape[0]) for f in feeds], widths)
         return lp, hidden
 
     def _finish_step(self, plan: _StepPlan) -> torch.Tensor:
@@ -671,15 +634,15 @@ class HFBackend:
             n = len(g.views)
             idx = torch.tensor([i * n + j for i in keep_req for j in range(n)], dtype=torch.long,
                                device=g.mask.device)
-            _select_rows(g.cache, idx)
+            select_cache_rows(g.cache, idx)
             g.mask, g.next_pos = g.mask[idx], g.next_pos[idx]
             if g.hidden is not None:
                 g.hidden = g.hidden[idx.to(g.hidden.device)]
             used = g.mask.any(0)
             if idx.numel() and not bool(used.all()):  # columns no kept row attends to (a long prompt that left)
                 cols = torch.nonzero(used).flatten()
-                _set_layers(g.cache, [(k[:, :, cols.to(k.device)], v[:, :, cols.to(v.device)])
-                                      for k, v in _layers(g.cache)])
+                set_cache_layers(g.cache, [(k[:, :, cols.to(k.device)], v[:, :, cols.to(v.device)])
+                                           for k, v in cache_layers(g.cache)])
                 g.mask = g.mask[:, cols]
 
     def _groups_of(self, state: HFViewState, selected: list[int]) -> list[int]:
@@ -749,42 +712,16 @@ class HFBackend:
     ) -> list[torch.Tensor]:
         """Per-token log-probs (float32 [len(continuation)]) of each continuation after its prompt.
 
-        Rows are left-padded into batches of ``batch_size``; no cache is kept. Only the positions
-        that predict continuation tokens are projected to the vocabulary (continuations are
-        right-aligned, so these are the last ``max len + 1`` columns), which keeps the logits of
-        long prompts out of memory.
+        Batches of ``batch_size`` rows, one uncached forward each (``views.teacher``).
         """
         if len(prompts) != len(continuations):
             raise ValueError("`prompts` and `continuations` must have the same length.")
-        dev = self.device(model)
         out: list[torch.Tensor] = []
         for s in range(0, len(prompts), batch_size):
-            ps, cs = prompts[s : s + batch_size], continuations[s : s + batch_size]
-            seqs = [list(p) + list(c) for p, c in zip(ps, cs)]
-            W = max(len(q) for q in seqs)
-            ids = torch.full((len(seqs), W), self._pad_id(model), dtype=torch.long)
-            mask = torch.zeros(len(seqs), W, dtype=torch.long)
-            for r, q in enumerate(seqs):
-                ids[r, W - len(q) :] = torch.tensor(q)
-                mask[r, W - len(q) :] = 1
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
-            keep = min(W, max(len(c) for c in cs) + 1)
             self.forward_count += 1
-            mask, pos = mask.to(dev), pos.to(dev)
-            attn = sliding_masks(self._layout[model], mask, pos, self.models[model].get_input_embeddings().weight.dtype) \
-                if self._layout[model].sliding else mask
-            logits = self.models[model](input_ids=ids.to(dev), attention_mask=attn, position_ids=pos,
-                                        use_cache=False, logits_to_keep=keep).logits
-            logits = logits[..., : self.vocab_size].float()
-            norm = torch.logsumexp(logits, -1)  # [R, keep]
-            for r, c in enumerate(cs):
-                if not c:
-                    out.append(torch.zeros(0))
-                    continue
-                start = keep - len(c) - 1  # kept column predicting the first continuation token
-                tgt = torch.tensor(list(c), device=logits.device)
-                rows = logits[r, start : start + len(c)].gather(-1, tgt[:, None])[:, 0]
-                out.append((rows - norm[r, start : start + len(c)]).cpu())
+            out += teacher_forced_logprobs(self.models[model], prompts[s : s + batch_size],
+                                           continuations[s : s + batch_size], pad_id=self._pad_id(model),
+                                           vocab_size=self.vocab_size, layout=self._layout[model])
         return out
 
 

@@ -131,6 +131,34 @@ def test_choose_a_reply_and_watch_the_profile_learn(served, browser, tmp_path):
     fb = httpx.get(f"{url}/v1/feedback?user=alice", headers={"Authorization": f"Bearer {key}"}).json()
     assert fb["data"] == []
 
+    # a method that needs a stated preference, without one: a readable error naming the field
+    page.check("input[name='mode'][value='methods']")
+    page.select_option("#method-a", "preference_prompting")
+    page.fill("#message", "The dog ran")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "preference" in page.inner_text("#error-text")
+
+    # the profile's stated preference, saved; then two methods side by side, sent from the keyboard
+    # (Enter in the message box): each reply names its method
+    page.fill("#preference", "happy stories about dogs")
+    page.click("#profile-form button[type=submit]")
+    expect(page.locator("#profile-saved")).not_to_be_empty(timeout=10_000)
+    prof = httpx.get(f"{url}/v1/profiles/alice", headers={"Authorization": f"Bearer {key}"}).json()
+    assert prof["preference"] == "happy stories about dogs"
+    page.check("input[name='mode'][value='methods']")
+    page.select_option("#method-a", "preference_prompting")
+    page.select_option("#method-b", "base")
+    page.fill("#message", "The dog ran")
+    page.focus("#message")
+    page.keyboard.press("Enter")
+    expect(page.locator("#turns > li")).to_have_count(2)
+    second = page.locator("#turns > li").nth(1)
+    for i in range(2):
+        expect(second.locator(".reply .choose").nth(i)).to_be_enabled(timeout=60_000)
+    metas = second.locator(".reply .reply-meta").all_inner_texts()
+    assert "method: preference_prompting" in metas[0] and "method: base" in metas[1], metas
+
     # an empty message: a readable error, not a blank reply
     page.fill("#message", "   ")
     page.click("#send")
