@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
-__all__ = ["config_from_mapping", "config_to_dict", "parse_value", "parse_params", "check_int", "check_positive"]
+__all__ = ["config_from_mapping", "config_to_dict", "expand_preset", "parse_value", "parse_params", "check_int",
+           "check_positive", "PRESET_KEY"]
 
 
 def parse_value(text: str) -> Any:
@@ -95,9 +96,36 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def config_from_mapping(cls: type[C], values: Mapping[str, Any] | None = None, base: C | None = None) -> C:
-    """``cls(**values)`` with types coerced, over ``base``'s values; unknown keys raise ``ValueError``."""
+PRESET_KEY = "preset"
+
+
+def expand_preset(cls: type, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``values`` with its ``preset`` entry replaced by that preset's settings (``cls.PRESETS[name]``),
+    the other entries winning: defaults < preset < the values given with it.
+
+    A config class declares its presets as ``PRESETS: ClassVar[dict[str, dict]]`` (e.g. ``"paper"``:
+    the paper's own settings, cited in docs/methods.md). An unknown name raises ``ValueError`` listing
+    the valid ones.
+    """
     values = dict(values or {})
+    if PRESET_KEY not in values:
+        return values
+    name = values.pop(PRESET_KEY)
+    presets = getattr(cls, "PRESETS", {}) or {}
+    if not presets:
+        raise ValueError(f"`preset` {name!r}: {cls.__name__} has no presets.")
+    if name not in presets:
+        raise ValueError(f"`preset` must be one of: {', '.join(sorted(presets))} (for {cls.__name__}), got {name!r}.")
+    return {**presets[name], **values}
+
+
+def config_from_mapping(cls: type[C], values: Mapping[str, Any] | None = None, base: C | None = None) -> C:
+    """``cls(**values)`` with types coerced, over ``base``'s values; unknown keys raise ``ValueError``.
+
+    A ``preset`` entry names one of ``cls.PRESETS`` (``expand_preset``): its settings apply over
+    ``base``, the other entries over them.
+    """
+    values = expand_preset(cls, values)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     unknown = [k for k in values if k not in names]

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preference", metavar="TEXT", help="the user's preference in words")
     p.add_argument("--method", default="base", metavar="NAME", help=f"one of: {', '.join(METHODS.names())}")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="start from a named set of the method's parameters (`paper`: the paper's own settings, "
+                        "docs/methods.md); --param values override it")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
@@ -54,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     get_method(args.method)  # fail on a typo before loading anything
     params = method_params_from_args(args.method, args, parse_params(args.param))
+    if args.preset:
+        params = {"preset": args.preset, **params}
     method_config(args.method, params)  # a bad parameter fails before any model is loaded
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.max_new_tokens <= 0:

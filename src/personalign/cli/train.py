@@ -61,6 +61,9 @@ def _common_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory")
     q.add_argument("--users", metavar="FILE", help="the seen user ids, one per line (default: those in --pairs)")
     q.add_argument("--config", metavar="FILE", help="YAML or JSON training config (flags override it)")
+    q.add_argument("--preset", choices=sorted(PDPOTrainConfig.PRESETS),
+                   help="start from the paper's settings (App. C.2: paper = TL;DR, paper_psoups = P-SOUPS); "
+                        "--config and flags override it")
     q.add_argument("--epochs", type=int)
     q.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     q.add_argument("--batch-size", type=int, metavar="N", help="pairs per forward")
@@ -117,7 +120,7 @@ def _register_prm(objectives: Any) -> None:
 
 
 def _config(args: argparse.Namespace, flags: dict[str, str], fixed: dict[str, Any] | None = None) -> Any:
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"preset": args.preset} if getattr(args, "preset", None) else {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from personalign.cli.common import add_model_options, load_from_args
+from personalign.config import config_from_mapping
 from personalign.training.persrm import PersRM
 from personalign.training.persrm.train import (
     PersRMTrainConfig,
@@ -26,33 +28,35 @@ def register_pad(objectives: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-pairs", metavar="FILE.jsonl",
                    help="held-out pairs (default: hold out --eval-fraction of the prompts of --pairs)")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory (adapter, head, persrm.json)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="stage-1 epochs (LoRA, w_p = 1)")
-    p.add_argument("--head-epochs", type=int, default=d.head_epochs, help="stage-2 epochs (value head only)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--head-lr", type=float, default=d.head_lr)
-    p.add_argument("--head-select", choices=["best", "last"], default=d.head_select,
+    p.add_argument("--preset", choices=sorted(PersRMTrainConfig.PRESETS),
+                   help="start from the paper's settings (App. A: lr 5e-6, 3 epochs, effective batch 128); "
+                        "flags override it")
+    p.add_argument("--epochs", type=int, default=None, help=f"stage-1 epochs (LoRA, w_p = 1; default {d.epochs})")
+    p.add_argument("--head-epochs", type=int, default=None, help="stage-2 epochs (value head only)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--head-lr", type=float, default=None)
+    p.add_argument("--head-select", choices=["best", "last"], default=None,
                    help="keep the stage-2 head of the epoch with the lowest held-out loss, the head before "
                         "stage 2 included (best), or the last epoch's (last)")
-    p.add_argument("--beta", type=float, default=d.beta)
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
-    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
-    p.add_argument("--max-response-tokens", type=int, default=d.max_response_tokens)
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--lora-r", type=int, default=None)
+    p.add_argument("--eval-fraction", type=float, default=None)
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-response-tokens", type=int, default=None)
     p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_pad, dtype="float32")
 
 
 def run_pad(args: argparse.Namespace) -> int:
-    cfg = PersRMTrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size,
-                            grad_accum=args.grad_accum, lr=args.lr, head_lr=args.head_lr, head_select=args.head_select,
-                            beta=args.beta,
-                            lora_r=args.lora_r, eval_fraction=args.eval_fraction,
-                            max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
-                            chat_template=not args.no_chat_template, seed=args.seed)
+    fields = ("epochs", "head_epochs", "batch_size", "grad_accum", "lr", "head_lr", "head_select", "beta", "lora_r",
+              "eval_fraction", "max_prompt_tokens", "max_response_tokens", "seed")
+    values: dict[str, Any] = {"preset": args.preset} if args.preset else {}
+    values.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    cfg = config_from_mapping(PersRMTrainConfig, {**values, "chat_template": not args.no_chat_template})
     pairs = read_pairs(args.pairs)  # validate the data before loading the model
     if args.eval_pairs:
         train, held = pairs, read_pairs(args.eval_pairs)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -82,16 +82,23 @@ def _check_positive(name: str, value: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class AmuletConfig:
-    """Amulet's parameters (paper Section 4.3 defaults).
+    """Amulet's parameters: α, λ, η are the paper's (Section 4.3); ``iterations`` counts Eq. 6 updates,
+    one more than the paper's T = 60 runs (``preset="paper"`` is the paper exactly).
 
     Attributes:
-        iterations: T, closed-form FTRL-proximal iterations per token (0 = preference prompting).
+        iterations: closed-form FTRL-proximal updates per token (0 = preference prompting). NOTE:
+            Algorithm 1 counts policies, returning π_T after T − 1 updates: its T is ``iterations + 1``.
         alpha: α, scale of the utility u_t = α (log π_t − log π_base).
         lam: λ, weight of the KL(π ‖ π_1) term that keeps the policy near the preference-prompted one.
         eta: η, learning rate (inverse weight of the proximal KL(π ‖ π_t) term).
         iterate_vocab: run the T iterations over the whole vocabulary at every token (the literal
             Eq. 6 loop) instead of the equivalent two-coefficient form; same result, T times slower.
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # Section 4.3: T = 60, alpha = lambda = 2, eta = 10; Algorithm 1 returns pi_T after T - 1 updates
+        "paper": {"iterations": 59, "alpha": 2.0, "lam": 2.0, "eta": 10.0},
+    }
 
     iterations: int = 60
     alpha: float = 2.0

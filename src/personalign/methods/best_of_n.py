@@ -14,7 +14,7 @@ Naive reference: decode the N samples one by one, score each, keep the argmax (t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,10 @@ class BestOfNConfig:
         top_k: candidate sampling top-k (0 = off).
         top_p: candidate sampling nucleus (1 = off).
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"n": 10, "temperature": 0.7},  # seed 000, Section 4.3 / Table C3: best-of-k, k = 10, T = 0.7
+    }
 
     n: int = 4
     temperature: float = 0.7

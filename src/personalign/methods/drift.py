@@ -31,7 +31,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,6 +57,11 @@ class DriftConfig:
         top_p: nucleus kept from the Drift distribution before sampling (1.0 = off; paper: 0.9).
         steer_model: backend model key of the steering (small) model; ``main`` = the LLM itself.
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # Table 7: beta 0.5, top-p 0.9 (the paper samples: decode with temperature 1 to match it)
+        "paper": {"beta": 0.5, "top_p": 0.9},
+    }
 
     profile: Any = None
     beta: float = 0.5

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -62,6 +62,10 @@ class PADConfig:
         beta: weight of the personalized reward (the paper: 1.0).
         mode: ``eq13`` (the paper's rule) or ``released`` (the authors' released inference rule).
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"k": 10, "beta": 1.0, "mode": "eq13"},  # Section 4.1: greedy over the top-k, beta 1.0, k 10
+    }
 
     k: int = 10
     beta: float = 1.0

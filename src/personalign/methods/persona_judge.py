@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -99,6 +99,11 @@ class PersonaJudgeConfig:
             each draft judged as soon as it is drafted) or ``block`` (Algorithm 1 literally: λ draft
             forwards, then one judge forward of λ + 1 positions, then roll-back). Same output.
     """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # Algorithm 1 as written (judge forward over the lambda + 1 positions), lambda = 4, alternating roles
+        "paper": {"draft_tokens": 4, "alternate": True, "schedule": "block"},
+    }
 
     second_preference: str = ""
     extra_preferences: tuple[str, ...] = ()

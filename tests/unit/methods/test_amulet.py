@@ -202,7 +202,7 @@ def test_unknown_parameter_lists_valid_ones():
         AmuletMethod.from_params({"lambda": 2})
 
 
-def test_defaults_are_the_papers():
+def test_defaults_and_string_coercion():
     c = AmuletConfig()
     assert (c.iterations, c.alpha, c.lam, c.eta) == (60, 2.0, 2.0, 10.0)
     cfg = config_from_mapping(AmuletConfig, {"iterations": "5", "alpha": "1.5"})

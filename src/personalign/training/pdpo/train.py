@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -64,7 +64,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class PDPOTrainConfig:
-    """Hyper-parameters of a P-DPO / P-IPO / P-RM run (defaults: the paper's TL;DR setting, App. C.2)."""
+    """Hyper-parameters of a P-DPO / P-IPO / P-RM run.
+
+    The defaults follow the paper's TL;DR setting (App. C.2: β 0.5, lr 5e-5, cosine, 2 epochs, LoRA
+    r 8, α 16) except the batch (8 pairs per step, the paper's 32) and the warm-up (none, the paper's
+    150 steps), sized for small runs; ``preset="paper"`` is App. C.2 exactly and ``paper_psoups`` its
+    P-SOUPS setting (docs/methods.md lists each value and where it comes from).
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # App. C.2, TL;DR: beta 0.5, batch 32, lr 5e-5, cosine, 150 warm-up steps, 2 epochs, LoRA alpha 16, r 8
+        "paper": {"beta": 0.5, "batch_size": 32, "grad_accum": 1, "learning_rate": 5e-5, "warmup_steps": 150,
+                  "epochs": 2, "lora_r": 8, "lora_alpha": 16.0},
+        # App. C.2, P-SOUPS: beta 0.1, batch 32, lr 5e-5, cosine, 150 warm-up, 2 epochs, LoRA alpha 32, r 8, dropout 0.1
+        "paper_psoups": {"beta": 0.1, "batch_size": 32, "grad_accum": 1, "learning_rate": 5e-5, "warmup_steps": 150,
+                         "epochs": 2, "lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.1},
+    }
 
     user_model: str = "individual"  # uniform | individual | cluster (Examples 1-3)
     user_tokens: int = 10  # T_u; 0 only with the uniform model (empty: vanilla DPO)
