@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="PROFILE.json", help="summarize an existing profile and write its chart")
     p.add_argument("--chart", metavar="FILE.png", help="chart path for --report (default: PROFILE.png)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -86,7 +87,8 @@ def _fit(args: argparse.Namespace) -> int:
     backend = HFBackend(lm.model, lm.tokenizer)
     prof = fit_profile(backend, pairs, pool, top_m=args.top_m, solver=args.solver,
                        chat_template=not args.no_chat_template, max_response_tokens=args.max_response_tokens,
-                       name=lm.name if not lm.gguf_file else f"{lm.name}:{lm.gguf_file}", skipped=skipped)
+                       name=lm.name if not lm.gguf_file else f"{lm.name}:{lm.gguf_file}", skipped=skipped,
+                       progress=not args.quiet)
     accuracy = prof.evaluate(backend, eval_pairs) if eval_pairs else None
     if accuracy is not None:
         prof.stats["eval_accuracy"] = accuracy

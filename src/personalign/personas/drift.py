@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import check_identity, steer_identity, tokenizer_fingerprint
@@ -129,16 +130,33 @@ def response_rewards(backend: Backend, prompt: str, responses: Sequence[str], po
     return rewards_from_scores(lp, len(responses), pool)
 
 
+LONG_FIT_SECONDS = 15 * 60  # a fit projected past this is announced, with what shortens it
+
+
 def pair_rewards(backend: Backend, pairs: Sequence[PreferencePair], pool: AttributePool, *, model: str = "main",
-                 chat_template: bool = True, max_response_tokens: int | None = None
+                 chat_template: bool = True, max_response_tokens: int | None = None, progress: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, L)``, each float32 [N, A]: one batched forward of ``2 (A + 1)`` rows per pair."""
+    """``(W, L)``, each float32 [N, A]: one batched forward of ``2 (A + 1)`` rows per pair.
+
+    ``progress`` shows a bar with the time left. After the first pair, a fit projected to take longer
+    than ``LONG_FIT_SECONDS`` logs a warning saying so and what shortens it.
+    """
     ws, ls = [], []
-    for pair in pairs:
+    t0 = time.perf_counter()
+    bar = tqdm(pairs, desc=f"fit drift ({len(pool)} attributes)", unit="pair", disable=not progress)
+    for i, pair in enumerate(bar):
         r = response_rewards(backend, pair.prompt, [pair.chosen, pair.rejected], pool, model=model,
                              chat_template=chat_template, max_response_tokens=max_response_tokens)
         ws.append(r[0])
         ls.append(r[1])
+        if i == 0 and len(pairs) > 1:
+            projected = (time.perf_counter() - t0) * len(pairs)
+            if projected > LONG_FIT_SECONDS:
+                logger.warning(
+                    "fitting %d pairs over %d attributes will take about %.0f minutes (%.1f s per pair: %d scored "
+                    "sequences each); --max-response-tokens (scored tokens per response) or a smaller "
+                    "--attributes pool shortens it in proportion", len(pairs), len(pool), projected / 60,
+                    projected / len(pairs), 2 * (len(pool) + 1))
     A = len(pool)
     return (torch.stack(ws) if ws else torch.zeros(0, A)), (torch.stack(ls) if ls else torch.zeros(0, A))
 
@@ -493,8 +511,10 @@ class DriftProfile:
 
 def fit_profile(backend: Backend, pairs: Sequence[PreferencePair], pool: AttributePool | None = None, *,
                 model: str = "main", top_m: int = 7, solver: str = "closed_form", chat_template: bool = True,
-                max_response_tokens: int | None = None, name: str | None = None, skipped: int = 0) -> DriftProfile:
-    """Algorithm 1: score every pair under the base and attribute prompts and derive the weights."""
+                max_response_tokens: int | None = None, name: str | None = None, skipped: int = 0,
+                progress: bool = False) -> DriftProfile:
+    """Algorithm 1: score every pair under the base and attribute prompts and derive the weights
+    (``progress``: a bar with the time left, ``pair_rewards``)."""
     pool = pool or default_pool()
     if not isinstance(top_m, int) or isinstance(top_m, bool) or not 1 <= top_m <= len(pool):
         raise ValueError(f"`top_m` must be an integer in [1, {len(pool)}] (the attribute pool size), got {top_m!r}.")
@@ -503,7 +523,7 @@ def fit_profile(backend: Backend, pairs: Sequence[PreferencePair], pool: Attribu
     t0, f0 = time.perf_counter(), backend.forward_count
     steer = steer_identity(backend.models[model], backend.tokenizer(model), name)
     wins, losses = pair_rewards(backend, pairs, pool, model=model, chat_template=chat_template,
-                                max_response_tokens=max_response_tokens)
+                                max_response_tokens=max_response_tokens, progress=progress)
     prof = DriftProfile(pool=pool, wins=wins, losses=losses, pair_ids=[p.pair_id for p in pairs], steer=steer,
                         top_m=top_m, solver=solver, chat_template=chat_template,
                         max_response_tokens=max_response_tokens)

@@ -261,3 +261,22 @@ def test_steer_identity_probe_on_a_large_embedding(tiny_tokenizer):
 
     probe = steer_identity(Stub(), tiny_tokenizer)["embedding_probe"]
     assert len(probe) == 16 and probe[0] == 0.0 and probe[-1] == float(weight[-1])
+
+
+def test_progress_and_a_long_fit_is_announced(backend, monkeypatch, caplog, capsys):
+    """The bar counts pairs (with the time left); a fit whose first pair projects past the limit says
+    how long it will take and what shortens it; the result is the same as without them."""
+    import logging
+
+    from personalign.personas import drift as drift_mod
+
+    quiet = fit_profile(backend, PAIRS, POOL, top_m=2)
+    monkeypatch.setattr(drift_mod, "LONG_FIT_SECONDS", 0.0)
+    with caplog.at_level(logging.WARNING, logger="personalign.personas.drift"):
+        shown = fit_profile(backend, PAIRS, POOL, top_m=2, progress=True)
+    err = capsys.readouterr().err
+    assert f"{len(PAIRS)}/{len(PAIRS)}" in err and "pair" in err
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert f"fitting {len(PAIRS)} pairs over {len(POOL)} attributes will take about" in msg
+    assert "--max-response-tokens" in msg
+    assert torch.equal(shown.wins, quiet.wins) and torch.equal(shown.losses, quiet.losses)
