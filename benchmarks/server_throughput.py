@@ -74,12 +74,20 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--method", default="base", help="one method, or several separated by commas (requests cycle)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model is a shape preset (llama3-8b, llama3-1b, tiny-llama, ...) with random weights")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     a = p.parse_args()
     names = [m.strip() for m in a.method.split(",") if m.strip()]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    lm = load_model(a.model, dtype="float32")
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_model(a.model, dtype=a.dtype, device=device, random_weights=a.random_weights)
     backend = HFBackend(lm.model, lm.tokenizer)
     methods, _ = build_methods(METHODS.names(), backend)
     tmp = tempfile.mkdtemp()
@@ -130,6 +138,14 @@ def main() -> None:
             n_tok += sum(len(o.token_ids) for o in outs)
         lib[conc] = n_tok / (time.perf_counter() - t0)
     env = environment_record(lm.model)
+    if a.json:
+        import json
+
+        for r in rows:
+            r["library_tok_per_s"] = lib[r["concurrency"]]
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "methods": names, "max_tokens": a.max_tokens, "rows": rows,
+                       "environment": env}, f, indent=1)
     print(f"model {a.model}, methods {','.join(names)}, {a.requests} requests x max_tokens {a.max_tokens} (greedy); "
           f"{env['device']}, torch threads {env['threads']}, commit {env['commit']}, {env['date']}\n")
     print("| concurrency | wall s | requests/s | tokens/s | mean latency s | batches | most requests in one forward "

@@ -36,6 +36,10 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=64),
+    # a tiny Llama with SmolLM2's vocabulary: CPU dry runs of the GPU benchmark (benchmarks/gpu.sh --dry-run)
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
