@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from personalign.eval.style_metrics import words_of
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
@@ -57,16 +59,17 @@ DEFAULT: dict[str, Any] = {
     "seeds": [0],
     "train_prompts": 8,  # cycled through the rounds (koala_eval_50, the first ones)
     "heldout_prompts": 6,  # the last prompts of koala_eval_50
-    "max_tokens": 40,
+    "max_tokens": 32,
     "temperature": 1.0,  # the n = 2 alternatives
     "top_p": 0.95,
+    "min_words": 3,  # a reply shorter than this is never kept over one that is not (see `choose`)
     # the Drift attribute pool of the simulated users' profiles (a subset of the default 48, so that a
     # choice folds in seconds on 2 CPU cores; docs/performance.md has the cost with all 48)
-    "drift_pool": ["concise", "detailed", "easy_words", "academic", "formal", "humorous", "optimistic",
-                   "empathetic", "energetic", "direct"],
+    "drift_pool": ["concise", "detailed", "easy_words", "academic", "humorous", "optimistic"],
     "pdpo_train": {"pairs": 200, "max_steps": 10, "batch_size": 4, "lr": 1e-4, "max_response_tokens": 96},
     "fit_steps": 3,
     "fit_pairs": 4,
+    "fold_share": 1.0,  # the server's --fold-share: folds may take as long as the decoding beside them
 }
 
 PREFERENCES = {  # the hidden preference in words (P-SOUPS profiles; seed 001 Table 7), for the reference
@@ -79,7 +82,7 @@ PREFERENCES = {  # the hidden preference in words (P-SOUPS profiles; seed 001 Ta
 
 
 def _judges() -> dict[str, tuple[str, Any, int]]:
-    from personalign.eval.style_metrics import fk_grade, sentiment, words_of
+    from personalign.eval.style_metrics import fk_grade, sentiment
 
     return {  # name -> (the metric reported, the metric, its direction: +1 the user prefers it higher)
         "concise": ("words", lambda t: len(words_of(t)), -1),
@@ -88,6 +91,18 @@ def _judges() -> dict[str, tuple[str, Any, int]]:
         "upbeat_brief": ("sentiment - words/50", lambda t: sentiment(t) - len(words_of(t)) / 50, +1),
         "random": ("words", lambda t: len(words_of(t)), 0),
     }
+
+
+def choose(scores: list[float], words: list[int], direction: int, rng: random.Random, min_words: int) -> int:
+    """The simulated user's choice between two replies: never one of fewer than ``min_words`` words
+    when the other has enough (no real user keeps an empty answer, whatever the hidden metric says of
+    it); else the better one on the hidden metric; a coin on a tie and for the random control."""
+    usable = [w >= min_words for w in words]
+    if usable[0] != usable[1]:
+        return usable.index(True)
+    if direction == 0 or scores[0] == scores[1]:
+        return rng.randrange(2)
+    return max(range(2), key=lambda i: direction * scores[i])
 
 
 def prompts(cfg: dict) -> tuple[list[str], list[str]]:
@@ -128,7 +143,7 @@ def start_server(cfg: dict, ckpt: Path, out: Path) -> tuple[subprocess.Popen, st
     proc = subprocess.Popen([sys.executable, "-m", "personalign", "serve", "--model", cfg["model"], "--checkpoint",
                              str(ckpt), "--db", f"sqlite:///{out / 'server.db'}", "--port", str(port),
                              "--max-batch", "16", "--model-id", "m", "--fit-steps", str(cfg["fit_steps"]), "--fit-pairs",
-                             str(cfg["fit_pairs"])], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(cfg["fit_pairs"]), "--fold-share", str(cfg["fold_share"])], env=env, stdout=log, stderr=subprocess.STDOUT)
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -248,10 +263,7 @@ class Sim:
                 if texts[0].strip() != texts[1].strip():
                     break
             s = self.scores(judge, texts)
-            if direction == 0 or s[0] == s[1]:
-                pick = rng.randrange(2)
-            else:
-                pick = max(range(2), key=lambda i: direction * s[i])
+            pick = choose(s, [len(words_of(t)) for t in texts], direction, rng, self.cfg["min_words"])
             r = self.http.post("/v1/feedback", json={"id": fid, "completion_id": comp.id, "chosen_index": pick})
             if r.status_code not in (200, 201):
                 raise RuntimeError(f"feedback {fid}: {r.status_code} {r.text[:300]}")

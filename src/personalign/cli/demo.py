@@ -120,9 +120,8 @@ def _print(names: list[str], answers: dict[str, list[str]], took: dict[str, floa
             if name not in answers:
                 continue
             note = "  (no preference)" if name == "base" else ""
-            body = textwrap.fill(answers[name][i] or "(empty)", width=max(40, width - label),
-                                 subsequent_indent=" " * label)
-            print(f"{name:<{label}}{body}{note}")
+            print(textwrap.fill((answers[name][i] or "(empty)") + note, width=max(label + 40, width),
+                                initial_indent=f"{name:<{label}}", subsequent_indent=" " * label))
         print()
     print("time per method (all three preferences in one batch; base: one answer):")
     for name in names:

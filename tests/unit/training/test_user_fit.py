@@ -84,6 +84,29 @@ def test_fit_learns_the_pair_and_leaves_the_model_alone(tiny_tokenizer):
     assert emb.num_pairs == len(pairs) and emb.loss == fit.losses[-1]
 
 
+def test_the_shift_from_e0_stays_in_its_trust_region(tiny_tokenizer):
+    """A fit with a large step: every position's root-mean-square shift from ``e_0`` ends at most
+    ``max_shift`` embedding stds away (the projection), where an unbounded fit goes further; inside the
+    region nothing is projected (one small step equals the unbounded step)."""
+    lm, users, pairs = setup(tiny_tokenizer)
+    e0 = generic_embedding(users)
+    std = float(lm.get_input_embeddings().weight.detach().float().std())
+
+    def shift(cfg):
+        emb, _ = fit_user_embedding(lm, users, pairs, config=cfg)
+        return (emb.tensor - e0).pow(2).mean(-1).sqrt(), emb.tensor
+
+    bounded, _ = shift(EmbeddingFitConfig(steps=8, lr=2.0, max_shift=0.5))
+    free, _ = shift(EmbeddingFitConfig(steps=8, lr=2.0, max_shift=0))
+    assert float(bounded.max()) <= 0.5 * std * (1 + 1e-5)
+    assert float(free.max()) > 0.5 * std * 1.5  # the bound is what held it
+    _, small = shift(EmbeddingFitConfig(steps=1, lr=0.1, max_shift=0.5))
+    _, small_free = shift(EmbeddingFitConfig(steps=1, lr=0.1, max_shift=0))
+    assert torch.equal(small, small_free)
+    with pytest.raises(ValueError, match="max_shift"):
+        EmbeddingFitConfig(max_shift=-1.0)
+
+
 def test_user_embedding_round_trip_and_bad_input():
     t = torch.randn(3, 5)
     emb = UserEmbedding(t, num_pairs=4, loss=0.5)

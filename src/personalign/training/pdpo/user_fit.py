@@ -61,6 +61,10 @@ class EmbeddingFitConfig:
         max_response_tokens: tokens of a reply scored (its first ones; the EOS counts).
         beta: the DPO strength (the P-DPO training default).
         loss: ``dpo`` | ``ipo``.
+        max_shift: a trust region around ``e_0``: after every step, each position's shift
+            ``e_u[t] − e_0[t]`` is scaled back to a root-mean-square of at most ``max_shift`` times the
+            std of the LLM's input embeddings (0 = no bound). A few pairs otherwise push the soft prompt
+            far outside the embeddings the model was trained on, where a small model stops writing text.
     """
 
     steps: int = 3
@@ -69,6 +73,7 @@ class EmbeddingFitConfig:
     max_response_tokens: int = 128
     beta: float = 0.5
     loss: str = "dpo"
+    max_shift: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("steps", "max_pairs", "max_response_tokens"):
@@ -79,6 +84,9 @@ class EmbeddingFitConfig:
                 or self.lr <= 0:
             raise ValueError(f"`lr` must be a finite number > 0, got {self.lr!r}.")
         check_beta(self.beta)
+        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, (int, float)) \
+                or not math.isfinite(self.max_shift) or self.max_shift < 0:
+            raise ValueError(f"`max_shift` must be a finite number >= 0 (0 = no bound), got {self.max_shift!r}.")
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"`loss` must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}.")
 
@@ -177,6 +185,7 @@ class EmbeddingFit:
         self.e = nn.Parameter(start.detach().to(self.device, torch.float32).clone())
         std = float(emb.detach().float().std()) if embedding_std is None else float(embedding_std)
         self.opt = torch.optim.Adam([self.e], lr=self.config.lr * std)
+        self.radius = self.config.max_shift * std  # per position, root-mean-square over D (0: unbounded)
         self.reference = torch.zeros(len(self.pairs), 2)
         self._ref_done = 0  # pairs whose reference log-probs are computed
         self._step, self._pos = 0, 0  # current step and the next pair of that step
@@ -239,11 +248,23 @@ class EmbeddingFit:
                     self.e.grad = self._grad
                     self.opt.step()
                     self.e.grad = None
+                    self._project()
                     self._grad = torch.zeros_like(self.e)
                     self.losses.append(self._loss_sum)
                     self._loss_sum, self._pos, self._step = 0.0, 0, self._step + 1
         self.forwards += 1
         return sum(self.pair_tokens(i) for i in range(a, b))
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """Scale each position's shift from ``e_0`` back into the trust region (``max_shift``)."""
+        if self.radius <= 0:
+            return
+        shift = self.e - self.generic  # [T_u, D]
+        rms = shift.pow(2).mean(-1).sqrt()
+        over = rms > self.radius  # positions inside the region are left exactly as the step left them
+        if bool(over.any()):
+            self.e[over] = self.generic[over] + shift[over] * (self.radius / rms[over])[:, None]
 
     def result(self, num_pairs: int) -> UserEmbedding:
         """The fitted embedding (``num_pairs``: the pairs the user's embedding has now seen in all)."""
