@@ -17,8 +17,8 @@ MUTS = [
   ["tests/equivalence/test_backend.py", "tests/equivalence/test_fused_steps.py",
    "tests/unit/methods/test_persona_judge.py::test_lockstep_caches_equal_fresh_prefill", "tests/equivalence/test_pdpo_generation.py::test_step_logprobs_equal_recomputation"]),
  ("lean LoRA decode delta 0.1% too large", "src/personalign/views/adapters.py",
-  "return y.addcmul_(entry.lora_b(_linear(x, entry.a_p[\"weight\"])), entry.scale)",
-  "return y.addcmul_(entry.lora_b(_linear(x, entry.a_p[\"weight\"])), entry.scale * 1.001)",
+  "return y.addcmul_(entry.lora_b(_linear(x, entry.a_p[\"weight\"])), _per_row(entry.scale, x))",
+  "return y.addcmul_(entry.lora_b(_linear(x, entry.a_p[\"weight\"])), _per_row(entry.scale, x) * 1.001)",
   ["tests/equivalence/test_pad_engine.py::test_lean_lora_forward_equals_peft", "tests/equivalence/test_pad_engine.py::test_lean_lora_layer_runs_the_stated_ops"]),
  ("lean LoRA prefill delta 0.1% too large", "src/personalign/views/adapters.py",
   "alpha=entry.scaling)", "alpha=entry.scaling * 1.001)",
@@ -75,31 +75,36 @@ MUTS = [
  ("P-DPO packed rows: one padding column attended", "src/personalign/training/pdpo/model.py",
   "        mask[r, W - e.shape[0]:] = 1\n", "        mask[r, max(0, W - e.shape[0] - 1):] = 1\n",
   ["tests/unit/training/test_pdpo_train.py::test_alpha_one_empty_uniform_is_vanilla_dpo", "tests/unit/training/test_pdpo_train.py::test_soft_prompt_logps_match_naive"]),
- ("teacher forcing: one padding column attended", "src/personalign/views/hf.py",
-  "                mask[r, W - len(q) :] = 1\n", "                mask[r, max(0, W - len(q) - 1) :] = 1\n",
+ ("teacher forcing: one padding column attended", "src/personalign/views/teacher.py",
+  "        mask[r, W - len(q) :] = 1\n", "        mask[r, max(0, W - len(q) - 1) :] = 1\n",
   ["tests/equivalence/test_backend.py::test_sequence_logprobs_match_naive"]),
  ("generate equivalence: a decode step off", "src/personalign/views/hf.py",
   "        g.next_pos = g.next_pos + f.row_len\n", "        g.next_pos = g.next_pos + f.row_len + (f.row_len > 0).long() * int(g.mask.shape[1] > 40)\n",
   ["tests/equivalence/test_generate_equivalence.py::test_greedy_equals_generate_stories"]),
 ]
-only = sys.argv[1:]
-for name, path, old, new, tests in MUTS:
-    if only and not any(o in name for o in only):
-        continue
-    f = ROOT / path
-    src = f.read_text()
-    assert src.count(old) == 1, (name, old)
-    f.write_text(src.replace(old, new))
-    try:
-        res = []
-        for t in tests:
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", t],
-                               cwd=ROOT, capture_output=True, text=True)
-            last = [ln for ln in r.stdout.splitlines() if "passed" in ln or "failed" in ln or "error" in ln.lower()][-1:]
-            res.append((t.split("/")[-1], "FAILS" if r.returncode else "passes", last[0] if last else ""))
-    finally:
-        f.write_text(src)
-    print(f"## {name}")
-    for t, verdict, last in res:
-        print(f"   {verdict:6s} {t}   [{last}]")
-    sys.stdout.flush()
+def main(only: list[str]) -> None:
+    for name, path, old, new, tests in MUTS:
+        if only and not any(o in name for o in only):
+            continue
+        f = ROOT / path
+        src = f.read_text()
+        assert src.count(old) == 1, (name, old)
+        f.write_text(src.replace(old, new))
+        try:
+            res = []
+            for t in tests:
+                r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", t],
+                                   cwd=ROOT, capture_output=True, text=True)
+                last = [ln for ln in r.stdout.splitlines()
+                        if "passed" in ln or "failed" in ln or "error" in ln.lower()][-1:]
+                res.append((t.split("/")[-1], "FAILS" if r.returncode else "passes", last[0] if last else ""))
+        finally:
+            f.write_text(src)
+        print(f"## {name}")
+        for t, verdict, last in res:
+            print(f"   {verdict:6s} {t}   [{last}]")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
