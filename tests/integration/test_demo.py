@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from personalign.cli.demo import PREFERENCES, demo_profile
 from personalign.cli.main import main
 from tests.conftest import STORIES
