@@ -30,11 +30,15 @@ def test_quick_simulation_runs_resumes_and_reports(tmp_path):
     for u in users.values():
         assert [c["round"] for c in u["choices"]] == [0, 1] and sorted(u["evals"]) == ["0", "2"]
         assert all(len(v) == 2 for v in u["evals"].values())  # two held-out prompts
-    # the concise user kept the shorter reply whenever the two differed in length
+    # the concise user (its score is the word count) kept the shorter reply whenever the two differed in
+    # length, unless the shorter one had fewer than `min_words` words and the other had enough
+    min_words = json.loads((tmp_path / "config.json").read_text())["min_words"]
     for c in users["drift-concise-s0"]["choices"]:
         s = c["scores"]
         if s[0] != s[1]:
-            assert s[c["chosen"]] == min(s)
+            usable = [w >= min_words for w in s]
+            want = usable.index(True) if usable[0] != usable[1] else s.index(min(s))
+            assert c["chosen"] == want, c
     assert users["drift-concise-s0"]["evals"]["0"] == state["references"]["base"]  # 0 choices: base
     table = (tmp_path / "results.md").read_text()
     assert "| concise (words, lower) |" in table and "| random (words, random choices) |" in table
