@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from personalign.config import check_positive
 from personalign.training.pdpo.data import TokenizedPair
 from personalign.training.pdpo.loss import PREFERENCE_LOSSES, check_beta
 from personalign.training.pdpo.model import sequence_logps
@@ -80,13 +80,9 @@ class EmbeddingFitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or self.lr <= 0:
-            raise ValueError(f"`lr` must be a finite number > 0, got {self.lr!r}.")
+        check_positive("lr", self.lr)
         check_beta(self.beta)
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, (int, float)) \
-                or not math.isfinite(self.max_shift) or self.max_shift < 0:
-            raise ValueError(f"`max_shift` must be a finite number >= 0 (0 = no bound), got {self.max_shift!r}.")
+        check_positive("max_shift", self.max_shift, allow_zero=True)  # 0 = no bound
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"`loss` must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}.")
 
