@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from personalign.cli.main import main
 from personalign.personas.drift import DriftProfile
@@ -79,6 +80,26 @@ def test_fit_bad_options(files, capsys):
     attrs.write_text('{"attributes": {"happy": "A.", "happy": "B."}}')
     assert _fit(tmp_path, pairs, attrs) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def test_fit_scores_64_response_tokens_by_default_and_0_scores_whole_responses(files, capsys):
+    """The default scored length is the one docs/performance.md measured (64 tokens); 0 is the whole reply."""
+    tmp_path, pairs, attrs = files
+    story = " ".join(["The happy girl ran to the park and played with her big red ball in the sun."] * 8)
+    pairs.write_text(json.dumps({"prompt": "Tell me a story.", "chosen": story,
+                                 "rejected": story.replace("happy", "sad")}) + "\n")
+    fits = {}
+    for flag in ([], ["--max-response-tokens", "64"], ["--max-response-tokens", "0"]):
+        assert _fit(tmp_path, pairs, attrs, "--top-m", "2", *flag) == 0
+        fits[" ".join(flag) or "default"] = DriftProfile.load(tmp_path / "p.json")
+    capsys.readouterr()
+    default, at_64, whole = fits.values()
+    assert default.max_response_tokens == 64 and whole.max_response_tokens is None
+    assert torch.equal(default.wins, at_64.wins) and torch.equal(default.losses, at_64.losses)
+    # the replies run well past 64 tokens: the whole-reply scores count the rest too
+    assert not torch.allclose(default.losses, whole.losses, atol=1e-3)
+    assert _fit(tmp_path, pairs, attrs, "--max-response-tokens", "-1") == 2
+    assert "`--max-response-tokens` must be >= 0 (0 scores whole responses), got -1" in capsys.readouterr().err
 
 
 def test_generate_rejects_profile_from_another_model(files, capsys, tiny_lm, tiny_tokenizer):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.personas.attributes import default_pool, load_attribute_file
-from personalign.personas.drift import DriftProfile, fit_pairs, fit_profile
+from personalign.personas.drift import FIT_RESPONSE_TOKENS, DriftProfile, fit_pairs, fit_profile
 from personalign.views import HFBackend
 
 HELP = "Fit a user's profile from preference pairs (drift)."
@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attributes used for decoding (default: 7, or the pool size if smaller)")
     p.add_argument("--solver", choices=("closed_form", "logistic"), default="closed_form",
                    help="closed_form: p = v/|v| (Eq. 6, default); logistic: the paper's Section 5 alternative")
-    p.add_argument("--max-response-tokens", type=int, metavar="N", help="score only the first N response tokens")
+    p.add_argument("--max-response-tokens", type=int, metavar="N", default=FIT_RESPONSE_TOKENS,
+                   help=f"score only the first N tokens of each response (default: {FIT_RESPONSE_TOKENS}; "
+                        "0 scores whole responses: 37 min instead of 10 for 50 DSP pairs on 2 CPU cores)")
     p.add_argument("--no-chat-template", action="store_true", help="plain-text system prefix instead of the chat template")
     p.add_argument("--eval-pairs", metavar="FILE.jsonl", help="report preference accuracy on these pairs")
     p.add_argument("--report", metavar="PROFILE.json", help="summarize an existing profile and write its chart")
@@ -71,6 +73,8 @@ def _fit(args: argparse.Namespace) -> int:
     for flag in ("pairs", "model", "out"):
         if not getattr(args, flag):
             raise ValueError(f"`--{flag}` is required to fit (or pass --report PROFILE.json).")
+    if args.max_response_tokens < 0:
+        raise ValueError(f"`--max-response-tokens` must be >= 0 (0 scores whole responses), got {args.max_response_tokens}.")
     pool = load_attribute_file(args.attributes) if args.attributes else default_pool()
     if args.top_m is None:
         args.top_m = min(7, len(pool))
@@ -86,7 +90,7 @@ def _fit(args: argparse.Namespace) -> int:
     lm = load_from_args(args)
     backend = HFBackend(lm.model, lm.tokenizer)
     prof = fit_profile(backend, pairs, pool, top_m=args.top_m, solver=args.solver,
-                       chat_template=not args.no_chat_template, max_response_tokens=args.max_response_tokens,
+                       chat_template=not args.no_chat_template, max_response_tokens=args.max_response_tokens or None,
                        name=lm.name if not lm.gguf_file else f"{lm.name}:{lm.gguf_file}", skipped=skipped,
                        progress=not args.quiet)
     accuracy = prof.evaluate(backend, eval_pairs) if eval_pairs else None

@@ -265,7 +265,7 @@ class FoldManager:
             raise ValueError("an item's pairs must share the prompt and the chosen reply.")
         stored = profile.get("drift_profile")
         if stored is None:
-            pool, chat, max_resp, top_m = default_pool(), self.chat_template, None, 7
+            pool, chat, max_resp, top_m = default_pool(), self.chat_template, drift.FIT_RESPONSE_TOKENS, 7
         else:
             prof = drift.DriftProfile.from_dict(stored)
             if prof.manual_weights is not None:
