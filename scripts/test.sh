@@ -8,10 +8,14 @@ ruff check src tests scripts benchmarks
 if [ $# -eq 0 ]; then
   # The float32 comparisons under one and two threads: the CPU's matmul kernels, and so the order in
   # which they sum, change with the thread count (tests/numerics.py says what each tolerance covers).
-  for threads in 1 2; do
-    echo "numerically sensitive tests, OMP_NUM_THREADS=$threads:"
-    OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads python -m pytest -q -m "numerics and not gpu and not slow" \
-      -p no:cacheprovider
+  # One thread runs the engine's stock linears, two its tuned decode-step linears (views/linears.py),
+  # so every equivalence test runs both ways; the full suite then runs the default (tuned on the CPU).
+  for run in "1 off" "2 on"; do
+    set -- $run
+    echo "numerically sensitive tests, OMP_NUM_THREADS=$1, decode linears $2:"
+    OMP_NUM_THREADS=$1 MKL_NUM_THREADS=$1 PERSONALIGN_DECODE_LINEARS=$2 python -m pytest -q \
+      -m "numerics and not gpu and not slow" -p no:cacheprovider
   done
+  set --
 fi
 python -m pytest -q "$@"

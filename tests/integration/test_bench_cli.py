@@ -41,6 +41,28 @@ def test_bench_cli_all_methods(tmp_path, tiny_lm, tiny_chat_tokenizer, capsys):
     for name in METHODS.names():
         assert f"| {name} | 1 | 3 |" in out and f"| {name} | 3 | 3 |" in out
     assert "tokens/s B=1 | tokens/s B=3 | B=3 / B=1" in out and "Targets:" in out
+    assert "decode linears: tuned (" in out and "model.generate runs stock" in out
+
+
+def test_bench_says_which_linears_it_ran(tmp_path, tiny_lm, tiny_chat_tokenizer, capsys):
+    import json
+
+    from personalign.cli.main import main
+
+    tiny_lm.save_pretrained(tmp_path)
+    tiny_chat_tokenizer.save_pretrained(tmp_path)
+    common = ["bench", "--model", str(tmp_path), "--methods", "amulet", "--max-new-tokens", "3", "--repeats", "1",
+              "--device", "cpu", "--json"]
+    assert main([*common, "--decode-linears", "stock"]) == 0
+    stock = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["decode_linears"] for r in stock} == {"stock"} and stock[0]["decode_linear_choices"] is None
+    assert main(common) == 0
+    tuned = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    choices = tuned[0]["decode_linear_choices"]["choices"]
+    assert tuned[0]["decode_linears"] == "tuned"
+    # amulet's two views of one request: the step's linears at 2 rows (and the output head)
+    assert any(k.startswith("2x") for k in choices) and set(choices.values()) <= {
+        "stock", "w_xt", "x_wt", "onednn", *(f"pad{m}" for m in (4, 8, 16))}
 
 
 @pytest.mark.parametrize("kernel_peak", [True, False], ids=["high-water-mark", "sampling-thread"])

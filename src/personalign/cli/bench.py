@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steer-model", metavar="PATH",
                    help="a small steering model for drift (with --random-weights: a preset such as llama3-1b); "
                         "default: the LLM steers itself")
+    p.add_argument("--decode-linears", choices=("auto", "tuned", "stock"), default="auto",
+                   help="the engine's decode-step linears: tuned (the fastest exact formulation per shape, timed on "
+                        "first use), stock (nn.Linear as is), auto (tuned on the CPU; the default, also set by "
+                        "PERSONALIGN_DECODE_LINEARS). model.generate always runs stock")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     p.set_defaults(func=run)
 
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     # trained helpers for the presets (eval.bench.bench_method) instead of untrained ones
     options = {"persrm": args.persrm, "reward_model": args.reward_model,
                "steer": load_from_args(args, args.steer_model) if args.steer_model else None}
-    backend = HFBackend(main.model, main.tokenizer)
+    linears = {"auto": None, "tuned": True, "stock": False}[args.decode_linears]
+    backend = HFBackend(main.model, main.tokenizer, decode_linears=linears)
     env = environment_record(main.model)
     all_rows = []
     for b in args.batch_size or [1]:
@@ -51,11 +56,20 @@ def run(args: argparse.Namespace) -> int:
                          repeats=args.repeats, progress=lambda s: print(s, file=sys.stderr, flush=True),
                          options=options)
         all_rows.extend(rows)
+    tuned = backend.linears.summary() if backend.linears is not None else None
     if args.json:
         for r in all_rows:
-            print(json.dumps({**dataclasses.asdict(r), "model": main.name, "environment": env}))
+            print(json.dumps({**dataclasses.asdict(r), "model": main.name, "environment": env,
+                              "decode_linears": "tuned" if tuned else "stock", "decode_linear_choices": tuned}))
         return 0
     print(f"model: {main.name}  device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}")
+    if tuned:
+        picked = sorted({c for c in tuned["choices"].values() if c != "stock"})
+        print(f"decode linears: tuned ({len(tuned['choices'])} shapes, {tuned['tuned_seconds']:.1f} s tuning in the "
+              f"warm-ups; non-stock: {', '.join(picked) or 'none'}); model.generate runs stock "
+              "(--decode-linears stock to compare)")
+    else:
+        print("decode linears: stock (nn.Linear as is)")
     print(format_table(all_rows))
     scaling = format_scaling(all_rows)
     if scaling:

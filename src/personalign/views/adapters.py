@@ -43,6 +43,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 
+from personalign.views.linears import linear
+
 __all__ = ["RowAdapterModel", "BASE_ADAPTER", "output_head_is_linear"]
 
 BASE_ADAPTER = "__base__"
@@ -351,7 +353,7 @@ def _row_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         self.scaling[entry.adapter] = saved
 
 
-_linear = torch.nn.functional.linear
+_linear = linear  # F.linear, or the decode step's tuned formulation (views.linears)
 _PEFT_LINEAR_FORWARD: Any = None
 _ROW_LINEAR: Any = None
 

@@ -42,6 +42,7 @@ import torch
 from personalign.types import ViewSpec
 from personalign.views.adapters import _cache_name
 from personalign.views.cache import new_cache
+from personalign.views.linears import DecodeLinears, from_env
 from personalign.views.masks import attention_layout, decode_mask, sliding_masks
 from personalign.views.merge import (
     cache_layers,
@@ -178,6 +179,10 @@ class HFBackend:
         models: model key -> ``PreTrainedModel`` (a single model becomes ``{"main": model}``).
         tokenizers: model key -> tokenizer (or a single tokenizer shared by all).
         share_prefix: prefill a token prefix common to all rows of a group once.
+        decode_linears: the tuned linear path of decode steps (``views.linears``): a ``DecodeLinears``,
+            True for one with the defaults, False for the stock ``nn.Linear`` everywhere; None (the
+            default) follows ``PERSONALIGN_DECODE_LINEARS`` (``views.linears.from_env``) and is
+            otherwise True when a model runs on the CPU (the few-row products the path exists for).
     """
 
     def __init__(
@@ -186,6 +191,7 @@ class HFBackend:
         tokenizers: Mapping[str, Any] | Any,
         *,
         share_prefix: bool = True,
+        decode_linears: DecodeLinears | bool | None = None,
     ) -> None:
         if not isinstance(models, Mapping):
             models = {"main": models}
@@ -213,6 +219,12 @@ class HFBackend:
         self._cache_kw = {k: _cache_kwarg(m) for k, m in self.models.items()}
         self._additive_mask = {k: _takes_additive_mask(m) for k, m in self.models.items()}
         self._layout = {k: attention_layout(m, k) for k, m in self.models.items()}
+        if decode_linears is None:
+            decode_linears = from_env()
+        if decode_linears is None:
+            decode_linears = any(next(m.parameters()).device.type == "cpu" for m in self.models.values())
+        self.linears: DecodeLinears | None = (
+            decode_linears if isinstance(decode_linears, DecodeLinears) else DecodeLinears() if decode_linears else None)
         self.forward_count = 0  # model forwards run since construction (stats, tests)
 
     def add_model(self, key: str, model: Any, tokenizer: Any | None = None, *, replace: bool = False) -> None:
@@ -234,6 +246,8 @@ class HFBackend:
         self._cache_kw[key] = _cache_kwarg(model)
         self._additive_mask[key] = _takes_additive_mask(model)
         self._layout[key] = attention_layout(model, key)
+        if self.linears is not None:
+            self.linears.attach(model)
 
     # ------------------------------------------------------------------ helpers
     def tokenizer(self, model: str = "main") -> Any:
@@ -256,10 +270,19 @@ class HFBackend:
 
     @torch.inference_mode()
     def _forward(self, model: str, cache: Any, mask: torch.Tensor, pos: torch.Tensor, keep: int, *,
-                 ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """One model forward; returns float32 log-probs [R, keep, V] of the last ``keep`` columns."""
+                 ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                 decode: bool = False) -> torch.Tensor:
+        """One model forward; returns float32 log-probs [R, keep, V] of the last ``keep`` columns.
+        ``decode``: a step (not a prefill), whose linears run the tuned path when it is on."""
         self.forward_count += 1
         rows, width = (ids if ids is not None else embeds).shape[:2]
+        if decode and self.linears is not None and rows * width <= self.linears.max_rows:
+            with self.linears.active(self.models[model]):
+                return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
+        return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
+
+    def _run_model(self, model: str, cache: Any, mask: torch.Tensor, pos: torch.Tensor, keep: int, rows: int,
+                   width: int, ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
         attn = self._attention_mask(model, mask, pos)
         # the last `keep` of `width` columns: as a slice, the output head's input is a strided view,
         # which a batched matrix product then multiplies by the whole head once per row; as indices it
@@ -530,7 +553,7 @@ class HFBackend:
             ids_parts.append(f.ids)
         if len(feeds) == 1:
             g = feeds[0].group
-            lp = self._forward(model, g.cache, g.mask, pos_parts[0], L, ids=ids_parts[0])
+            lp = self._forward(model, g.cache, g.mask, pos_parts[0], L, ids=ids_parts[0], decode=True)
             hidden = self._last_hidden(model)
         else:
             lp, hidden = self._merged_forward(model, feeds, torch.cat(pos_parts), torch.cat(ids_parts), L)
@@ -564,7 +587,7 @@ class HFBackend:
             cache = join_caches(self.models[model], [f.group.cache for f in feeds], widths)
         except ValueError as e:
             raise ValueError(f"model {model!r}: {e}") from e
-        lp = self._forward(model, cache, torch.cat(masks), pos, L, ids=ids)
+        lp = self._forward(model, cache, torch.cat(masks), pos, L, ids=ids, decode=True)
         hidden = self._last_hidden(model)
         split_cache(cache, [f.group.cache for f in feeds], [int(f.ids.shape[0]) for f in feeds], widths)
         return lp, hidden
