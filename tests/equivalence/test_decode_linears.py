@@ -65,7 +65,7 @@ def test_each_formulation_matches_stock_on_smollm2(smollm2):
     off = HFBackend(smollm2.model, smollm2.tokenizer, decode_linears=False)
     want = {len(rows): _teacher_forced(off, rows, 2) for rows in (ids, nine)}
     for name in TUNED:
-        forced = DecodeLinears(force=name)
+        forced = DecodeLinears(force=name, extra_bytes=1 << 32)  # every weight in the formulation
         on = HFBackend(smollm2.model, smollm2.tokenizer, decode_linears=forced)
         for rows in (ids, nine):
             got = _teacher_forced(on, rows, 2)
@@ -79,7 +79,8 @@ def test_each_formulation_matches_stock_on_smollm2(smollm2):
 
 @pytest.mark.parametrize("mode", ["off", "tuned", *TUNED])
 def test_greedy_equals_generate_in_every_mode(stories, mode):
-    lin = {"off": False, "tuned": DecodeLinears()}.get(mode) if mode in ("off", "tuned") else DecodeLinears(force=mode)
+    lin = {"off": False, "tuned": DecodeLinears()}.get(mode) if mode in ("off", "tuned") else \
+        DecodeLinears(force=mode, extra_bytes=1 << 32)
     backend = HFBackend(stories.model, stories.tokenizer, decode_linears=lin)
     prompts = ["Once upon a time", "Lily and Ben went to the park to play with their big red ball. Then", "Tom"]
     outs = generate(get_method("base")(), [Request(prompt=p) for p in prompts], backend, max_new_tokens=30,
@@ -95,7 +96,8 @@ def test_pad_lora_rows_in_each_formulation_equal_the_rule(tiny_tokenizer, name):
     tok = tiny_tokenizer
     rm = _persrm(tok)
     cfg = PADConfig(k=5, beta=1.5, mode="eq13")
-    backend = HFBackend(rm.base_lm, tok, share_prefix=False, decode_linears=DecodeLinears(force=name))
+    forced = DecodeLinears(force=name, extra_bytes=1 << 32)
+    backend = HFBackend(rm.base_lm, tok, share_prefix=False, decode_linears=forced)
     method = _pad_on(backend, rm, cfg)
     reqs = [Request(prompt=p, preference=q) for p, q in zip(PROMPTS, PREFS)]
     outs = loop_generate(method, reqs, backend, max_new_tokens=6, chat_template=False, ignore_eos=True)

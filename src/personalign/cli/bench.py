@@ -33,10 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steer-model", metavar="PATH",
                    help="a small steering model for drift (with --random-weights: a preset such as llama3-1b); "
                         "default: the LLM steers itself")
-    p.add_argument("--decode-linears", choices=("auto", "tuned", "stock"), default="auto",
+    p.add_argument("--decode-linears", choices=("auto", "tuned", "stock", "both"), default="auto",
                    help="the engine's decode-step linears: tuned (the fastest exact formulation per shape, timed on "
                         "first use), stock (nn.Linear as is), auto (tuned on the CPU; the default, also set by "
-                        "PERSONALIGN_DECODE_LINEARS). model.generate always runs stock")
+                        "PERSONALIGN_DECODE_LINEARS), both (every method tuned and, as '<method> (stock linears)', "
+                        "stock, in the same interleaved runs). model.generate always runs stock")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a Markdown table")
     p.set_defaults(func=run)
 
@@ -47,14 +48,15 @@ def run(args: argparse.Namespace) -> int:
     # trained helpers for the presets (eval.bench.bench_method) instead of untrained ones
     options = {"persrm": args.persrm, "reward_model": args.reward_model,
                "steer": load_from_args(args, args.steer_model) if args.steer_model else None}
-    linears = {"auto": None, "tuned": True, "stock": False}[args.decode_linears]
+    linears = {"auto": None, "tuned": True, "stock": False, "both": True}[args.decode_linears]
     backend = HFBackend(main.model, main.tokenizer, decode_linears=linears)
+    stock = HFBackend(main.model, main.tokenizer, decode_linears=False) if args.decode_linears == "both" else None
     env = environment_record(main.model)
     all_rows = []
     for b in args.batch_size or [1]:
         rows = run_bench(main, backend, methods, batch_size=b, max_new_tokens=args.max_new_tokens,
                          repeats=args.repeats, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                         options=options)
+                         options=options, stock_backend=stock)
         all_rows.extend(rows)
     tuned = backend.linears.summary() if backend.linears is not None else None
     if args.json:
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
               "(--decode-linears stock to compare)")
     else:
         print("decode linears: stock (nn.Linear as is)")
+    if stock is not None:
+        print("rows '<method> (stock linears)': the same method with the stock nn.Linear, in the same runs")
     print(format_table(all_rows))
     scaling = format_scaling(all_rows)
     if scaling:

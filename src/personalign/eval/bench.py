@@ -325,11 +325,14 @@ def run_bench(
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
     options: Mapping[str, Any] | None = None,
+    stock_backend: Backend | None = None,
 ) -> list[BenchRow]:
     """Time ``model.generate`` and each method on the same prompts; ratios are method / generate.
 
     ``options`` (``persrm``, ``reward_model``, ``steer``) give the presets trained helpers
-    (``bench_method``)."""
+    (``bench_method``). ``stock_backend``: a second backend over the same model with the stock
+    decode linears (``views.linears``); each method also runs on it, in the same interleaved rounds,
+    as a row ``"<method> (stock linears)"``."""
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if max_new_tokens < 1:
@@ -346,19 +349,21 @@ def run_bench(
     }
     weights = {"generate": weights_mb(main.model)}
     skipped: list[BenchRow] = []
+    ways = [("", backend)] + ([(" (stock linears)", stock_backend)] if stock_backend is not None else [])
     for name in classes:
-        try:
-            method, be, note = bench_method(name, main, backend, options)
-        except ValueError as e:  # a method that cannot be built here is reported, not fatal
-            skipped.append(BenchRow(method=name, batch_size=batch_size, new_tokens=max_new_tokens,
-                                    ms_per_token=float("nan"), tokens_per_s=float("nan"), peak_mem_mb=float("nan"),
-                                    note=f"skipped: {e}"))
-            continue
-        weights[name] = weights_mb(*be.models.values(), method)
+        for suffix, way in ways:
+            try:
+                method, be, note = bench_method(name, main, way, options)
+            except ValueError as e:  # a method that cannot be built here is reported, not fatal
+                skipped.append(BenchRow(method=name + suffix, batch_size=batch_size, new_tokens=max_new_tokens,
+                                        ms_per_token=float("nan"), tokens_per_s=float("nan"),
+                                        peak_mem_mb=float("nan"), note=f"skipped: {e}"))
+                continue
+            weights[name + suffix] = weights_mb(*be.models.values(), method)
 
-        def fn(method: Any = method, be: Any = be) -> Any:
-            return generate(method, requests, be, max_new_tokens=max_new_tokens, ignore_eos=True)
-        runners[name] = (fn, note)
+            def fn(method: Any = method, be: Any = be) -> Any:
+                return generate(method, requests, be, max_new_tokens=max_new_tokens, ignore_eos=True)
+            runners[name + suffix] = (fn, note)
     times: dict[str, list[float]] = {k: [] for k in runners}
     mems: dict[str, list[float]] = {k: [] for k in runners}
     for k, (fn, _) in runners.items():  # warm-up

@@ -22,8 +22,9 @@ path it measured. Timing is realistic and bounded: each candidate runs over up t
 the model's own weights of that shape (so the weights come from memory, as in a real step, not from
 a cache that one small matrix fits in), candidates interleaved over ``rounds`` rounds, median per
 call; the whole process spends at most ``tune_seconds`` tuning (shapes met after that run ``stock``).
-Copies for ``x_wt``/``onednn`` stay within ``extra_bytes``. Choices are kept for the process and,
-given ``cache_path``, on disk per machine (CPU model, threads, torch version). Prefill, scoring and
+Copies for ``x_wt``/``onednn`` stay within ``extra_bytes`` (by default a quarter of the linear
+weights). Choices are kept for the process and, given ``cache_path`` (or
+``PERSONALIGN_DECODE_LINEARS_CACHE``), on disk per machine (CPU model, threads, torch version). Prefill, scoring and
 anything outside ``active`` run the stock ``nn.Linear`` untouched, as does ``model.generate``.
 """
 
@@ -115,8 +116,9 @@ class DecodeLinears:
         tune_bytes: weights of a shape a candidate runs over per round (cycled, so they come from memory).
         tune_seconds: the most the process spends tuning; shapes met later run ``stock``.
         extra_bytes: the most the weight copies of ``x_wt``/``onednn`` may take (0: none of them);
-            None: the size of the attached models' linear weights.
-        cache_path: a JSON file keeping the choices per machine across processes (read and written).
+            None: a quarter of the attached models' linear weights (room for SmolLM2's output head).
+        cache_path: a JSON file keeping the choices per machine across processes (read and written);
+            None: ``PERSONALIGN_DECODE_LINEARS_CACHE`` when set, else the process only.
         candidates: formulations to consider (default: all of ``FORMULATIONS``).
         force: run every shape in this formulation, untimed (checks of each one's results; ``pad``
             pads to the smallest size it would try); None tunes.
@@ -136,6 +138,7 @@ class DecodeLinears:
         self.margin, self.max_rows, self.rounds, self.tune_bytes = margin, max_rows, rounds, tune_bytes
         self.tune_seconds, self.candidates = tune_seconds, tuple(candidates)
         self.extra_bytes = extra_bytes
+        cache_path = cache_path or os.environ.get("PERSONALIGN_DECODE_LINEARS_CACHE") or None
         self.cache_path = Path(cache_path) if cache_path else None
         self.fingerprint = machine_fingerprint()
         self.choices: dict[_Shape, Choice] = {}
@@ -234,7 +237,7 @@ class DecodeLinears:
         if got is not None and got[0]() is w and got[1][0] == stamp:
             return got[1][1]
         size = w.numel() * w.element_size()
-        limit = self._linear_bytes if self.extra_bytes is None else self.extra_bytes
+        limit = self._linear_bytes // 4 if self.extra_bytes is None else self.extra_bytes
         if got is None and budget and self.extra_used + size > limit:
             return None
         with torch.no_grad():

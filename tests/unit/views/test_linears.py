@@ -35,9 +35,11 @@ def test_every_formulation_computes_the_linear(name, rows, bias):
     torch.manual_seed(rows)
     layer = torch.nn.Linear(96, 200, bias=bias)
     x = torch.randn(rows, 1, 96)  # [rows, one token, in], as a decode step feeds it
-    tuner = DecodeLinears(force=name)
+    tuner = DecodeLinears(force=name, extra_bytes=1 << 30)
     with torch.inference_mode(), tuner.active(layer):
         y = layer(x)
+    copied = name == "x_wt" or name == "onednn" and torch.backends.mkldnn.is_available()
+    assert tuner.extra_used == (layer.weight.numel() * 4 if copied else 0)  # one copy of the weight
     _close(y, x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
     (row,) = tuner.table()
     want = name if name != "pad" else f"pad{4 if rows < 4 else 12}"
@@ -56,7 +58,7 @@ def test_pick_keeps_stock_unless_a_candidate_beats_it_by_the_margin():
 def test_a_shape_is_timed_once_and_recorded():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Linear(512, 64))
-    tuner = DecodeLinears(rounds=2)
+    tuner = DecodeLinears(rounds=2, extra_bytes=1 << 30)
     x = torch.randn(3, 1, 64)
     with torch.inference_mode(), tuner.active(model):
         y = model(x)
@@ -142,6 +144,10 @@ def test_tuning_time_and_memory_are_bounded():
     with torch.inference_mode(), no_copies.active(layer):
         layer(x)
     assert not {"x_wt", "onednn"} & set(no_copies.table()[0]["ms"]) and no_copies.extra_used == 0
+    quarter = DecodeLinears(rounds=1)  # the default budget: a quarter of the linear weights
+    with torch.inference_mode(), quarter.active(layer):
+        layer(x)
+    assert not {"x_wt", "onednn"} & set(quarter.table()[0]["ms"]) and quarter.extra_used == 0
     forced = DecodeLinears(extra_bytes=0, force="x_wt")
     with torch.inference_mode(), forced.active(layer):
         y = layer(x)
@@ -151,9 +157,10 @@ def test_tuning_time_and_memory_are_bounded():
 def test_a_copy_follows_its_weight():
     layer = torch.nn.Linear(16, 24, bias=False)
     x = torch.randn(2, 16)
-    tuner = DecodeLinears(force="x_wt")
+    tuner = DecodeLinears(force="x_wt", extra_bytes=1 << 30)
     with torch.inference_mode(), tuner.active(layer):
         layer(x)
+    assert tuner.extra_used > 0
     with torch.no_grad():
         layer.weight.mul_(2)  # an in-place update (training between decodes)
     with torch.inference_mode(), tuner.active(layer):
