@@ -1,5 +1,6 @@
 """The cost floor of a multi-view method: one cached decode step of R rows vs 1 row, raw model only,
-with the stock ``nn.Linear`` and with the engine's tuned decode linears (``views.linears``).
+with the stock ``nn.Linear`` and with the engine's decode linears (``views.linears``: the tuned
+formulations where the step check keeps them, else stock).
 
 Drift with m attributes and small = large runs R = m + 2 rows per step, a two-view method 2; no
 implementation of them can be faster than this ratio on the same machine and path.
@@ -33,7 +34,7 @@ def step_seconds(model, rows: int, prompt_len: int, steps: int, linears=None) ->
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = torch.randint(100, 1000, (rows, 1), generator=gen)
         for _ in range(steps):
-            ctx = linears.active(model) if linears is not None else contextlib.nullcontext()
+            ctx = linears.active(model, rows) if linears is not None else contextlib.nullcontext()
             t = time.perf_counter()
             with ctx:
                 out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -58,8 +59,8 @@ def main() -> None:
     rows = sorted({1, *(int(r) for r in args.rows.split(","))})
     model = load_model(args.model).model
     linears = DecodeLinears()
-    for r in rows:  # tune every shape (and warm both paths) before timing
-        step_seconds(model, r, args.prompt_len, 2, linears)
+    for r in rows:  # tune every shape and settle each row count's step check (as the engine does) first
+        step_seconds(model, r, args.prompt_len, 2 * linears.trial_steps + 3, linears)
         step_seconds(model, r, args.prompt_len, 2)
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
@@ -82,7 +83,8 @@ def main() -> None:
     for r, v in result["rows"].items():
         print(f"| {r} | {v['stock_ms']:.1f} | {v['stock_ratio']:.2f} | {v['tuned_ms']:.1f} | {v['tuned_ratio']:.2f} "
               f"| {v['tuned_vs_stock']:.2f} |")
-    print(f"tuning: {linears.tuned_seconds:.1f} s, weight copies {linears.extra_used / 2**20:.0f} MiB")
+    print(f"tuning: {linears.tuned_seconds:.1f} s, weight copies {linears.extra_used / 2**20:.0f} MiB; "
+          f"path kept per row count: " + ", ".join(f"{r}: {v['path']}" for r, v in result["tuning"]["steps"].items()))
     if args.choices:
         for row in linears.table():
             print(f"  {row['shape']}: {row['choice']}  " + " ".join(f"{k}={v:.3f}" for k, v in row["ms"].items()))

@@ -277,7 +277,7 @@ class HFBackend:
         self.forward_count += 1
         rows, width = (ids if ids is not None else embeds).shape[:2]
         if decode and self.linears is not None and rows * width <= self.linears.max_rows:
-            with self.linears.active(self.models[model]):
+            with self.linears.active(self.models[model], rows * width):
                 return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
         return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
 

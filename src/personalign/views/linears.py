@@ -122,11 +122,15 @@ class DecodeLinears:
         candidates: formulations to consider (default: all of ``FORMULATIONS``).
         force: run every shape in this formulation, untimed (checks of each one's results; ``pad``
             pads to the smallest size it would try); None tunes.
+        trial_steps: timed steps of each path per row count before its verdict (``active``); 0 keeps
+            the tuned path without the check.
+        step_margin: how much faster (a fraction of the stock step) the tuned steps must be.
     """
 
-    def __init__(self, *, margin: float = 0.05, max_rows: int = 64, rounds: int = 5, tune_bytes: int = 64 << 20,
+    def __init__(self, *, margin: float = 0.1, max_rows: int = 64, rounds: int = 5, tune_bytes: int = 64 << 20,
                  tune_seconds: float = 60.0, extra_bytes: int | None = None, cache_path: str | Path | None = None,
-                 candidates: tuple[str, ...] = FORMULATIONS, force: str | None = None) -> None:
+                 candidates: tuple[str, ...] = FORMULATIONS, force: str | None = None, trial_steps: int = 4,
+                 step_margin: float = 0.01) -> None:
         unknown = [c for c in candidates if c not in FORMULATIONS]
         if unknown or "stock" not in candidates:
             raise ValueError(f"`candidates` must include 'stock' and name only {FORMULATIONS}, got {candidates}.")
@@ -135,6 +139,11 @@ class DecodeLinears:
         if not 0 <= margin < 1 or max_rows < 1 or rounds < 1:
             raise ValueError(f"need 0 <= margin < 1, max_rows >= 1 and rounds >= 1; got {margin}, {max_rows}, {rounds}.")
         self.force = force
+        self.trial_steps, self.step_margin = trial_steps, step_margin
+        self.verdicts: dict[tuple[int, int], str] = {}  # (id(model), rows) -> "tuned" | "stock"
+        self.step_ms: dict[tuple[int, int], dict[str, float]] = {}  # the median steps behind each verdict
+        self._trials: dict[tuple[int, int], dict[str, Any]] = {}
+        self._clock = time.perf_counter
         self.margin, self.max_rows, self.rounds, self.tune_bytes = margin, max_rows, rounds, tune_bytes
         self.tune_seconds, self.candidates = tune_seconds, tuple(candidates)
         self.extra_bytes = extra_bytes
@@ -171,9 +180,22 @@ class DecodeLinears:
         self._modules[model] = mods
 
     @contextlib.contextmanager
-    def active(self, model: torch.nn.Module) -> Iterator[None]:
+    def active(self, model: torch.nn.Module, rows: int | None = None) -> Iterator[None]:
         """Run ``model``'s linears (and ``linear``) tuned in this thread for the duration of an
-        inference-mode decode step."""
+        inference-mode decode step of ``rows`` rows × tokens.
+
+        With ``rows``, the whole step is checked too: per-shape timings cannot see everything a real
+        step does (caches shared with the other ops, each call's own overhead), so the first steps of
+        each row count alternate between the tuned formulations and the untouched stock path, timed,
+        and the row count keeps the tuned path only if its median step is faster by ``step_margin``
+        (``verdicts``); otherwise its steps run stock. Without ``rows``, always tuned.
+        """
+        use = self._use_tuned(model, rows)
+        if not use:
+            t0 = self._clock()
+            yield
+            self._record(model, rows, "stock", self._clock() - t0)
+            return
         mods = self._modules.get(model)
         if mods is None:
             self.attach(model)
@@ -182,12 +204,41 @@ class DecodeLinears:
         _state.tuner = self
         for d, fwd in mods:  # the instance attribute shadows nn.Linear.forward: a dict write, no Module.__setattr__
             d["forward"] = fwd
+        t0, tuned0 = self._clock(), self.tuned_seconds
         try:
             yield
         finally:
             for d, _ in mods:
                 d.pop("forward", None)
             _state.tuner = prev
+        if self.tuned_seconds == tuned0:  # a step that tuned a shape is not a fair sample
+            self._record(model, rows, "tuned", self._clock() - t0)
+
+    def _use_tuned(self, model: torch.nn.Module, rows: int | None) -> bool:
+        if rows is None or self.force is not None or self.trial_steps == 0:
+            return True
+        key = (id(model), rows)
+        verdict = self.verdicts.get(key)
+        if verdict is not None:
+            return verdict == "tuned"
+        trial = self._trials.setdefault(key, {"tuned": [], "stock": [], "n": 0})
+        trial["n"] += 1
+        return trial["n"] % 2 == 1  # tuned first (it tunes its shapes), then alternate
+
+    def _record(self, model: torch.nn.Module, rows: int | None, path: str, seconds: float) -> None:
+        key = (id(model), rows)
+        trial = self._trials.get(key)
+        if rows is None or trial is None or key in self.verdicts:
+            return
+        if trial["n"] <= 2:  # the first step of each path warms it
+            return
+        trial[path].append(seconds)
+        if min(len(trial["tuned"]), len(trial["stock"])) >= self.trial_steps:
+            ms = {"stock": 1000 * statistics.median(trial["stock"]), "tuned": 1000 * statistics.median(trial["tuned"])}
+            self.verdicts[key] = pick(ms, self.step_margin)
+            self.step_ms[key] = ms
+            logger.debug("decode linears at %d rows: %s (median step stock %.2f ms, tuned %.2f ms)", rows,
+                         self.verdicts[key], ms["stock"], ms["tuned"])
 
     # ------------------------------------------------------------------ the hot path
     def run(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -237,8 +288,7 @@ class DecodeLinears:
         if got is not None and got[0]() is w and got[1][0] == stamp:
             return got[1][1]
         size = w.numel() * w.element_size()
-        limit = self._linear_bytes // 4 if self.extra_bytes is None else self.extra_bytes
-        if got is None and budget and self.extra_used + size > limit:
+        if got is None and budget and self.extra_used + size > self._budget():
             return None
         with torch.no_grad():
             if kind == "x_wt":
@@ -249,6 +299,9 @@ class DecodeLinears:
             self.extra_used += size
         self._aux[key] = (weakref.ref(w), (stamp, copy))
         return copy
+
+    def _budget(self) -> int:
+        return self._linear_bytes // 4 if self.extra_bytes is None else self.extra_bytes
 
     def _with_copy(self, kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
         copy = self._copy_of(kind, w)
@@ -307,17 +360,24 @@ class DecodeLinears:
             if other is not None and other is not w:
                 pool.append(other)
                 size += other.numel() * other.element_size()
-        x = torch.randn(shape.rows, shape.n_in, dtype=shape.dtype, device=w.device)
+        # shaped as a decode step feeds it ([rows, 1 token, in]), through the same wrapper as a real call
+        x = torch.randn(shape.rows, 1, shape.n_in, dtype=shape.dtype, device=w.device)
         b = torch.randn(shape.n_out, dtype=shape.dtype, device=w.device) if shape.bias else None
         names = self._names(shape, w)
         made: dict[str, list[torch.Tensor]] = {}
-        for kind in _EXTRA_MEMORY:
-            if kind in names:
-                fresh = [p for p in pool if (kind, id(p)) not in self._aux]
-                if any(self._copy_of(kind, p) is None for p in pool):
-                    names.remove(kind)
-                made[kind] = fresh
-        fns = {n: self._formulation(n, shape.rows) for n in names}
+        limit, used = self._budget(), self.extra_used
+        members = {id(m): m for m in [w, *(r() for r in group)] if m is not None}
+        for kind in _EXTRA_MEMORY:  # timed only if the copies of the whole shape would fit when kept
+            if kind not in names:
+                continue
+            missing = [m for m in members.values() if (kind, id(m)) not in self._aux]
+            if used + sum(m.numel() * m.element_size() for m in missing) > limit:
+                names.remove(kind)
+                continue
+            made[kind] = [p for p in pool if (kind, id(p)) not in self._aux]
+            for p in made[kind]:
+                self._copy_of(kind, p, budget=False)
+        fns = {n: F.linear if n == "stock" else _any_rows(self._formulation(n, shape.rows)) for n in names}
         times: dict[str, list[float]] = {n: [] for n in names}
         with torch.inference_mode():
             for n in names:  # warm-up (and each formulation's one-time set-up)
@@ -344,7 +404,9 @@ class DecodeLinears:
     def summary(self) -> dict[str, Any]:
         """What bench output records: the machine, the choices, the tuning time and copies' memory."""
         return {"fingerprint": self.fingerprint, "tuned_seconds": round(self.tuned_seconds, 3),
-                "extra_bytes": self.extra_used, "choices": {r["shape"]: r["choice"] for r in self.table()}}
+                "extra_bytes": self.extra_used, "choices": {r["shape"]: r["choice"] for r in self.table()},
+                "steps": {str(rows): {"path": v, **{f"{k}_ms": round(x, 3) for k, x in self.step_ms[(m, rows)].items()}}
+                          for (m, rows), v in sorted(self.verdicts.items(), key=lambda kv: kv[0][1])}}
 
     def _read_disk(self) -> dict[str, str]:
         if self.cache_path is None or not self.cache_path.exists():

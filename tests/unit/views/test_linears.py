@@ -179,3 +179,28 @@ def test_the_switch():
         from_env("force:gemv")
     with pytest.raises(ValueError, match="`candidates` must include 'stock'"):
         DecodeLinears(candidates=("w_xt",))
+
+
+@pytest.mark.parametrize("tuned_cost,verdict", [(2.0, "stock"), (0.5, "tuned")])
+def test_each_row_count_keeps_the_tuned_path_only_if_its_steps_are_faster(tuned_cost, verdict):
+    """The first steps of a row count alternate between the tuned and the untouched stock path
+    (timed on the tuner's clock, here a fake one that a tuned step advances by ``tuned_cost``)."""
+    layer = torch.nn.Linear(8, 8)
+    tuner = DecodeLinears(trial_steps=3, force=None, rounds=1)
+    now = [0.0]
+    tuner._clock = lambda: now[0]
+    paths = []
+    with torch.inference_mode():
+        for _ in range(2 + 2 * 3 + 4):
+            with tuner.active(layer, 2):
+                tuned = "forward" in layer.__dict__
+                paths.append("tuned" if tuned else "stock")
+                layer(torch.randn(2, 8))
+                now[0] += tuned_cost if tuned else 1.0
+    ((_, rows), got), = tuner.verdicts.items()
+    assert rows == 2 and got == verdict
+    assert paths[:8] == ["tuned", "stock"] * 4  # the trial: alternating, the first two untimed
+    assert paths[8:] == [verdict] * 4  # then the verdict's path only
+    assert tuner.summary()["steps"] == {"2": {"path": verdict, "stock_ms": 1000.0, "tuned_ms": 1000.0 * tuned_cost}}
+    with tuner.active(layer):  # without a row count: always the tuned formulations
+        assert "forward" in layer.__dict__
