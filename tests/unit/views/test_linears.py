@@ -53,6 +53,10 @@ def test_pick_keeps_stock_unless_a_candidate_beats_it_by_the_margin():
     assert pick({"stock": 1.0, "w_xt": 0.90, "pad4": 0.80}, 0.05) == "pad4"
     assert pick({"stock": 1.0, "w_xt": 1.20}, 0.0) == "stock"
     assert pick({"stock": 1.0}, 0.05) == "stock"
+    # a weight copy only where it pays: the fastest copy-free one within the margin wins
+    assert pick({"stock": 1.0, "pad16": 0.60, "onednn": 0.58}, 0.05) == "pad16"
+    assert pick({"stock": 1.0, "pad16": 0.80, "onednn": 0.58}, 0.05) == "onednn"
+    assert pick({"stock": 1.0, "x_wt": 0.80}, 0.05) == "x_wt"
 
 
 def test_a_shape_is_timed_once_and_recorded():
