@@ -276,7 +276,8 @@ class HFBackend:
         ``decode``: a step (not a prefill), whose linears run the tuned path when it is on."""
         self.forward_count += 1
         rows, width = (ids if ids is not None else embeds).shape[:2]
-        if decode and self.linears is not None and rows * width <= self.linears.max_rows:
+        if decode and self.linears is not None and rows * width <= self.linears.max_rows and \
+                (ids if ids is not None else embeds).device.type == "cpu":  # the few-row quirks are the CPU's
             with self.linears.active(self.models[model], rows * width):
                 return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
         return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)

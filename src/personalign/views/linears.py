@@ -25,7 +25,8 @@ call; the whole process spends at most ``tune_seconds`` tuning (shapes met after
 Copies for ``x_wt``/``onednn`` stay within ``extra_bytes`` (by default a quarter of the linear
 weights). Choices are kept for the process and, given ``cache_path`` (or
 ``PERSONALIGN_DECODE_LINEARS_CACHE``), on disk per machine (CPU model, threads, torch version). Prefill, scoring and
-anything outside ``active`` run the stock ``nn.Linear`` untouched, as does ``model.generate``.
+anything outside ``active`` run the stock ``nn.Linear`` untouched, as does ``model.generate``; so do
+weights off the CPU (an accelerator's kernels are neither timed on the host clock nor quirky this way).
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ class DecodeLinears:
             return F.linear
         rows = x.numel() // n_in
         key = (x.numel(), x.shape[-1], w.shape, w.dtype, w.is_cpu, b is None)
-        if rows > self.max_rows:
+        if rows > self.max_rows or not w.is_cpu:  # an accelerator's kernels are not timed on the host clock
             self._fast[key] = F.linear
             return F.linear
         shape = _Shape(rows, n_in, w.shape[0], w.dtype, w.device.type, b is not None)

@@ -115,6 +115,14 @@ def test_autograd_and_wide_inputs_run_stock():
     assert torch.equal(wide, F.linear(x, layer.weight, layer.bias).detach())
 
 
+def test_weights_off_the_cpu_run_stock():
+    layer = torch.nn.Linear(16, 16, device="meta")
+    tuner = DecodeLinears(force="w_xt")
+    with torch.inference_mode(), tuner.active(layer):
+        y = layer(torch.randn(2, 16, device="meta"))
+    assert y.shape == (2, 16) and tuner.table() == []
+
+
 def test_choices_persist_on_disk_per_machine(tmp_path):
     path = tmp_path / "tune.json"
     layer = torch.nn.Linear(32, 256, bias=False)
