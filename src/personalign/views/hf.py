@@ -246,8 +246,6 @@ class HFBackend:
         self._cache_kw[key] = _cache_kwarg(model)
         self._additive_mask[key] = _takes_additive_mask(model)
         self._layout[key] = attention_layout(model, key)
-        if self.linears is not None:
-            self.linears.attach(model)
 
     # ------------------------------------------------------------------ helpers
     def tokenizer(self, model: str = "main") -> Any:
@@ -275,9 +273,10 @@ class HFBackend:
         """One model forward; returns float32 log-probs [R, keep, V] of the last ``keep`` columns.
         ``decode``: a step (not a prefill), whose linears run the tuned path when it is on."""
         self.forward_count += 1
-        rows, width = (ids if ids is not None else embeds).shape[:2]
+        fed = ids if ids is not None else embeds
+        rows, width = fed.shape[:2]
         if decode and self.linears is not None and rows * width <= self.linears.max_rows and \
-                (ids if ids is not None else embeds).device.type == "cpu":  # the few-row quirks are the CPU's
+                fed.device.type == "cpu":  # the few-row quirks are the CPU's
             with self.linears.active(self.models[model], rows * width):
                 return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)
         return self._run_model(model, cache, mask, pos, keep, rows, width, ids, embeds)

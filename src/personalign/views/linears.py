@@ -22,6 +22,9 @@ path it measured. Timing is realistic and bounded: each candidate runs over up t
 the model's own weights of that shape (so the weights come from memory, as in a real step, not from
 a cache that one small matrix fits in), candidates interleaved over ``rounds`` rounds, median per
 call; the whole process spends at most ``tune_seconds`` tuning (shapes met after that run ``stock``).
+Per-shape timings cannot see everything a real step does, so each row count's first steps then
+alternate between the tuned formulations and the stock path, timed, and keep the faster
+(``DecodeLinears.active``).
 Copies for ``x_wt``/``onednn`` stay within ``extra_bytes`` (by default a quarter of the linear
 weights). Choices are kept for the process and, given ``cache_path`` (or
 ``PERSONALIGN_DECODE_LINEARS_CACHE``), on disk per machine (CPU model, threads, torch version). Prefill, scoring and
@@ -32,6 +35,7 @@ weights off the CPU (an accelerator's kernels are neither timed on the host cloc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -67,15 +71,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return tuner.run(x, weight, bias)
 
 
-def machine_fingerprint() -> str:
-    """What the choices depend on: CPU model, threads, torch version and its BLAS / oneDNN build."""
-    cpu = platform.processor() or platform.machine()
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; what ``platform`` says elsewhere), read once a process."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{cpu} | threads={torch.get_num_threads()} | torch={torch.__version__} | "
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_fingerprint() -> str:
+    """What the choices depend on: CPU model, threads, torch version and its BLAS / oneDNN build."""
+    return (f"{_cpu_name()} | threads={torch.get_num_threads()} | torch={torch.__version__} | "
             f"mkl={torch.backends.mkl.is_available()} | onednn={torch.backends.mkldnn.is_available()}")
 
 
@@ -263,12 +271,12 @@ class DecodeLinears:
             return F.linear
         shape = _Shape(rows, n_in, w.shape[0], w.dtype, w.device.type, b is not None)
         choice = self.choices.get(shape) or self._choose(shape, w)
-        fn = F.linear if choice.name == "stock" else _any_rows(self._formulation(choice.name, rows))
+        fn = F.linear if choice.name == "stock" else _any_rows(self._formulation(choice.name))
         self._fast[key] = fn
         return fn
 
     # ------------------------------------------------------------------ formulations
-    def _formulation(self, name: str, rows: int) -> Callable[..., torch.Tensor | None]:
+    def _formulation(self, name: str) -> Callable[..., torch.Tensor | None]:
         if name == "w_xt":
             return _w_xt
         if name.startswith("pad"):
@@ -333,12 +341,12 @@ class DecodeLinears:
         with self._lock:
             if shape in self.choices:
                 return self.choices[shape]
-            name = self._disk.get(shape.key())
+            stored = self._disk.get(shape.key())
             if self.force is not None:
                 names = [n for n in self._names(shape, w) if n.startswith(self.force)]
                 choice = Choice(names[0] if names else "stock", source="forced")
-            elif name is not None and name in self._names(shape, w):
-                choice = Choice(name, source="disk")
+            elif stored is not None and stored in self._names(shape, w):
+                choice = Choice(stored, source="disk")
             elif self.tuned_seconds >= self.tune_seconds:
                 choice = Choice("stock", source="budget")
             else:
@@ -378,7 +386,7 @@ class DecodeLinears:
             made[kind] = [p for p in pool if (kind, id(p)) not in self._aux]
             for p in made[kind]:
                 self._copy_of(kind, p, budget=False)
-        fns = {n: F.linear if n == "stock" else _any_rows(self._formulation(n, shape.rows)) for n in names}
+        fns = {n: F.linear if n == "stock" else _any_rows(self._formulation(n)) for n in names}
         times: dict[str, list[float]] = {n: [] for n in names}
         with torch.inference_mode():
             for n in names:  # warm-up (and each formulation's one-time set-up)
