@@ -12,12 +12,12 @@ request, whatever their methods, then at most one bounded forward of feedback fo
 3. resume every cohort until it asks for its next forward, then serve all those forwards with
    ``HFBackend.step_many``: one forward per model, the caches of all cohorts joined row-wise;
 4. advance feedback folding by at most one forward of ``views.scoring.ChunkedScorer`` (the sequences
-   a fold scores, batched across the waiting folds) within the *fold budget*: while requests decode,
-   folding earns ``fold_share`` of each round's decoding time and spends it on a forward once it
-   covers one (``_FoldCost`` predicts a forward's time from its tokens), so a chat's latency stays
-   within ``1 + fold_share`` of an idle server's on average, whatever feedback is queued; when none
-   decodes, a forward takes ``fold_idle_ms`` (which bounds how long a request that arrives meanwhile
-   waits to start). Folds wait in a bounded queue (``max_folds``; ``submit_fold`` raises
+   a fold scores, batched across the waiting folds) within the *fold budget* (``server.fold_budget``):
+   while requests decode, folding earns ``fold_share`` of each round's decoding time and spends it on
+   a forward once it covers one, so a chat's latency stays within ``1 + fold_share`` of an idle
+   server's on average, whatever feedback is queued; when none decodes, a forward takes
+   ``fold_idle_ms`` (which bounds how long a request that arrives meanwhile waits to start). On any
+   machine a forward feeds enough tokens that its fixed cost is at most half its time. Folds wait in a bounded queue (``max_folds``; ``submit_fold`` raises
    ``QueueFull`` beyond it, HTTP 429). A *fold task* (``FoldJob.task``: a user's P-DPO embedding fit)
    takes its turn in the same queue and budget: one piece — whole pairs, forward and backward — per
    folding turn, sized by its own cost model.
@@ -57,6 +57,7 @@ from personalign.decoding.loop import PromptTooLong, RequestPlan, decode, plan_r
 from personalign.decoding.method import Method
 from personalign.decoding.sampling import SamplingConfig
 from personalign.decoding.stopping import RowText
+from personalign.server.fold_budget import FoldBudget, FoldCost
 from personalign.types import Request
 from personalign.views.base import BatchingBackend
 from personalign.views.scoring import ChunkedScorer
@@ -172,40 +173,6 @@ class FoldJob:
             self.loop.call_soon_threadsafe(set_)
 
 
-class _FoldCost:
-    """A folding forward's time as ``a + b · tokens`` (a: reading the weights once; b: per token), fitted
-    online to the forwards run (least squares with forgetting), to size the next one to a time budget."""
-
-    def __init__(self, decay: float = 0.9) -> None:
-        self.decay = decay
-        self.n = self.t = self.d = self.tt = self.td = 0.0
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        k = self.decay
-        self.n, self.t, self.d = k * self.n + 1, k * self.t + tokens, k * self.d + seconds
-        self.tt, self.td = k * self.tt + tokens * tokens, k * self.td + tokens * seconds
-
-    def fit(self) -> tuple[float, float]:
-        """(a, b) in seconds and seconds per token; before any forward: 0 and 1 ms a token."""
-        if self.n < 1e-9:
-            return 0.0, 1e-3
-        mt, md = self.t / self.n, self.d / self.n
-        var = self.tt / self.n - mt * mt
-        if var > 1e-9 * max(1.0, mt * mt):
-            b = (self.td / self.n - mt * md) / var
-            if b > 0:
-                return max(0.0, md - b * mt), b
-        return 0.0, md / max(mt, 1.0)
-
-    def seconds(self, tokens: int) -> float:
-        a, b = self.fit()
-        return a + b * tokens
-
-    def tokens(self, budget: float, least: int) -> int:
-        a, b = self.fit()
-        return max(least, int((budget - a) / b))
-
-
 class _RoundBackend:
     """The backend as a cohort's ``decode`` sees it: ``step`` waits for the round's joined forward.
 
@@ -301,9 +268,9 @@ class EngineWorker:
         self._folds: deque[FoldJob] = deque()
         self._fold_batch: list[tuple[FoldJob, int, int]] = []  # (job, first row, end row) in the scorer
         self._scorer: Any = None  # a ChunkedScorer over a batch of folds, or a fold task
-        self._fold_cost = _FoldCost()
-        self._task_cost = _FoldCost()  # a fold task's piece (forward and backward), fitted apart
-        self._fold_credit = 0.0  # seconds of folding earned while requests decode
+        self._fold_budget = FoldBudget(fold_share, self.fold_idle)
+        self._fold_cost = FoldCost()
+        self._task_cost = FoldCost()  # a fold task's piece (forward and backward), fitted apart
         self._decode_seconds = 0.0  # this round's decoding forward time
         if not 0 <= batch_wait <= 10:
             raise ValueError(f"`batch_wait` must lie in [0, 10] seconds, got {batch_wait}.")
@@ -449,27 +416,19 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ folding
     def _fold_round(self, busy: bool) -> None:
-        """At most one bounded forward of feedback folding (module docstring, step 4).
-
-        While requests decode, folding earns ``fold_share`` of each round's decoding time as credit and
-        spends it on a forward once the credit covers the cheapest forward the cost model predicts
-        (``_FoldCost``: a fixed part, the weights read once, and a part per token), so over any stretch
-        of decoding, folding takes at most that share of the time, in forwards worth running. When
-        nothing decodes, a forward takes ``fold_idle_ms``.
+        """At most one bounded forward of feedback folding (module docstring, step 4), sized and timed by
+        the folding budget (``server.fold_budget``): while requests decode, folding takes about
+        ``fold_share`` of the time; when nothing decodes, a forward takes ``fold_idle_ms``; on any machine
+        a forward's fixed part is at most half its time, so folding never crawls at a few tokens a forward.
         """
         if self._scorer is None and not self._start_fold_batch():
-            self._fold_credit = 0.0
+            self._fold_budget.reset()
             return
         task = self._fold_batch[0][0].task is not None
         cost, least = (self._task_cost, 1) if task else (self._fold_cost, self.fold_unit_rows)
-        if busy:
-            self._fold_credit = min(self._fold_credit + self.fold_share * self._decode_seconds, self.fold_idle)
-            budget = self._fold_credit
-            if budget < cost.seconds(least):
-                return  # not enough credit for a forward yet: decoding goes on
-        else:
-            self._fold_credit, budget = 0.0, self.fold_idle
-        tokens = cost.tokens(budget, least)
+        tokens = self._fold_budget.plan(cost, least, busy, self._decode_seconds)
+        if tokens is None:
+            return  # not enough credit for a forward yet: decoding goes on
         t0 = time.perf_counter()
         try:
             fed = self._scorer.advance(tokens)
@@ -482,8 +441,7 @@ class EngineWorker:
             return
         dt = max(time.perf_counter() - t0, 1e-6)
         cost.observe(fed, dt)
-        if busy:
-            self._fold_credit -= dt
+        self._fold_budget.spent(dt, busy)
         self.stats.fold_forwards += 1
         self.stats.fold_tokens += fed
         self.stats.fold_seconds += dt

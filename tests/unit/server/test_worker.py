@@ -236,3 +236,48 @@ def test_folds_share_the_rounds_within_their_budget(backend, tiny_lm):
     for a, b in zip(got, want):
         assert_close_logprobs(a, b, tiny_lm, tokens=70)
     assert w.stats.folds == 1 and w.stats.fold_forwards > 10 and w.load()["folds_running"] == 0
+
+
+def test_fold_on_a_backend_slower_than_the_idle_budget_finishes_in_bounded_forwards(tiny_chat_tokenizer, tiny_lm):
+    """Every forward of this backend sleeps 40 ms, eight times ``fold_idle_ms``: the folding budget
+    adapts to the machine (``server.fold_budget``), so the fold runs in forwards of hundreds of tokens,
+    not the minimum (1 token a row: 280 forwards for these 8 rows), and its log-probs stay exact."""
+    import time
+
+    import torch
+    from tests.numerics import assert_close_logprobs
+
+    from personalign.server.worker import FoldJob
+
+    class SlowBackend(HFBackend):
+        def prefill(self, *args, **kwargs):
+            time.sleep(0.04)
+            return super().prefill(*args, **kwargs)
+
+        def step(self, *args, **kwargs):
+            time.sleep(0.04)
+            return super().step(*args, **kwargs)
+
+    backend = SlowBackend(tiny_lm, tiny_chat_tokenizer)
+    g = torch.Generator().manual_seed(1)
+    rows = [(torch.randint(8, 100, (30,), generator=g).tolist(), torch.randint(8, 100, (40,), generator=g).tolist())
+            for _ in range(8)]
+    w = EngineWorker(backend, {"base": BaseMethod()}, batch_wait=0.0, fold_unit_rows=4, fold_idle_ms=5)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        fold = FoldJob(rows=rows, model="main", loop=loop, future=loop.create_future())
+        w.submit_fold(fold)
+        return await asyncio.wait_for(fold.future, 120)
+
+    w.start()
+    try:
+        got = asyncio.run(run())
+    finally:
+        w.stop()
+    # probes double from 4 tokens to the 512-token cap (8 forwards at most), then each 4-row unit of
+    # 69 fed tokens a row needs a prefill and at most two steps
+    assert w.stats.fold_forwards <= 8 + 2 * 3, w.stats.fold_forwards
+    want = HFBackend(tiny_lm, tiny_chat_tokenizer).sequence_logprobs([p for p, _ in rows], [c for _, c in rows])
+    for a, b in zip(got, want):
+        assert_close_logprobs(a, b, tiny_lm, tokens=70)
