@@ -11,6 +11,9 @@ shape ``(rows, in, out, dtype, device, bias)`` and times the candidates the firs
 - ``stock``: ``F.linear(x, W, b)``, what the model runs anyway;
 - ``w_xt``: ``(W xᵀ)ᵀ``, the weights as the left operand (``addmm`` with the bias);
 - ``pad<m>``: the rows padded with zeros to ``m`` (each row's result does not depend on the others);
+- ``w_xt_pad<m>``: the rows padded to ``m``, then ``(W xᵀ)ᵀ``: a matrix-matrix product where the
+  library sends one row (or another slow count) to a matrix-vector kernel — on some CPUs (measured:
+  an AMD EPYC, MKL) SmolLM2's output head costs 2.1× as much for one row as for two rows this way;
 - ``x_wt``: ``x (Wᵀ)`` from a contiguous transposed copy of ``W`` (extra memory);
 - ``onednn``: oneDNN's linear over a copy of ``W`` in its blocked layout (extra memory; CPU, float32
   and bfloat16, where PyTorch is built with oneDNN).
@@ -56,7 +59,7 @@ __all__ = ["DecodeLinears", "linear", "machine_fingerprint", "FORMULATIONS", "fr
 
 logger = logging.getLogger(__name__)
 
-FORMULATIONS = ("stock", "w_xt", "pad", "x_wt", "onednn")
+FORMULATIONS = ("stock", "w_xt", "pad", "w_xt_pad", "x_wt", "onednn")
 _EXTRA_MEMORY = ("x_wt", "onednn")
 
 _state = threading.local()  # .tuner: the DecodeLinears of the step running in this thread, else unset
@@ -279,9 +282,12 @@ class DecodeLinears:
     def _formulation(self, name: str) -> Callable[..., torch.Tensor | None]:
         if name == "w_xt":
             return _w_xt
+        if name.startswith("w_xt_pad"):
+            m = int(name[len("w_xt_pad"):])
+            return lambda x, w, b: _padded(x, w, b, m, _w_xt)
         if name.startswith("pad"):
             m = int(name[3:])
-            return lambda x, w, b: _padded(x, w, b, m)
+            return lambda x, w, b: _padded(x, w, b, m, F.linear)
         if name == "x_wt":
             return lambda x, w, b: self._with_copy("x_wt", x, w, b)
         if name == "onednn":
@@ -329,8 +335,8 @@ class DecodeLinears:
     def _names(self, shape: _Shape, w: torch.Tensor) -> list[str]:
         names = []
         for c in self.candidates:
-            if c == "pad":
-                names.extend(f"pad{m}" for m in _pad_sizes(shape.rows, self.max_rows))
+            if c in ("pad", "w_xt_pad"):
+                names.extend(f"{c}{m}" for m in _pad_sizes(shape.rows, self.max_rows))
             elif c == "onednn" and not _onednn_ok(w):
                 continue
             else:
@@ -500,11 +506,14 @@ def _w_xt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     return y.t().contiguous()
 
 
-def _padded(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int) -> torch.Tensor:
-    return F.linear(torch.cat([x, x.new_zeros(m - x.shape[0], x.shape[1])]), w, b)[: x.shape[0]]
+def _padded(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, m: int,
+            product: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``product`` (``F.linear`` or ``_w_xt``) of ``x``'s rows padded with zero rows to ``m``, cut back."""
+    return product(torch.cat([x, x.new_zeros(m - x.shape[0], x.shape[1])]), w, b)[: x.shape[0]]
 
 
 def _pad_sizes(rows: int, max_rows: int) -> list[int]:
-    """Row counts worth padding to: the next multiples of 4, 8 and 16 and the next power of two."""
-    sizes = {-(-rows // q) * q for q in (4, 8, 16)} | {1 << (rows - 1).bit_length()}
+    """Row counts worth padding to: the next multiples of 2, 4, 8 and 16 and the next power of two
+    (one row: 2, 4, 8, 16; nine rows: 10, 12, 16)."""
+    sizes = {-(-rows // q) * q for q in (2, 4, 8, 16)} | {1 << (rows - 1).bit_length()}
     return sorted(s for s in sizes if rows < s <= max(max_rows, 16))
