@@ -50,7 +50,7 @@ from personalign.personas import drift
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import compare_identity, steer_identity
 from personalign.server.schemas import Limits
-from personalign.server.store import ProfileConflict, Store, StoredFeedback
+from personalign.server.store import ProfileConflict, Store, StoreBusy, StoredFeedback, StoreUnavailable
 from personalign.server.worker import EngineWorker, FoldJob, QueueFull
 from personalign.training.pdpo.data import TokenizedPair, tokenize_pairs
 from personalign.training.pdpo.user_fit import (
@@ -63,7 +63,7 @@ from personalign.views.base import Backend
 
 __all__ = ["FoldManager", "EmbeddingLearner", "FoldRejected", "FoldQueueFull", "EngineStopped", "PreferencePair",
            "drift_prompt",
-           "check_profile", "unfold_pairs", "feedback_pairs", "steering_model_key"]
+           "check_profile", "unfold_pairs", "item_pair_id", "feedback_pairs", "steering_model_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +113,27 @@ def feedback_pairs(fb: StoredFeedback) -> list[PreferencePair]:
     return [PreferencePair(prompt=prompt, chosen=fb.chosen, rejected=r) for r in fb.rejected_texts]
 
 
-def unfold_pairs(profile: dict[str, Any], pairs: list[PreferencePair]) -> dict[str, Any] | None:
-    """``profile`` without ``pairs`` (``remove_pair``); None when none of them is in it."""
+def item_pair_id(feedback_id: str, pair: PreferencePair) -> str:
+    """The id of the Drift row one item folded for ``pair``: the pair's content id and the item's id, so
+    two items stating the same pair fold two rows, and deleting one takes back exactly its own."""
+    return f"{pair.pair_id}@{feedback_id}"
+
+
+def unfold_pairs(profile: dict[str, Any], fb: StoredFeedback, shared: bool = False) -> dict[str, Any] | None:
+    """``profile`` without the rows item ``fb`` folded; None when none of them is in it.
+
+    Rows folded by an earlier release carry the pair's content id alone (one row for every item stating
+    that pair): they are taken out only when no other folded item states the pair (``shared`` False)."""
     prof = drift.DriftProfile.from_dict(profile)
-    present = [p for p in pairs if p.pair_id in prof.pair_ids]
+    pairs = feedback_pairs(fb)
+    ids = [item_pair_id(fb.feedback_id, p) for p in pairs]
+    if not any(i in prof.pair_ids for i in ids) and not shared:
+        ids = [p.pair_id for p in pairs]  # an earlier release's rows
+    present = [i for i in ids if i in prof.pair_ids]
     if not present:
         return None
-    for p in present:
-        prof.remove_pair(p.pair_id)
+    for i in present:
+        prof.remove_pair(i)
     return prof.to_dict()
 
 
@@ -236,6 +249,7 @@ class FoldManager:
         self._users: dict[tuple[str, str], _UserQueue] = {}
         self._tickets: dict[tuple[str, str], FoldTicket] = {}
         self._backlog: deque[FoldTicket] = deque()  # recovered items beyond the engine's queue
+        self.cancelled = 0  # folds stopped because their item was deleted first
 
     # ------------------------------------------------------------------ step 1: bounds, rows
     def user_lock(self, owner: str, user: str) -> asyncio.Lock:
@@ -342,12 +356,13 @@ class FoldManager:
             result = None
             if not ticket.cancelled:
                 try:
-                    logprobs = await ticket.job.future
-                    result = drift.rewards_from_scores(logprobs, 1 + len(ticket.plan.pairs), ticket.plan.pool)
+                    logprobs = await ticket.job.future  # None once the item is deleted (``settle``)
                 except RuntimeError as e:
                     if not self.engine.alive:
                         raise EngineStopped(str(e)) from None
                     raise
+                if not ticket.cancelled:
+                    result = drift.rewards_from_scores(logprobs, 1 + len(ticket.plan.pairs), ticket.plan.pool)
             self._pump()
             if ticket.previous is not None:  # the user's earlier items merge first
                 await asyncio.shield(ticket.previous)
@@ -357,8 +372,7 @@ class FoldManager:
             if ticket.cancelled or result is None:
                 self._settle(ticket, None)
                 return
-            ticket.merging = True
-            stored = await self.run_sync(self._merge, ticket, result[0], result[1:], fitted)
+            stored = await self._merge_when_the_store_answers(ticket, result[0], result[1:], fitted)
             self._settle(ticket, stored)
         except EngineStopped as e:
             self._settle(ticket, e)
@@ -401,12 +415,32 @@ class FoldManager:
         if ticket.cancelled:
             return None
         try:
-            done = await job.future
+            done = await job.future  # None once the item is deleted (``settle``)
         except RuntimeError as e:
             if not self.engine.alive:
                 raise EngineStopped(str(e)) from None
             raise
+        if ticket.cancelled:
+            return None
         return done.result((start.num_pairs if start is not None else 0) + len(ticket.plan.pairs))
+
+    async def _merge_when_the_store_answers(self, ticket: FoldTicket, wins: Any, losses: Any,
+                                            fitted: UserEmbedding | None) -> StoredFeedback | None:
+        """``_merge``, retried while the store is failing (read-only, full, locked): the item was
+        acknowledged, so its scores wait for the store to recover instead of being lost."""
+        pause = 0.25
+        while True:
+            ticket.merging = True
+            try:
+                return await self.run_sync(self._merge, ticket, wins, losses, fitted)
+            except (StoreUnavailable, StoreBusy):
+                if not self.engine.alive:
+                    raise
+            ticket.merging = False  # between attempts a delete may cancel it (``settle``)
+            await asyncio.sleep(pause)
+            if ticket.cancelled:
+                return None
+            pause = min(2 * pause, 5.0)
 
     def _settle(self, ticket: FoldTicket, value: Any) -> None:
         self._tickets.pop((ticket.owner, ticket.feedback_id), None)
@@ -440,7 +474,7 @@ class FoldManager:
                     raise ValueError("the user's Drift profile was replaced with another attribute pool while this "
                                      "feedback was folded; post it again to score it under the new pool.")
             for pair, loss in zip(ticket.plan.pairs, losses):
-                prof.add_rewards(pair.pair_id, wins, loss)
+                prof.add_rewards(item_pair_id(ticket.feedback_id, pair), wins, loss)
             update: dict[str, Any] = {"drift_profile": prof.to_dict()}
             if fitted is not None:
                 update["pdpo_embedding"] = fitted.to_dict()
@@ -461,9 +495,10 @@ class FoldManager:
             await asyncio.shield(ticket.merged)
             return
         ticket.cancelled = True
+        self.cancelled += 1
         for job in (ticket.job, ticket.fit_job):
             if job is not None:
-                job.cancelled = True
+                job.cancel()  # its waiter wakes (no task is left pending); the engine skips or stops it
         self._settle(ticket, None)
 
     async def recover(self) -> int:
@@ -491,4 +526,4 @@ class FoldManager:
         eng = self.engine.load()
         merging = sum(1 for t in self._tickets.values() if t.merging)
         return {"folds_waiting": eng["folds_waiting"] + len(self._backlog), "folds_running": eng["folds_running"]
-                + merging, "max_folds": self.limits.max_folds}
+                + merging, "max_folds": self.limits.max_folds, "folds_cancelled": self.cancelled}

@@ -42,7 +42,7 @@ from personalign.server.folding import (
 )
 from personalign.server.personalize import check_method, check_text_params
 from personalign.server.schemas import FeedbackBody, KeyBody, ProfileBody, check_id, shown
-from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, StoredFeedback
+from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, Store, StoredFeedback
 from personalign.server.worker import Delta, Failed, Job, QueueFull
 from personalign.training.pdpo.user_fit import UserEmbedding
 from personalign.types import Request as GenRequest
@@ -74,21 +74,26 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
             raise APIError(400, msg, param=field, code="invalid_id")
         return value
 
+    def query_id(value: str | None, field: str) -> str | None:
+        """An id from the query string: form decoding turns an unencoded ``+`` into a space, which no id
+        holds, so a space is read back as the ``+`` it was (``?user=a+b`` is the user ``a+b``)."""
+        return None if value is None else valid_id(value.replace(" ", "+"), field)
+
     # ------------------------------------------------------------------ keys (admin)
     @app.post("/v1/keys", status_code=201)
     async def create_key(body: KeyBody, request: Request) -> dict[str, Any]:
-        ctx.require_admin(request)
+        await ctx.require_admin(request)
         kid, key = await ctx.db(store.create_key, body.name)
         return {"id": kid, "object": "api_key", "name": body.name, "key": key}
 
     @app.get("/v1/keys")
     async def list_keys(request: Request) -> dict[str, Any]:
-        ctx.require_admin(request)
+        await ctx.require_admin(request)
         return {"object": "list", "data": await ctx.db(store.list_keys)}
 
     @app.delete("/v1/keys/{kid}")
     async def revoke_key(kid: str, request: Request) -> dict[str, Any]:
-        ctx.require_admin(request)
+        await ctx.require_admin(request)
         if not await ctx.db(store.revoke_key, kid):
             raise APIError(404, f"no live key {shown(kid)}.", param="id", code="key_not_found")
         return {"id": kid, "object": "api_key", "deleted": True}
@@ -137,7 +142,7 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
     @app.get("/v1/profiles")
     async def list_profiles(request: Request, limit: int = 100, after: str | None = None) -> dict[str, Any]:
         owner = await ctx.owner(request)
-        rows, more = await ctx.db(store.list_profiles, owner, _limit(limit), after)
+        rows, more = await ctx.db(store.list_profiles, owner, _limit(limit), query_id(after, "after"))
         return page(rows, more)
 
     async def get_owned(owner: str, user: str) -> dict[str, Any]:
@@ -255,7 +260,8 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
     async def list_feedback(request: Request, user: str | None = None, limit: int = 100,
                             after: str | None = None) -> dict[str, Any]:
         owner = await ctx.owner(request)
-        rows, more = await ctx.db(store.list_feedback, owner, user, _limit(limit), after)
+        rows, more = await ctx.db(store.list_feedback, owner, query_id(user, "user"), _limit(limit),
+                                  query_id(after, "after"))
         return page([f.to_dict() for f in rows], more)
 
     @app.delete("/v1/feedback/{fid}")
@@ -271,7 +277,8 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
             profile = await ctx.db(store.get_profile, owner, f.user_id)
             update = None
             if f.folded and profile is not None and profile["drift_profile"] is not None:
-                new = await ctx.db(unfold_pairs, profile["drift_profile"], feedback_pairs(f))
+                shared = await ctx.db(_pair_folded_by_another, store, owner, f)
+                new = await ctx.db(unfold_pairs, profile["drift_profile"], f, shared)
                 update = None if new is None else {"drift_profile": new}
             if f.folded and profile is not None and profile.get("pdpo_embedding") is not None:
                 # a fitted embedding cannot take one pair back out: it is dropped, and the next feedback
@@ -293,6 +300,20 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
         if f is None:
             raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
         return f.to_dict()
+
+
+def _pair_folded_by_another(store: Store, owner: str, fb: StoredFeedback) -> bool:
+    """Whether another folded item of the user states the same pairs (``unfold_pairs``: only rows of an
+    earlier release, one row for all such items, depend on it)."""
+    mine, after = {p.pair_id for p in feedback_pairs(fb)}, None
+    while True:
+        rows, more = store.list_feedback(owner, fb.user_id, limit=500, after=after)
+        if any(r.feedback_id != fb.feedback_id and r.folded and mine & {p.pair_id for p in feedback_pairs(r)}
+               for r in rows):
+            return True
+        if not more or not rows:
+            return False
+        after = rows[-1].feedback_id
 
 
 def _replay(old: StoredFeedback, new: StoredFeedback) -> JSONResponse:

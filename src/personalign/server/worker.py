@@ -146,7 +146,8 @@ class FoldJob:
     """The scoring of one feedback item: teacher-forced ``rows`` on the backend's model ``model``.
 
     ``future`` (on ``loop``) gets the rows' per-token log-probs (``ChunkedScorer.result``) or the
-    exception that stopped them. A cancelled job is dropped before it starts (or its result ignored).
+    exception that stopped them. A cancelled job (``cancel``, on ``loop``) gets None at once and is
+    dropped before it starts; a batch whose jobs are all cancelled stops and frees its cache.
 
     A job with a ``task`` instead (no rows) runs that task in bounded pieces, alone: anything with
     ``advance(tokens) -> tokens fed`` and ``done`` (e.g. ``training.pdpo.user_fit.EmbeddingFit``, a
@@ -160,6 +161,12 @@ class FoldJob:
     label: str = ""
     cancelled: bool = False
     task: Any = None
+
+    def cancel(self) -> None:
+        """Stop waiting for this job (on ``loop``'s thread): its future gets None; the engine skips it."""
+        self.cancelled = True
+        if not self.future.done():
+            self.future.set_result(None)
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         def set_() -> None:
@@ -227,6 +234,7 @@ class EngineStats:
     fold_forwards: int = 0
     fold_tokens: int = 0
     fold_seconds: float = 0.0
+    folds_dropped: int = 0  # folds abandoned mid-scoring because every item of their batch was deleted
 
 
 class EngineWorker:
@@ -421,6 +429,8 @@ class EngineWorker:
         ``fold_share`` of the time; when nothing decodes, a forward takes ``fold_idle_ms``; on any machine
         a forward's fixed part is at most half its time, so folding never crawls at a few tokens a forward.
         """
+        if self._scorer is not None and all(job.cancelled for job, _, _ in self._fold_batch):
+            self._drop_fold_batch()  # every item of the batch was deleted: stop scoring it
         if self._scorer is None and not self._start_fold_batch():
             self._fold_budget.reset()
             return
@@ -460,6 +470,15 @@ class EngineWorker:
                 self.stats.folds += 1
             with self._cv:
                 self._fold_batch, self._scorer = [], None
+
+    def _drop_fold_batch(self) -> None:
+        """Abandon the running fold batch, its cache rows released (a fold task simply stops)."""
+        close = getattr(self._scorer, "close", None)
+        if close is not None:
+            close()
+        self.stats.folds_dropped += len(self._fold_batch)
+        with self._cv:
+            self._fold_batch, self._scorer = [], None
 
     def _start_fold_batch(self) -> bool:
         """Take waiting folds (one steering model, at most ``fold_batch_rows`` sequences) into a new scorer."""

@@ -128,6 +128,16 @@ class ChunkedScorer:
             self.backend.release(unit.state, finished)  # done rows leave: later forwards skip them
         return fed
 
+    def close(self) -> None:
+        """Stop early: the active unit's cache rows are released and nothing more is scored."""
+        if self.units and self.units[0].state is not None:
+            unit = self.units[0]
+            release = getattr(self.backend, "release", None)
+            if release is not None:  # rows released before are skipped
+                release(unit.state, list(range(len(unit.rows))))
+            unit.state = unit.last = None
+        self.units = []
+
     def result(self) -> list[torch.Tensor]:
         """Per row, float32 [len(continuation)]: log p(continuation token | everything before it)."""
         if not self.done:

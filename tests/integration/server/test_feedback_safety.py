@@ -195,6 +195,56 @@ def test_deleting_a_folding_item_stops_its_merge(live_factory):
         assert c.get("/v1/profiles/u").json()["drift_profile"]["num_pairs"] == 2
 
 
+def test_deleting_items_while_they_fold_leaves_no_pending_task_and_no_memory_growth(model_dir, tmp_path):
+    """Post an item with 8,000-character replies (``wait: false``) and delete it at once, over and over
+    (up to 1,200 cycles, time-bounded):
+    each delete cancels its fold (``/health`` counts them), nothing is left waiting — the server's log
+    has no "Task was destroyed but it is pending!" at shutdown — and RSS stays flat after a warm-up."""
+    from tests.integration.server.conftest import ADMIN, start_subprocess_server, stop_subprocess_server
+
+    log = tmp_path / "cycle.log"
+    proc, url = start_subprocess_server(model_dir, f"sqlite:///{tmp_path / 'cycle.db'}", log, memory_limit=6 << 30)
+    try:
+        key = httpx.post(f"{url}/v1/keys", json={"name": "c"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
+        # 8,000-character replies (a fold scores their first 64 tokens); a prompt the tiny model's
+        # 256-token context holds under its attribute prompts
+        long = {"prompt": "why is the sky blue? " * 4, "chosen": "the cat was happy and " * 363,
+                "rejected": "no no no " * 888}
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            assert c.post("/v1/profiles", json={"user": "u"}).status_code == 201
+
+            def cycles(start: int, n: int, deadline: float) -> int:
+                done = 0
+                for i in range(start, start + n):
+                    if time.time() > deadline:
+                        break
+                    r = c.post("/v1/feedback", json={"id": f"c{i}", "user": "u", **long, "wait": False})
+                    assert r.status_code == 202, r.text
+                    assert c.delete(f"/v1/feedback/c{i}").json()["deleted"] is True
+                    done += 1
+                return done
+
+            cycles(0, 100, time.time() + 60)  # warm-up
+            before = _rss_kb(proc.pid)
+            ran = cycles(100, 1_100, time.time() + 90)
+            assert ran >= 200, ran
+            q = c.get("/health").json()["queue"]
+            deadline = time.time() + 30
+            while q["folds_waiting"] + q["folds_running"]:
+                assert time.time() < deadline, q
+                time.sleep(0.05)
+                q = c.get("/health").json()["queue"]
+            assert q["folds_cancelled"] > 0
+            grown = (_rss_kb(proc.pid) - before) / 1024
+            assert grown < 20, f"RSS grew by {grown:.1f} MB over {ran} cycles"
+            assert c.get("/v1/profiles/u").json().get("drift_profile") in (None, {}) or \
+                c.get("/v1/profiles/u").json()["drift_profile"]["num_pairs"] == 0
+    finally:
+        stop_subprocess_server(proc)
+    assert proc.returncode is not None
+    assert "was destroyed but it is pending" not in log.read_text(errors="replace")
+
+
 # ----------------------------------------------------------------------------- former 500s
 def test_lone_surrogate_in_content_is_a_400(client):
     body = '{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi \\ud800"}]}'
@@ -375,14 +425,6 @@ def test_abandoned_requests_leave_the_engine(live_factory):
 
 
 # ----------------------------------------------------------------------------- in their own process
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
-    d = tmp_path_factory.mktemp("model")
-    tiny_lm.save_pretrained(d)
-    tiny_chat_tokenizer.save_pretrained(d)
-    return d
-
-
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
