@@ -74,10 +74,14 @@ class ServerContext:
             raise APIError(401, "invalid or revoked API key.", code="invalid_api_key")
         return owner
 
-    def require_admin(self, request: Request) -> None:
+    async def require_admin(self, request: Request) -> None:
+        """401 unless the request carries a key; 403 unless it is the admin key."""
         if self.admin_key is None:
             raise APIError(403, "key management is disabled: start the server with PERSONALIGN_ADMIN_KEY set.")
-        if not secrets.compare_digest(_bearer(request), self.admin_key):
+        key = _bearer(request)
+        if not secrets.compare_digest(key, self.admin_key):
+            if await self.db(self.store.owner_of, key) is None:  # not a key at all: authentication failed
+                raise APIError(401, "invalid or revoked API key.", code="invalid_api_key")
             raise APIError(403, "this route needs the admin key.")
 
 
@@ -127,16 +131,22 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
         finally:
             engine.stop()
 
-    app = FastAPI(title="personalign", version="1", lifespan=lifespan)
+    # /openapi.json is public (the API's schema, no data); the /docs and /redoc pages are off: they load
+    # their scripts from another origin, which the server's pages never do
+    app = FastAPI(title="personalign", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=ctx.limits.max_body_bytes)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok" if engine.alive else "starting", "model": ctx.model_id,
+        """``status``: ``ok``, ``starting``, or ``degraded`` while the store is failing (``store_health``
+        names the fault; it is probed for recovery)."""
+        store_health = await ctx.db(store.health)
+        status = "starting" if not engine.alive else "ok" if store_health["ok"] else "degraded"
+        return {"status": status, "model": ctx.model_id,
                 "methods": sorted(engine.methods), "unavailable_methods": ctx.unavailable,
-                "queue": {**engine.load(), **ctx.folds.load()}, "store": store.dialect}
+                "queue": {**engine.load(), **ctx.folds.load()}, "store": store.dialect, "store_health": store_health}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

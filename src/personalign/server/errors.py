@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from personalign.server.store import StoreBusy
+from personalign.server.store import StoreBusy, StoreUnavailable
 
 __all__ = ["APIError", "install_error_handlers", "error_body", "BodyLimit"]
 
@@ -73,8 +73,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         ctx = first.get("ctx") or {}
         return f"malformed JSON in the request body: {ctx.get('error', 'could not parse')}.", None
     param = _loc(tuple(first.get("loc", ())))
+    if not param:  # the body itself: missing, or not a JSON object (never echoed back)
+        return "the request body must be a JSON object (Content-Type: application/json).", None
     if first.get("type") == "missing":
-        return f"`{param}` is required.", param or None
+        return f"`{param}` is required.", param
     # a union field fails once per alternative: say all of them at once
     same = [e for e in errors if _loc(tuple(e.get("loc", ()))) == param]
     msgs = list(dict.fromkeys(str(e.get("msg", "invalid value")) for e in same))
@@ -101,13 +103,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = str(e.detail) if e.status_code != 404 else "no such route; see /docs for the API."
+        msg = str(e.detail) if e.status_code != 404 else "no such route; see /openapi.json for the API."
         return _response(APIError(e.status_code, msg))
 
 
     @app.exception_handler(StoreBusy)
     async def _busy(_: Request, e: StoreBusy) -> JSONResponse:
         return _response(APIError(503, str(e), code="store_busy"))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(_: Request, e: StoreUnavailable) -> JSONResponse:
+        return _response(APIError(503, str(e), code="store_unavailable"))
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, e: Exception) -> JSONResponse:

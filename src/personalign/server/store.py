@@ -1,6 +1,6 @@
 """The server's only state: API keys, user profiles, recorded completions and feedback, in SQL.
 
-SQLAlchemy 2 over SQLite (default; WAL journal, ``synchronous=FULL``, a busy timeout) or PostgreSQL
+SQLAlchemy 2 over SQLite (default; a rollback journal, ``synchronous=FULL``, a busy timeout) or PostgreSQL
 (``postgresql://...``, driven by psycopg 3). Every change is one transaction, so a process killed at
 any point leaves each change either fully there or absent. Replicas that share one PostgreSQL share
 everything: no server keeps state outside the store.
@@ -16,13 +16,26 @@ recorded once.
 Faults are answered, never lost: a database that stays locked (SQLite ``database is locked``) is
 retried for ``busy_seconds``, then ``StoreBusy`` (HTTP 503 with Retry-After); a database that cannot
 be written (a read-only file, a missing directory) fails when the store is opened, with one clear
-line. SQL parameters (user texts) never reach error messages or logs (``hide_parameters``).
+line. A fault while the server runs (the files made read-only, a full disk, an I/O error, a lost
+connection) is ``StoreUnavailable`` (503 with Retry-After), logged once per fault with its reason;
+``health()`` reports it until a probe write that needs room succeeds (at most once a second).
+SQL parameters (user texts) never reach error messages or logs (``hide_parameters``).
+
+SQLite runs with a rollback journal (``journal_mode=TRUNCATE``) and no memory-mapped I/O
+(``mmap_size=0``), not WAL: WAL keeps its index in a memory-mapped ``-shm`` file, and a write to that
+mapping after the file turned unwritable kills the process with SIGBUS (measured: a database made
+immutable under a running server). With a rollback journal such a fault is an error the server
+answers. The cost: readers and the writer take turns (the busy retry covers it), one more sync per
+commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +60,15 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text as sa_text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from personalign.server.schemas import ID_PATTERN
+
 __all__ = ["Store", "hash_key", "new_key", "ProfileConflict", "FeedbackConflict", "ChoiceConflict", "StoredFeedback",
-           "StoreBusy"]
+           "StoreBusy", "StoreUnavailable"]
+
+logger = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -160,6 +177,11 @@ class StoreBusy(Exception):
     """The database stayed locked past the store's retry budget (answer 503, Retry-After)."""
 
 
+class StoreUnavailable(Exception):
+    """The database failed while the server runs: read-only, full, an I/O error, unreachable (answer 503,
+    Retry-After). The message names the fault, never a SQL parameter."""
+
+
 @dataclass
 class StoredFeedback:
     """One feedback item: ``chosen`` preferred to ``rejected`` and to each of ``also_rejected`` (a choice
@@ -226,6 +248,9 @@ class Store:
             raise ValueError(f"`db` must be a database URL (sqlite:///FILE or postgresql://...), got {url!r}.")
         self.url = url
         self.busy_seconds = busy_seconds
+        self._faulted: tuple[str, float] | None = None  # (reason, since) of a fault not yet recovered
+        self._probed = 0.0
+        self._health_lock = threading.Lock()
         kwargs: dict[str, Any] = {"hide_parameters": True}  # no user text in errors or logs
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
@@ -249,8 +274,13 @@ class Store:
             Base.metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
             self._session = sessionmaker(self.engine, expire_on_commit=False)
+            self.migrated: list[dict[str, str]] = self._tx(_migrate_ids)
+            if self.migrated:
+                logger.warning("renamed %d id(s) an earlier release accepted outside the safe set: %s",
+                               len(self.migrated), "; ".join(f"{m['kind']} {m['old']!r} -> {m['new']!r}"
+                                                             for m in self.migrated[:20]))
             self._tx(lambda s: s.merge(StoreMeta(key="opened", value=str(time.time()))))
-        except (OperationalError, StoreBusy) as e:
+        except (OperationalError, StoreBusy, StoreUnavailable) as e:
             reason = str(getattr(e, "orig", e)).splitlines()[0]
             raise ValueError(f"database {self.url!r} cannot be written: {reason}.") from None
 
@@ -263,35 +293,69 @@ class Store:
 
     def _tx(self, fn: Callable[[Session], Any]) -> Any:
         """Run ``fn`` in one transaction, retrying while the database is locked (``busy_seconds``)."""
-        deadline = time.monotonic() + self.busy_seconds
-        pause = 0.05
-        while True:
-            try:
-                with self._session.begin() as s:
-                    return fn(s)
-            except OperationalError as e:
-                if not _is_busy(e):
-                    raise
-                if time.monotonic() + pause > deadline:
-                    raise StoreBusy("the database is busy (locked by another writer); retry shortly.") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
+        return self._run(fn, write=True)
 
     def _read(self, fn: Callable[[Session], Any]) -> Any:
         """A read (no transaction of its own), with the same busy retry as ``_tx``."""
+        return self._run(fn, write=False)
+
+    def _run(self, fn: Callable[[Session], Any], *, write: bool) -> Any:
+        """``fn`` in a session (a transaction when ``write``): a locked database is retried for
+        ``busy_seconds`` (then ``StoreBusy``); any other database fault is ``StoreUnavailable``."""
         deadline = time.monotonic() + self.busy_seconds
         pause = 0.05
         while True:
             try:
-                with self._session() as s:
-                    return fn(s)
+                if write:
+                    with self._session.begin() as s:
+                        out = fn(s)
+                else:
+                    with self._session() as s:
+                        out = fn(s)
             except OperationalError as e:
                 if not _is_busy(e):
-                    raise
+                    raise self._fault(e) from None
                 if time.monotonic() + pause > deadline:
                     raise StoreBusy("the database is busy (locked by another writer); retry shortly.") from None
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
+                continue
+            except DBAPIError as e:  # a lost connection and the like: the database, not the request
+                if not e.connection_invalidated and not isinstance(e, InterfaceError):
+                    raise
+                raise self._fault(e) from None
+            return out
+
+    # ------------------------------------------------------------------ health
+    def _fault(self, e: Exception) -> StoreUnavailable:
+        """Record a fault (logged once per reason) and the exception that answers it."""
+        reason = str(getattr(e, "orig", e)).splitlines()[0][:200] or type(e).__name__
+        with self._health_lock:
+            if self._faulted is None or self._faulted[0] != reason:
+                logger.error("the store failed: %s (%s); requests that need it answer 503 until it recovers",
+                             reason, self.url.split("://", 1)[0])
+            self._faulted = (reason, self._faulted[1] if self._faulted else time.time())
+        return StoreUnavailable(f"the database is unavailable ({reason}); retry shortly.")
+
+    def _recovered(self) -> None:
+        with self._health_lock:
+            if self._faulted is not None:
+                logger.warning("the store recovered after %.1f s (%s)", time.time() - self._faulted[1],
+                               self._faulted[0])
+            self._faulted = None
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok", "fault", "since"}``. While a fault is recorded, a probe (at most once a second) writes a
+        64 KiB row and commits, then deletes it: the store has recovered when it can take a write that
+        needs room (a small one may fit in a page a full disk still has)."""
+        if self._faulted is not None and time.monotonic() - self._probed >= 1.0:
+            self._probed = time.monotonic()
+            with contextlib.suppress(StoreUnavailable, StoreBusy):
+                self._tx(lambda s: s.merge(StoreMeta(key="probe", value="x" * (64 << 10))))
+                self._tx(lambda s: s.execute(delete(StoreMeta).where(StoreMeta.key == "probe")))
+                self._recovered()
+        f = self._faulted
+        return {"ok": f is None, "fault": None if f is None else f[0], "since": None if f is None else int(f[1])}
 
     # ------------------------------------------------------------------ keys
     def create_key(self, name: str = "") -> tuple[str, str]:
@@ -556,7 +620,8 @@ def _apply_profile_update(s: Session, owner: str, user_id: str, profile_update: 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA journal_mode=TRUNCATE")  # not WAL: its memory-mapped -shm can SIGBUS (module docstring)
+    cur.execute("PRAGMA mmap_size=0")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA busy_timeout=2000")  # per statement; Store._tx retries up to busy_seconds in all
     cur.execute("PRAGMA foreign_keys=ON")
@@ -578,6 +643,64 @@ def _check_sqlite_path(url: str) -> None:
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
         raise ValueError(f"database {url!r}: the directory {str(parent)!r} does not exist.")
+
+
+_ID_LIMIT = 128  # the longest id a server accepts (``Limits.max_id_chars``' default)
+
+
+def _safe_id(old: str, taken: set[str], limit: int = _ID_LIMIT) -> str:
+    """A safe id for ``old`` (``schemas.ID_PATTERN``, at most ``limit`` characters): other characters
+    become ``_``, an id that does not start with a letter or digit gets ``id`` in front, and ``-2``,
+    ``-3``... avoids ids in ``taken``."""
+    base = "".join(c if c.isascii() and (c.isalnum() or c in "._:@+-") else "_" for c in old)
+    if not base or not base[0].isalnum():
+        base = "id" + base
+    base = base[: limit - 8]
+    new, n = base, 1
+    while new in taken:
+        n += 1
+        new = f"{base}-{n}"
+    return new
+
+
+def _unsafe(value: str | None) -> bool:
+    return value is not None and (len(value) > _ID_LIMIT or not ID_PATTERN.fullmatch(value))
+
+
+def _migrate_ids(s: Session) -> list[dict[str, str]]:
+    """Rename user, feedback and completion ids an earlier release stored outside the safe set (``a/b``,
+    ``..``, ``.``), with every row that names them, so each stays addressable in a URL; returns what was
+    renamed (``kind``, ``owner``, ``old``, ``new``). One transaction; a no-op on a clean database."""
+    out: list[dict[str, str]] = []
+    owners = set(s.scalars(select(Profile.owner))) | set(s.scalars(select(Feedback.owner))) | \
+        set(s.scalars(select(Completion.owner)))
+    for owner in sorted(owners):
+        users = set(s.scalars(select(Profile.user_id).where(Profile.owner == owner))) | \
+            set(s.scalars(select(Feedback.user_id).where(Feedback.owner == owner))) | \
+            {u for u in s.scalars(select(Completion.user_id).where(Completion.owner == owner)) if u is not None}
+        for old in sorted(u for u in users if _unsafe(u)):
+            new = _safe_id(old, users)
+            users.add(new)
+            for model in (Profile, Feedback, Completion):
+                s.execute(update(model).where(model.owner == owner, model.user_id == old).values(user_id=new))
+            out.append({"kind": "user", "owner": owner, "old": old, "new": new})
+        fids = set(s.scalars(select(Feedback.feedback_id).where(Feedback.owner == owner)))
+        for old in sorted(f for f in fids if _unsafe(f)):
+            new = _safe_id(old, fids)
+            fids.add(new)
+            s.execute(update(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == old)
+                      .values(feedback_id=new))
+            out.append({"kind": "feedback", "owner": owner, "old": old, "new": new})
+    cids = set(s.scalars(select(Completion.id)))
+    for old in sorted(c for c in cids if _unsafe(c)):
+        new = _safe_id(old, cids, limit=64)  # the column's width
+        cids.add(new)
+        owner = s.scalar(select(Completion.owner).where(Completion.id == old))
+        s.execute(update(Completion).where(Completion.id == old).values(id=new))
+        s.execute(update(Feedback).where(Feedback.owner == owner, Feedback.completion_id == old)
+                  .values(completion_id=new))
+        out.append({"kind": "completion", "owner": owner, "old": old, "new": new})
+    return out
 
 
 def _add_missing_columns(engine: Any) -> None:

@@ -140,14 +140,23 @@ def test_completions(store):
     assert store.get_completion(other, cid) is None
 
 
-def test_sqlite_runs_in_wal_mode(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'w.db'}")
+def test_sqlite_runs_a_rollback_journal_without_memory_mapped_files(tmp_path):
+    """No WAL (its memory-mapped -shm kills the process with SIGBUS once the file turns unwritable),
+    no mmap, every commit synced; a database an earlier release left in WAL mode is switched."""
+    import sqlite3
+
     from sqlalchemy import text
 
+    old = sqlite3.connect(tmp_path / "w.db")
+    assert old.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+    old.close()
+    s = Store(f"sqlite:///{tmp_path / 'w.db'}")
     with s.engine.connect() as c:
-        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "truncate"
+        assert c.execute(text("PRAGMA mmap_size")).scalar() == 0
         assert c.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
     s.close()
+    assert not (tmp_path / "w.db-shm").exists()
 
 
 def test_bad_url():
@@ -237,3 +246,43 @@ def test_a_locked_database_raises_store_busy_after_its_budget(tmp_path):
     lock.rollback()
     lock.close()
     assert s.create_key()
+
+
+def _earlier_release_db(path) -> tuple[str, str]:
+    """A database as an earlier release left it: profiles, feedback and a completion whose ids that
+    release accepted but a URL cannot address (``a/b``, ``..``, ``.``), beside clean ones."""
+    from personalign.server.store import StoredFeedback
+
+    url = f"sqlite:///{path}"
+    s = Store(url)
+    kid, _ = s.create_key("old")
+    for uid in ("a/b", "..", ".", "ok", "a_b"):  # "a_b" is taken: "a/b" must become something else
+        assert s.create_profile(kid, uid, {}) is not None
+    s.record_completion(kid, "cmp/1", "a/b", [{"role": "user", "content": "hi"}],
+                        [{"index": 0, "text": "hello", "method": "base", "finish_reason": "stop"}])
+    s.add_feedback(kid, StoredFeedback("f/1", "a/b", [{"role": "user", "content": "hi"}], "yes", "no", "cmp/1",
+                                       True, 1.0))
+    s.add_feedback(kid, StoredFeedback("fine", "ok", [{"role": "user", "content": "hi"}], "yes", "no", None, True, 1.0))
+    s.close()
+    return url, kid
+
+
+def test_ids_an_earlier_release_accepted_are_renamed_with_their_references(tmp_path):
+    from personalign.server.schemas import ID_PATTERN
+
+    url, kid = _earlier_release_db(tmp_path / "old.db")
+    s = Store(url)
+    renamed = {(m["kind"], m["old"]): m["new"] for m in s.migrated}
+    assert set(renamed) == {("user", "a/b"), ("user", ".."), ("user", "."), ("feedback", "f/1"),
+                            ("completion", "cmp/1")}
+    assert renamed[("user", "a/b")] == "a_b-2" and renamed[("user", "..")] == "id.."
+    assert renamed[("user", ".")] == "id." and renamed[("feedback", "f/1")] == "f_1"
+    assert all(ID_PATTERN.fullmatch(new) for new in renamed.values())
+    users = {p["user"] for p in s.list_profiles(kid)[0]}
+    assert users == {"a_b-2", "id..", "id.", "ok", "a_b"}
+    fb = s.get_feedback(kid, "f_1")
+    assert fb.user_id == "a_b-2" and fb.completion_id == "cmp_1"  # references follow their rows
+    assert s.get_completion(kid, "cmp_1")["user"] == "a_b-2"
+    assert s.get_feedback(kid, "fine").user_id == "ok"  # clean rows untouched
+    s.close()
+    assert Store(url).migrated == []  # once only
