@@ -27,6 +27,7 @@ from personalign.cli.common import (
 )
 from personalign.methods import METHODS
 from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.server.connections import guarded_protocol
 from personalign.training.pdpo.user_fit import EmbeddingFitConfig
 
 HELP = "Serve an OpenAI-compatible chat API that personalizes every reply (profiles, feedback, API keys)."
@@ -40,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_resource_options(p)
     p.add_argument("--db", default="sqlite:///personalign.db", metavar="URL",
                    help="sqlite:///FILE (default: sqlite:///personalign.db) or postgresql://user:pass@host/db")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     p.add_argument("--model-id", metavar="NAME", help="the `model` name clients send (default: the model's name)")
     p.add_argument("--max-pending", type=int, default=64, metavar="N", help="waiting requests before 429 (default 64)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="rows decoded at once (default 16)")
@@ -82,6 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     fold.add_argument("--fold-idle-ms", type=float, default=200.0, metavar="MS",
                       help="a folding forward's time when nothing decodes: also the longest a request arriving "
                            "meanwhile waits to start (default 200)")
+    conn = p.add_argument_group("connections (a slow or silent client cannot hold them)")
+    conn.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                      help="a request's headers must arrive within S seconds of its first byte (or of the "
+                           "connection opening); else the connection is closed (default 10)")
+    conn.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                      help="a request's body must arrive within S seconds of its headers; else 408 and the "
+                           "connection is closed (default 30)")
+    conn.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
+                      help="open connections from one client address; beyond it 503 with Retry-After (default 64)")
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, let running requests finish for up to S seconds, then stop (default 30)")
     p.set_defaults(func=run)
@@ -103,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"`--port` must lie in [0, 65535], got {args.port}.")
+    if args.header_timeout <= 0 or args.body_timeout <= 0 or args.max_connections_per_client < 1:
+        raise ValueError(f"`--header-timeout` and `--body-timeout` must be > 0 and `--max-connections-per-client` "
+                         f">= 1, got {args.header_timeout}, {args.body_timeout}, {args.max_connections_per_client}.")
     if args.drain_seconds < 0:
         raise ValueError(f"`--drain-seconds` must be >= 0, got {args.drain_seconds}.")
     if args.fit_steps < 0 or args.fit_pairs < 1:
@@ -113,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
                     max_preference_chars=args.max_preference_chars, max_feedback_chars=args.max_feedback_chars,
                     max_feedback_tokens=args.max_feedback_tokens, max_folds=args.max_folds, max_n=args.max_n)
     store = Store(args.db)  # fail on a bad URL or a database that cannot be written before loading the model
+    for m in store.migrated:
+        print(f"personalign serve: renamed {m['kind']} id {m['old']!r} to {m['new']!r} (owner {m['owner']}): an "
+              "earlier release stored it outside the ids a URL can address")
     backend, methods, unavailable = build_served(args)
     for name, why in unavailable.items():
         print(f"personalign serve: method {name} not served: {why}")
@@ -125,9 +142,12 @@ def run(args: argparse.Namespace) -> int:
     if not os.environ.get("PERSONALIGN_ADMIN_KEY"):
         print("personalign serve: PERSONALIGN_ADMIN_KEY is not set: keys cannot be created over HTTP.")
     print(f"personalign serve: {model_id} on http://{args.host}:{args.port} (store: {store.dialect}; "
-          f"methods: {', '.join(sorted(methods))})", flush=True)
+          f"methods: {', '.join(sorted(methods))}); the playground: http://{args.host}:{args.port}/playground",
+          flush=True)
     # SIGTERM: uvicorn stops accepting, lets running requests finish for --drain-seconds, then the app's
     # shutdown stops the engine (requests still running get a 503; unfolded feedback stays stored)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+    protocol = guarded_protocol(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                                max_per_client=args.max_connections_per_client)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=protocol,
                 timeout_graceful_shutdown=args.drain_seconds)
     return 0

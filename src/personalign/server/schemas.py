@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 __all__ = ["Limits", "ChatMessage", "ChatRequest", "Personalization", "ProfileBody", "FeedbackBody", "KeyBody",
-           "ID_RULE", "check_id", "shown", "Text", "SEED_RANGE"]
+           "ID_RULE", "ID_PATTERN", "check_id", "shown", "Text", "SEED_RANGE"]
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
@@ -76,7 +76,8 @@ class Limits:
 
 # User and feedback ids: they appear in URLs and must stay addressable and erasable.
 ID_RULE = "letters, digits and . _ : @ + -, starting with a letter or digit"
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+\-]*")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+\-]*")  # the whole id must match (``fullmatch``)
+_ID = ID_PATTERN
 
 
 def check_id(value: str, field: str, limit: int) -> str | None:
