@@ -9,7 +9,13 @@ A live server (in this process, real HTTP through httpx) on each model:
 * **fold throughput**: 8 items for one user posted one after another (each waiting until folded)
   against the same 8 posted at once: total wall time, concurrent / sequential.
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/fold_isolation.py --models stories260k,smollm2``
+``--contention both`` runs each model twice: on an otherwise idle machine, and with a second process
+busy on the same cores (matrix products on ``--busy-threads`` threads, default 1: with the server's 2
+threads on 2 cores, a load of 3), as a server shares a machine with other work. The table also counts the folding forwards and the tokens each fed: the
+folding budget adapts to the machine, so a slower or busier CPU folds in larger forwards, not in
+forwards of a few tokens.
+
+Run: ``OMP_NUM_THREADS=2 python benchmarks/fold_isolation.py --models stories260k,smollm2 --contention both``
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -38,6 +45,15 @@ def text(n: int, tag: str) -> str:
 def feedback(i: int, user: str, chars: int) -> dict:
     return {"id": f"{user}-{i}", "user": user, "prompt": text(chars // 5, f"question {i}"),
             "chosen": text(2 * chars // 5, f"a kind answer {i}"), "rejected": text(2 * chars // 5, f"a short one {i}")}
+
+
+BUSY = ("import torch\ntorch.set_num_threads({threads})\nx = torch.randn(512, 512)\n"
+        "while True:\n    x = torch.tanh(x @ x)\n")
+
+
+def busy_process(threads: int) -> subprocess.Popen:
+    """A second process keeping ``threads`` cores busy (matrix products), until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", BUSY.format(threads=threads)])
 
 
 def start(model_name: str, pdpo_checkpoint: str | None = None) -> tuple[str, object, object]:
@@ -136,6 +152,7 @@ def run_model(name: str, chars: int, repeats: int) -> dict:
         print(f"{name}: 8 items one after another {res['sequential_s']:.1f} s", file=sys.stderr, flush=True)
         res["fold_s_per_item"] = res["sequential_s"] / 8
         res["fold_forwards"] = engine.stats.fold_forwards
+        res["fold_tokens"] = engine.stats.fold_tokens
         res["folds"] = engine.stats.folds - f0
 
     async def together() -> float:
@@ -156,22 +173,38 @@ def main() -> int:
     ap.add_argument("--models", default="stories260k,smollm2")
     ap.add_argument("--chars", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--contention", choices=["none", "busy", "both"], default="none",
+                    help="run on an idle machine (none), beside a second busy process (busy), or both")
+    ap.add_argument("--busy-threads", type=int, default=1, metavar="N", help="threads of the busy process")
+    ap.add_argument("--json", metavar="FILE", help="the rows, written as each one finishes")
     a = ap.parse_args()
-    rows = [run_model(m, a.chars, a.repeats) for m in a.models.split(",")]
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+    rows = []
+    for m in a.models.split(","):
+        for load in {"none": ["idle"], "busy": ["busy"], "both": ["idle", "busy"]}[a.contention]:
+            other = busy_process(a.busy_threads) if load == "busy" else None
+            try:
+                label = "idle" if other is None else f"busy ({a.busy_threads} thread{'s' * (a.busy_threads > 1)})"
+                rows.append({**run_model(m, a.chars, a.repeats), "machine": label})
+            finally:
+                if other is not None:
+                    other.kill()
+                    other.wait()
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=1))
     import torch
 
     print(f"device: cpu, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| model | item chars | chat 8 tokens, idle (s) | 1 item queued (s) | 8 items queued (s) | "
-          "worst / idle | 8 items sequential (s) | 8 at once (s) | at once / sequential |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | machine | item chars | chat 8 tokens, idle (s) | 1 item queued (s) | 8 items queued (s) | "
+          "worst / idle | 8 items sequential (s) | 8 at once (s) | at once / sequential | folding forwards | "
+          "tokens a forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         idle = statistics.median(r["idle"])
         q1, q8 = statistics.median(r["queued_1"]), statistics.median(r["queued_8"])
-        print(f"| {r['model']} | {r['chars']} | {idle:.3f} | {q1:.3f} | {q8:.3f} | {max(q1, q8) / idle:.2f}× | "
-              f"{r['sequential_s']:.1f} | {r['concurrent_s']:.1f} | {r['concurrent_s'] / r['sequential_s']:.2f}× |")
+        print(f"| {r['model']} | {r['machine']} | {r['chars']} | {idle:.3f} | {q1:.3f} | {q8:.3f} | "
+              f"{max(q1, q8) / idle:.2f}× | {r['sequential_s']:.1f} | {r['concurrent_s']:.1f} | "
+              f"{r['concurrent_s'] / r['sequential_s']:.2f}× | {r['fold_forwards']} | "
+              f"{r['fold_tokens'] / max(r['fold_forwards'], 1):.0f} |")
     print("\ntargets: chat latency with feedback queued ≤ 2× idle; 8 items at once ≤ 1.2× one after another")
     ok = all(max(statistics.median(r["queued_1"]), statistics.median(r["queued_8"])) <= 2 * statistics.median(r["idle"])
              and r["concurrent_s"] <= 1.2 * r["sequential_s"] for r in rows)

@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="the user's most recent pairs one embedding fit sees")
     fold.add_argument("--fold-idle-ms", type=float, default=200.0, metavar="MS",
                       help="a folding forward's time when nothing decodes: also the longest a request arriving "
-                           "meanwhile waits to start (default 200)")
+                           "meanwhile waits to start (default 200); where one forward's fixed cost is longer "
+                           "(a slow or busy CPU), forwards grow so folding still progresses (docs/server.md)")
     conn = p.add_argument_group("connections (a slow or silent client cannot hold them)")
     conn.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                       help="a request's headers must arrive within S seconds of its first byte (or of the "

@@ -17,8 +17,8 @@ request, whatever their methods, then at most one bounded forward of feedback fo
    a forward once it covers one, so a chat's latency stays within ``1 + fold_share`` of an idle
    server's on average, whatever feedback is queued; when none decodes, a forward takes
    ``fold_idle_ms`` (which bounds how long a request that arrives meanwhile waits to start). On any
-   machine a forward feeds enough tokens that its fixed cost is at most half its time. Folds wait in a bounded queue (``max_folds``; ``submit_fold`` raises
-   ``QueueFull`` beyond it, HTTP 429). A *fold task* (``FoldJob.task``: a user's P-DPO embedding fit)
+   machine a forward feeds enough tokens that its fixed cost is at most half its time. Folds wait in
+   a bounded queue (``max_folds``; ``submit_fold`` raises ``QueueFull`` beyond it, HTTP 429). A *fold task* (``FoldJob.task``: a user's P-DPO embedding fit)
    takes its turn in the same queue and budget: one piece — whole pairs, forward and backward — per
    folding turn, sized by its own cost model.
 
