@@ -96,6 +96,15 @@ def tiny_lm(tiny_tokenizer):
     return make_tiny_lm(len(tiny_tokenizer))
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
+    """The tiny chat model saved to disk: what a CLI, a config file or a server in its own process loads."""
+    d = tmp_path_factory.mktemp("model")
+    tiny_lm.save_pretrained(d)
+    tiny_chat_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture()
 def generator():
     g = torch.Generator()

@@ -25,14 +25,6 @@ def words_times_preference(prompt: str, response: str, preference: str) -> float
     return float(len(response.split())) * (1.0 if preference == PREFS["F"] else -1.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_lm.save_pretrained(d)
-    tiny_chat_tokenizer.save_pretrained(d)
-    return d
-
-
 def _config(tmp_path, model_path, **over):
     tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "prompts.json"
@@ -51,8 +43,8 @@ def _config(tmp_path, model_path, **over):
     return parse_eval_config(raw)
 
 
-def test_full_run_outputs(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
-    cfg = _config(tmp_path, tiny_dir, plots={"bars": ["length"], "tradeoff": ["length", "sentiment"]})
+def test_full_run_outputs(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer):
+    cfg = _config(tmp_path, model_dir, plots={"bars": ["length"], "tradeoff": ["length", "sentiment"]})
     lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
     res = run_eval(cfg, models={"tiny": lm})
     out = res.output_dir
@@ -79,7 +71,7 @@ def test_full_run_outputs(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
     assert again.generated_now == 0 and again.markdown == md
 
 
-def test_reward_metric_and_preference_accuracy_from_config(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
+def test_reward_metric_and_preference_accuracy_from_config(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer):
     """`reward` scores each answer with the configured function; preference accuracy of the same function on
     3 pairs: (long > short) right, (short vs long) wrong, equal lengths tie -> (1 + 0 + 1/2) / 3."""
     pairs = tmp_path / "pairs.jsonl"
@@ -88,7 +80,7 @@ def test_reward_metric_and_preference_accuracy_from_config(tmp_path, tiny_dir, t
         {"prompt": "q", "chosen": "a b c", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "a b"},
         {"prompt": "q", "chosen": "x y", "rejected": "y x"}]) + "\n")
     fn = {"kind": "function", "target": f"{__name__}:words_minus_prompt"}
-    cfg = _config(tmp_path, tiny_dir, judge=None, methods=["base"],
+    cfg = _config(tmp_path, model_dir, judge=None, methods=["base"],
                   metrics=["length", {"metric": "reward", "as": "rm", "scorer": fn},
                            {"metric": "reward", "as": "rm_pref",
                             "scorer": {"kind": "function", "target": f"{__name__}:words_times_preference"}}],
@@ -104,10 +96,10 @@ def test_reward_metric_and_preference_accuracy_from_config(tmp_path, tiny_dir, t
     assert "| method | F rm ↑ |" in res.markdown
 
 
-def test_resume_after_interruption_gives_same_table(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
+def test_resume_after_interruption_gives_same_table(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer):
     lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
-    full = run_eval(_config(tmp_path / "a", tiny_dir), models={"tiny": lm})
-    cfg = _config(tmp_path / "b", tiny_dir)
+    full = run_eval(_config(tmp_path / "a", model_dir), models={"tiny": lm})
+    cfg = _config(tmp_path / "b", model_dir)
     part = run_eval(cfg, models={"tiny": lm}, max_batches=1)  # "interrupted" after one batch
     assert part.generated_now == 4 and not json.loads((part.output_dir / "run.json").read_text())["complete"]
     with (part.output_dir / "generations.jsonl").open("a") as f:  # a write torn by the interruption
@@ -120,7 +112,7 @@ def test_resume_after_interruption_gives_same_table(tmp_path, tiny_dir, tiny_lm,
     lines = (resumed.output_dir / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 12 and all(json.loads(x) for x in lines)
     # changed generation settings are not mixed with old results: everything is regenerated
-    changed = _config(tmp_path / "b", tiny_dir, generation={"max_new_tokens": 3, "batch_size": 4, "seed": 3})
+    changed = _config(tmp_path / "b", model_dir, generation={"max_new_tokens": 3, "batch_size": 4, "seed": 3})
     assert run_eval(changed, models={"tiny": lm}).generated_now == 12
 
 
@@ -137,25 +129,25 @@ def test_resume_after_interruption_gives_same_table(tmp_path, tiny_dir, tiny_lm,
     ({"colour": 1}, "unknown keys"),
     ({"plots": {"bars": ["nope"]}}, "plots.bars"),
 ])
-def test_config_errors(tmp_path, tiny_dir, over, msg):
+def test_config_errors(tmp_path, model_dir, over, msg):
     with pytest.raises(ValueError, match=msg):
-        _config(tmp_path, tiny_dir, **over)
+        _config(tmp_path, model_dir, **over)
 
 
-def test_method_cli_flags_are_validated(tmp_path, tiny_dir):
+def test_method_cli_flags_are_validated(tmp_path, model_dir):
     """A resource the method does not read is refused when the config is read, before any model loads."""
     with pytest.raises(ValueError, match=r"`methods\[base\].resources` \['drift_profile'\] are not options of method 'base'"):
-        _config(tmp_path, tiny_dir, methods=[{"name": "base", "cli": {"profile": "x.json"}}], judge=None)
+        _config(tmp_path, model_dir, methods=[{"name": "base", "cli": {"profile": "x.json"}}], judge=None)
     with pytest.raises(ValueError, match=r"not options of method 'drift'"):
-        _config(tmp_path, tiny_dir, methods=[{"name": "drift", "resources": {"persrm": "x"}}], judge=None)
+        _config(tmp_path, model_dir, methods=[{"name": "drift", "resources": {"persrm": "x"}}], judge=None)
 
 
-def test_eval_cli_end_to_end(tmp_path, tiny_dir, capsys):
+def test_eval_cli_end_to_end(tmp_path, model_dir, capsys):
     import yaml
 
     from personalign.cli.main import main
 
-    cfg = _config(tmp_path, tiny_dir)
+    cfg = _config(tmp_path, model_dir)
     path = tmp_path / "cfg.yaml"
     raw = dict(cfg.raw, methods=["base"], judge=None, targets={})
     path.write_text(yaml.safe_dump(raw))
@@ -197,7 +189,7 @@ def test_committed_quality_benchmark_config_parses(monkeypatch):
     assert by_name["pdpo"].request_params["user"] == "${preference}"
 
 
-def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer,
                                                                 monkeypatch):
     """A method needing a file and a second model (like Drift's profile and steering model) gets both from
     the config entry's `resources` mapping (assembly loads the steering model beside the main one)."""
@@ -220,16 +212,16 @@ def test_method_extra_inputs_reach_the_method_through_cli_flags(tmp_path, tiny_d
     profile = tmp_path / "profile.txt"
     tmp_path.mkdir(parents=True, exist_ok=True)
     profile.write_text("likes cats")
-    entry = {"name": "needs_inputs", "resources": {"profile": str(profile), "steer_model": str(tiny_dir)}}
-    cfg = _config(tmp_path, tiny_dir, methods=[entry], judge=None)
+    entry = {"name": "needs_inputs", "resources": {"profile": str(profile), "steer_model": str(model_dir)}}
+    cfg = _config(tmp_path, model_dir, methods=[entry], judge=None)
     res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
     assert seen == {"profile": "likes cats", "steer": "steer"}
     assert len(res.generations) == 6 and {g["method_name"] for g in res.generations} == {"needs_inputs"}
     with pytest.raises(ValueError, match=r"unknown key 'colour'; valid: \["):
-        _config(tmp_path, tiny_dir, methods=[{"name": "base", "resources": {"colour": 1}}], judge=None)
+        _config(tmp_path, model_dir, methods=[{"name": "base", "resources": {"colour": 1}}], judge=None)
 
 
-def test_request_params_expand_per_preference_and_share_batches(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+def test_request_params_expand_per_preference_and_share_batches(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer,
                                                                 monkeypatch):
     """`request_params` reach each request's row config with ${preference} / ${preference_text} / ${ENV}
     expanded for that request's preference, while the preferences still share one batch."""
@@ -257,7 +249,7 @@ def test_request_params_expand_per_preference_and_share_batches(tmp_path, tiny_d
     monkeypatch.setenv("TAG_ROOT", "/data")
     entry = {"name": "tagged", "request_params": {"tag": "${TAG_ROOT}/prof_${preference}.json",
                                                   "words": ["${preference}", "<${preference_text}>", 3]}}
-    cfg = _config(tmp_path, tiny_dir, methods=[entry], judge=None, generation={"max_new_tokens": 2, "batch_size": 6})
+    cfg = _config(tmp_path, model_dir, methods=[entry], judge=None, generation={"max_new_tokens": 2, "batch_size": 6})
     res = run_eval(cfg, models={"tiny": LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")})
     assert len(res.generations) == 6
     want = {(text, f"/data/prof_{pid}.json", (pid, f"<{text}>", 3)) for pid, text in PREFS.items()}
@@ -271,12 +263,12 @@ def test_request_params_expand_per_preference_and_share_batches(tmp_path, tiny_d
     ({"name": "pdpo", "request_params": {"user": "${NOT_SET_ANYWHERE_42}"}}, "NOT_SET_ANYWHERE_42"),
     ({"name": "drift", "request_params": "profile.json"}, "must be mappings"),
 ])
-def test_request_params_errors(tmp_path, tiny_dir, entry, msg):
+def test_request_params_errors(tmp_path, model_dir, entry, msg):
     with pytest.raises(ValueError, match=msg):
-        _config(tmp_path, tiny_dir, methods=[entry], judge=None)
+        _config(tmp_path, model_dir, methods=[entry], judge=None)
 
 
-def test_method_with_resources_runs_on_its_own_copy_of_the_model(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer,
+def test_method_with_resources_runs_on_its_own_copy_of_the_model(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer,
                                                                    monkeypatch):
     """A method that loads a checkpoint into the model it is given (as pad and pdpo do) must not change
     the shared model that the next methods and the judge use: base after it decodes as base alone."""
@@ -299,20 +291,20 @@ def test_method_with_resources_runs_on_its_own_copy_of_the_model(tmp_path, tiny_
     monkeypatch.setitem(METHODS._entries, "mutates", Mutates)
     lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
     before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
-    alone = run_eval(_config(tmp_path / "a", tiny_dir, methods=["base"], judge=None), models={"tiny": lm})
-    both = run_eval(_config(tmp_path / "b", tiny_dir, methods=[{"name": "mutates", "cli": {"checkpoint": "x"}}, "base"],
+    alone = run_eval(_config(tmp_path / "a", model_dir, methods=["base"], judge=None), models={"tiny": lm})
+    both = run_eval(_config(tmp_path / "b", model_dir, methods=[{"name": "mutates", "cli": {"checkpoint": "x"}}, "base"],
                             judge=None), models={"tiny": lm})
     assert all(torch.equal(v, tiny_lm.state_dict()[k]) for k, v in before.items())
     assert [g["text"] for g in both.generations if g["method"] == "base"] == [g["text"] for g in alone.generations]
 
 
-def test_judge_covers_only_the_configured_prompts(tmp_path, tiny_dir, tiny_lm, tiny_chat_tokenizer):
+def test_judge_covers_only_the_configured_prompts(tmp_path, model_dir, tiny_lm, tiny_chat_tokenizer):
     """A run with a smaller `prompts.limit` reuses the earlier generations of its prompts and judges only
     those: generations of prompts outside the limit (from an earlier, larger run) are neither judged nor tabled."""
     import dataclasses
 
     lm = LoadedModel(model=tiny_lm, tokenizer=tiny_chat_tokenizer, name="tiny")
-    cfg = _config(tmp_path, tiny_dir)
+    cfg = _config(tmp_path, model_dir)
     run_eval(dataclasses.replace(cfg, judge=None), models={"tiny": lm})  # 3 prompts generated, nothing judged
     res = run_eval(dataclasses.replace(cfg, prompts_limit=2), models={"tiny": lm})
     assert res.generated_now == 0 and len(res.generations) == 2 * 2 * 2

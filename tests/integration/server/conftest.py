@@ -142,12 +142,3 @@ def live_factory(tmp_path, tiny_lm, tiny_chat_tokenizer):
         server.should_exit = True
         thread.join(timeout=30)
         lv.store.close()
-
-
-@pytest.fixture(scope="package")
-def model_dir(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
-    """The tiny chat model saved to disk, for servers started in their own process."""
-    d = tmp_path_factory.mktemp("model")
-    tiny_lm.save_pretrained(d)
-    tiny_chat_tokenizer.save_pretrained(d)
-    return d

@@ -136,11 +136,16 @@ def test_nucleus_of_the_drift_distribution(tiny_lm, tiny_chat_tokenizer):
     full = _Recording(DriftConfig(profile=prof, top_p=1.0, steer_model="main"))
     nuc = _Recording(DriftConfig(profile=prof, top_p=0.3, steer_model="main"))
     traces = []
+    from personalign.decoding.sampling import SamplingConfig
+
     for m in (full, nuc):
         st_ = {}
         orig = m.prepare
         m.prepare = lambda s, be, orig=orig, st_=st_: (orig(s, be), st_.setdefault("s", s))
-        generate(m, [Request(prompt="tell me a story")], backend, max_new_tokens=1)
+        # sampled: the distribution drawn from is the nucleus (a greedy row skips it, its token unchanged:
+        # test_greedy_rows_skip_the_nucleus_without_changing_a_token)
+        generate(m, [Request(prompt="tell me a story")], backend, max_new_tokens=1,
+                 sampling=SamplingConfig(temperature=1.0), generator=torch.Generator().manual_seed(0))
         traces.append(st_["s"].extra["trace"][0][0])
     keep = nucleus_mask(traces[0][None], 0.3)[0]
     assert torch.equal(torch.isfinite(traces[1]), keep) and 0 < int(keep.sum()) < len(keep)
@@ -199,3 +204,36 @@ def test_sampled_tokens_come_from_the_drift_distribution(tiny_lm, tiny_chat_toke
             else:
                 allowed = nucleus_mask(torch.log_softmax(scores / sampling_kw["temperature"], -1), 0.5)[0]
             assert bool(allowed[tok_id]), (b, t)
+
+
+def test_greedy_rows_skip_the_nucleus_without_changing_a_token(tiny_lm, tiny_chat_tokenizer):
+    """The nucleus is taken over Drift's own distribution, so its best token is always kept: greedy
+    decoding with the nucleus skipped (top_p 0.5, no sampled row) emits exactly the tokens of the same
+    decoding with the nucleus applied at every step, and the skip happens (no sort runs)."""
+    from unittest import mock
+
+    from personalign.decoding.sampling import SamplingConfig
+    from personalign.methods import drift as drift_module
+
+    tok = tiny_chat_tokenizer
+    backend = HFBackend({"main": tiny_lm}, tok)
+    prof = _profile(tiny_lm, tok, {"formal": 0.8, "funny": -0.6, "sad": 0.3}, 3)
+    reqs = [Request(prompt="tell me a story", params={"profile": prof}),
+            Request(prompt="why is the sky blue ?", params={"profile": prof, "top_p": 0.3})]
+    greedy = SamplingConfig(temperature=0.0)
+
+    class _AlwaysNucleus(DriftMethod):  # the reference: the mask applied at every step, as before
+        def prepare(self, state, be):
+            super().prepare(state, be)
+            state.extra["nucleus"] = True
+
+    cfg = DriftConfig(top_m=3, top_p=0.5, beta=0.5, steer_model="main")
+    want = generate(_AlwaysNucleus(cfg), reqs, backend, max_new_tokens=12, sampling=greedy)
+    with mock.patch.object(drift_module, "nucleus_mask", side_effect=AssertionError("sorted")):
+        got = generate(DriftMethod(cfg), reqs, backend, max_new_tokens=12, sampling=greedy)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    sampled = SamplingConfig(temperature=1.0, top_p=1.0)
+    with mock.patch.object(drift_module, "nucleus_mask", wraps=drift_module.nucleus_mask) as spy:
+        generate(DriftMethod(cfg), reqs, backend, max_new_tokens=2, sampling=sampled,
+                 generator=torch.Generator().manual_seed(0))
+    assert spy.called  # a sampled row still gets its nucleus
