@@ -21,7 +21,7 @@ from personalign.personas import drift
 from personalign.personas.attributes import default_pool
 from personalign.personas.identity import steer_identity
 from personalign.records import choice_pairs
-from personalign.server.folding import drift_prompt
+from personalign.server.folding import drift_prompt, item_pair_id
 
 MSG = [{"role": "user", "content": "tell me a story about the cat"}]
 
@@ -169,14 +169,15 @@ def test_a_choice_folds_n_minus_one_pairs_as_add_choice_does(live, client):
     prof = client.get("/v1/profiles/u").json()["drift_profile"]
     added = len(pairs)
     assert prof["num_pairs"] == (before["num_pairs"] if before else 0) + added
-    assert prof["pairs"]["ids"][-added:] == [p.pair_id for p in pairs]
+    ids = [item_pair_id("pick-1", p) for p in pairs]  # each item folds its own rows
+    assert prof["pairs"]["ids"][-added:] == ids
 
     # the same fold through the Python API, on the same model
     be = live.backend
     local = drift.DriftProfile.empty(steer_identity(be.models["main"], be.tokenizer()), default_pool())
     assert local.add_choice(be, drift_prompt(MSG), choices, 1) == added
     served = drift.DriftProfile.from_dict(prof)
-    keep = [served.pair_ids.index(p.pair_id) for p in pairs]
+    keep = [served.pair_ids.index(i) for i in ids]
     torch.testing.assert_close(served.wins[keep], local.wins, rtol=0, atol=1e-3)
     torch.testing.assert_close(served.losses[keep], local.losses, rtol=0, atol=1e-3)
     v = (local.wins - local.losses).sum(0)
@@ -195,7 +196,8 @@ def test_a_choice_folds_n_minus_one_pairs_as_add_choice_does(live, client):
     d = client.delete("/v1/feedback/pick-1").json()
     assert d["unfolded"]
     after = client.get("/v1/profiles/u").json()["drift_profile"]
-    assert not set(after["pairs"]["ids"]) & {p.pair_id for p in pairs}
+    assert not set(after["pairs"]["ids"]) & set(ids)
+    assert after["num_pairs"] == prof["num_pairs"] - added
 
 
 def test_bad_choices_are_refused_and_store_nothing(live, client):

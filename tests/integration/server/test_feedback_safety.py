@@ -136,8 +136,10 @@ def test_concurrent_feedback_for_one_user_folds_each_once_in_order(live_factory)
     with lv.client(key) as c:
         acked = c.get("/v1/feedback", params={"user": "u"}).json()["data"]  # in order of acknowledgement
         prof = c.get("/v1/profiles/u").json()["drift_profile"]
-    want = [PreferencePair(prompt=f["prompt"][0]["content"], chosen=f["chosen"], rejected=f["rejected"]).pair_id
-            for f in acked]
+    from personalign.server.folding import item_pair_id
+
+    want = [item_pair_id(f["id"], PreferencePair(prompt=f["prompt"][0]["content"], chosen=f["chosen"],
+                                                 rejected=f["rejected"])) for f in acked]
     assert prof["num_pairs"] == 8 and prof["pairs"]["ids"] == want
 
 
