@@ -249,6 +249,7 @@ class Store:
         self.url = url
         self.busy_seconds = busy_seconds
         self._faulted: tuple[str, float] | None = None  # (reason, since) of a fault not yet recovered
+        self._running = False  # opened: faults from now on are answered (503) and logged
         self._probed = 0.0
         self._health_lock = threading.Lock()
         kwargs: dict[str, Any] = {"hide_parameters": True}  # no user text in errors or logs
@@ -281,8 +282,9 @@ class Store:
                                                              for m in self.migrated[:20]))
             self._tx(lambda s: s.merge(StoreMeta(key="opened", value=str(time.time()))))
         except (OperationalError, StoreBusy, StoreUnavailable) as e:
-            reason = str(getattr(e, "orig", e)).splitlines()[0]
+            reason = self._faulted[0] if self._faulted else str(getattr(e, "orig", e)).splitlines()[0]
             raise ValueError(f"database {self.url!r} cannot be written: {reason}.") from None
+        self._running = True
 
     @property
     def dialect(self) -> str:
@@ -331,7 +333,7 @@ class Store:
         """Record a fault (logged once per reason) and the exception that answers it."""
         reason = str(getattr(e, "orig", e)).splitlines()[0][:200] or type(e).__name__
         with self._health_lock:
-            if self._faulted is None or self._faulted[0] != reason:
+            if self._running and (self._faulted is None or self._faulted[0] != reason):  # opening: one ValueError
                 logger.error("the store failed: %s (%s); requests that need it answer 503 until it recovers",
                              reason, self.url.split("://", 1)[0])
             self._faulted = (reason, self._faulted[1] if self._faulted else time.time())
