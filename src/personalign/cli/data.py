@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--users", default="academy,business,entertainment,literature",
                    help="DSP users (domains) to make pairs for")
     c.add_argument("--skip-invalid", action="store_true",
-                   help="skip malformed pair records (each is listed) instead of stopping at the first")
+                   help="skip malformed pair records and pairs whose chosen and rejected are the same text (each "
+                        "is listed) instead of stopping at the first")
     c.set_defaults(func=run_convert)
     k = dsub.add_parser("check", help="validate a file; report duplicate, contradictory and degenerate pairs")
     k.add_argument("input")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +142,7 @@ class PairReport:
     duplicates: list[list[str]] = field(default_factory=list)
     contradictions: list[list[str]] = field(default_factory=list)
     degenerate: list[str] = field(default_factory=list)
+    duplicate_users: list[str | None] = field(default_factory=list)  # the user of each duplicates group
 
     @property
     def ok(self) -> bool:
@@ -150,10 +151,19 @@ class PairReport:
     def summary(self) -> str:
         lines = [f"{self.n_pairs} pairs: {len(self.duplicates)} duplicated, {len(self.contradictions)} contradictory, "
                  f"{len(self.degenerate)} with chosen == rejected."]
-        lines += [f"  duplicate: {', '.join(g)}" for g in self.duplicates[:20]]
-        lines += [f"  contradiction: {', '.join(g)}" for g in self.contradictions[:20]]
+        users = self.duplicate_users or [None] * len(self.duplicates)
+        lines += [f"  duplicate{'' if u is None else f' (user {u})'}: {_origins(g)}"
+                  for g, u in list(zip(self.duplicates, users))[:20]]
+        lines += [f"  contradiction: {_origins(g)}" for g in self.contradictions[:20]]
         lines += [f"  chosen == rejected: {o}" for o in self.degenerate[:20]]
         return "\n".join(lines)
+
+
+def _origins(group: list[str]) -> str:
+    """A group's origins, each named once with how many of the group's pairs it made (one DSP record
+    makes several pairs, and identical replies make identical ones): ``f:162 (×3), f:170``."""
+    counts = Counter(group)
+    return ", ".join(o if n == 1 else f"{o} (×{n})" for o, n in counts.items())
 
 
 def check_pairs(pairs: Sequence[PreferencePair]) -> PairReport:
@@ -167,7 +177,8 @@ def check_pairs(pairs: Sequence[PreferencePair]) -> PairReport:
             rep.degenerate.append(origin)
             continue
         groups[(p.user_id, p.prompt, p.chosen, p.rejected)].append(origin)
-    rep.duplicates = [g for g in groups.values() if len(g) > 1]
+    dups = [(key[0], g) for key, g in groups.items() if len(g) > 1]
+    rep.duplicates, rep.duplicate_users = [g for _, g in dups], [u for u, _ in dups]
     for (u, q, c, r), g in groups.items():
         rev = groups.get((u, q, r, c))
         if rev is not None and (c, r) < (r, c):  # report each contradictory couple once
@@ -193,8 +204,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str, layout: str = "auto", 
     """Convert ``src`` to layout ``to`` in ``dst`` (JSONL, or a JSON array when ``dst`` ends in .json).
 
     ``to="prompts"`` keeps the unique prompts (of a prompt file or of a pair file). Returns the number
-    of records written and, for pairs, the duplicate/contradiction report. ``on_error="skip"`` drops
-    malformed pair records (their messages go to ``errors``) instead of stopping at the first.
+    of records written and, for pairs, the duplicate/contradiction report of what was written.
+    ``on_error="skip"`` drops malformed pair records and pairs whose chosen and rejected are the same
+    text (their messages go to ``errors``) instead of stopping at the first.
     """
     if to not in LAYOUTS:
         raise ValueError(f"`to` must be one of {', '.join(LAYOUTS)}, got {to!r}.")
@@ -207,7 +219,12 @@ def convert(src: str | Path, dst: str | Path, *, to: str, layout: str = "auto", 
         records: list[dict[str, Any]] = [{"id": p.id, "prompt": p.prompt} for p in load_prompts(src)]
     else:
         pairs = load_pairs(src, layout=src_layout, users=users, on_error=on_error, errors=errors)
-        report = check_pairs(pairs)
+        if on_error == "skip":  # a pair whose chosen is its rejected states no preference: skipped, listed
+            for i, p in enumerate(pairs):
+                if p.chosen == p.rejected and errors is not None:
+                    errors.append(f"{p.origin or f'#{i}'}: `chosen` and `rejected` are the same text.")
+            pairs = [p for p in pairs if p.chosen != p.rejected]
+        report = check_pairs(pairs)  # of what is written
         if to == "trl":
             records = [p.to_dict() for p in pairs]
         elif to == "hh":

@@ -155,3 +155,25 @@ def test_shared_files_load():
     assert len(load_prompts(SHARED / "data/prompts/koala_eval_50.json")) == 50
     pairs = load_pairs(SHARED / "data/dsp/helpful.test.json")
     assert len(pairs) == 2352 and pairs[0].prompt.endswith("Assistant:")
+
+
+def test_convert_skip_invalid_drops_degenerate_pairs_and_the_report_names_a_line_once(tmp_path):
+    """One DSP record whose business and literature replies are the same text: the academy user's pairs
+    A ≻ B and A ≻ L are one pair twice from one line (the report names that line once, ×2), and the
+    business user's B ≻ L is no preference at all (written without ``--skip-invalid``, skipped and
+    listed with it)."""
+    from personalign.eval.datasets import convert
+
+    rec = {"query": "Q?", "responses": {"academy": "A", "business": "B", "entertainment": "E", "literature": "B",
+                                        "normal": "N"}}
+    src = _write(tmp_path / "d.json", json.dumps([rec]))
+    n_all, rep_all = convert(src, tmp_path / "all.jsonl", to="trl", layout="dsp")
+    assert len(rep_all.degenerate) == 2  # business: B ≻ L, literature: L ≻ B
+    errors: list[str] = []
+    n, rep = convert(src, tmp_path / "kept.jsonl", to="trl", layout="dsp", on_error="skip", errors=errors)
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert n == n_all - 2 == len(kept) and all(k["chosen"] != k["rejected"] for k in kept)
+    assert len(errors) == 2 and all("same text" in e for e in errors)
+    assert not rep.degenerate and rep.duplicates
+    line = [g for g in rep.summary().splitlines() if g.startswith("  duplicate (user academy):")]
+    assert line and all(part.count(":1") == 1 for part in line) and "(×2)" in line[0], line
