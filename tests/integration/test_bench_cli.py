@@ -62,7 +62,7 @@ def test_bench_says_which_linears_it_ran(tmp_path, tiny_lm, tiny_chat_tokenizer,
     assert tuned[0]["decode_linears"] == "tuned"
     # amulet's two views of one request: the step's linears at 2 rows (and the output head)
     assert any(k.startswith("2x") for k in choices) and set(choices.values()) <= {
-        "stock", "w_xt", "x_wt", "onednn", *(f"pad{m}" for m in (4, 8, 16))}
+        "stock", "w_xt", "x_wt", "onednn", *(f"{padded}{m}" for padded in ("pad", "w_xt_pad") for m in (4, 8, 16))}
     common[common.index("--json")] = "--decode-linears"
     assert main([*common, "both"]) == 0
     out = capsys.readouterr().out
