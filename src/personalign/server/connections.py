@@ -28,14 +28,16 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from personalign.server.errors import error_body
+
 __all__ = ["guarded_protocol"]
 
 logger = logging.getLogger(__name__)
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, extra: str = "") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
-                                 "service_unavailable", "param": None, "code": code}}).encode()
+    """A whole HTTP response written straight to the transport (no ASGI app runs), the API's error body."""
+    body = json.dumps(error_body(status, message, code=code)).encode()
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n")
     return head.encode() + body

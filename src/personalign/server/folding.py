@@ -119,16 +119,15 @@ def item_pair_id(feedback_id: str, pair: PreferencePair) -> str:
     return f"{pair.pair_id}@{feedback_id}"
 
 
-def unfold_pairs(profile: dict[str, Any], fb: StoredFeedback, shared: bool = False) -> dict[str, Any] | None:
+def unfold_pairs(profile: dict[str, Any], fb: StoredFeedback, legacy: bool = False) -> dict[str, Any] | None:
     """``profile`` without the rows item ``fb`` folded; None when none of them is in it.
 
-    Rows folded by an earlier release carry the pair's content id alone (one row for every item stating
-    that pair): they are taken out only when no other folded item states the pair (``shared`` False)."""
+    ``legacy``: the rows an earlier release folded instead, which carry the pair's content id alone (one
+    row for every item stating that pair; the caller takes them out only when no other folded item
+    states the pair)."""
     prof = drift.DriftProfile.from_dict(profile)
     pairs = feedback_pairs(fb)
-    ids = [item_pair_id(fb.feedback_id, p) for p in pairs]
-    if not any(i in prof.pair_ids for i in ids) and not shared:
-        ids = [p.pair_id for p in pairs]  # an earlier release's rows
+    ids = [p.pair_id for p in pairs] if legacy else [item_pair_id(fb.feedback_id, p) for p in pairs]
     present = [i for i in ids if i in prof.pair_ids]
     if not present:
         return None

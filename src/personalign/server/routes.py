@@ -277,8 +277,9 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
             profile = await ctx.db(store.get_profile, owner, f.user_id)
             update = None
             if f.folded and profile is not None and profile["drift_profile"] is not None:
-                shared = await ctx.db(_pair_folded_by_another, store, owner, f)
-                new = await ctx.db(unfold_pairs, profile["drift_profile"], f, shared)
+                new = await ctx.db(unfold_pairs, profile["drift_profile"], f)
+                if new is None and not await ctx.db(_pair_folded_by_another, store, owner, f):
+                    new = await ctx.db(unfold_pairs, profile["drift_profile"], f, True)  # an earlier release's rows
                 update = None if new is None else {"drift_profile": new}
             if f.folded and profile is not None and profile.get("pdpo_embedding") is not None:
                 # a fitted embedding cannot take one pair back out: it is dropped, and the next feedback
