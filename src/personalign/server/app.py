@@ -61,8 +61,8 @@ class ServerContext:
     unavailable: dict[str, str]
     folds: FoldManager | None = None
 
-    async def db(self, fn: Any, *args: Any) -> Any:
-        return await run_in_threadpool(fn, *args)
+    async def db(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(fn, *args, **kwargs)
 
     async def owner(self, request: Request) -> str:
         """The id of the key in the ``Authorization`` header (401 when missing or unknown)."""

@@ -31,8 +31,10 @@ extension, ``training.pdpo.user_fit``): after the user's earlier items have merg
 ``EmbeddingFit`` on the item's pairs and the user's most recent earlier ones (``max_pairs`` in all)
 starts from their last embedding (or ``e_0``) and runs as a fold task in the engine's folding budget,
 a piece (whole pairs, forward and backward) per round; step 4 then writes the embedding with the
-Drift rows in the same transaction. Deleting a folded item drops the embedding (one pair cannot be
-taken back out of it); the next item fits it again from the remaining pairs.
+Drift rows in the same transaction, and stores it with the item (``learned``). Deleting a folded item
+puts back the embedding of the item before it and ``replay`` refits the later items in order, as fold
+tasks, so the embedding equals a fit of the surviving items from scratch (one pair cannot be taken
+back out of a fitted embedding).
 
 ``wait: true`` answers after step 4, ``wait: false`` after step 2 (202). A server stopped before step
 4 leaves the item stored and unfolded; ``recover`` folds every such item when it starts again.
@@ -134,6 +136,15 @@ def unfold_pairs(profile: dict[str, Any], fb: StoredFeedback, legacy: bool = Fal
     for i in present:
         prof.remove_pair(i)
     return prof.to_dict()
+
+
+def fit_pairs(item: StoredFeedback | list[PreferencePair], prior: list[StoredFeedback],
+              max_pairs: int) -> list[PreferencePair]:
+    """The pairs one item's P-DPO embedding fit sees: its own, then those of the user's earlier folded
+    items (``prior``, newest first), ``max_pairs`` in all. The fold of a new item and the replay after a
+    delete choose them by this one rule, so a replay repeats the fold exactly."""
+    own = feedback_pairs(item) if isinstance(item, StoredFeedback) else list(item)
+    return (own + [p for fb in prior for p in feedback_pairs(fb)])[:max_pairs]
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,9 @@ class FoldManager:
         self._tickets: dict[tuple[str, str], FoldTicket] = {}
         self._backlog: deque[FoldTicket] = deque()  # recovered items beyond the engine's queue
         self.cancelled = 0  # folds stopped because their item was deleted first
+        self._replay_gen: dict[tuple[str, str], int] = {}  # the latest replay queued for each user
+        self.replays_pending = 0  # replays queued or running
+        self.replayed = 0  # items whose embedding a replay refitted
 
     # ------------------------------------------------------------------ step 1: bounds, rows
     def user_lock(self, owner: str, user: str) -> asyncio.Lock:
@@ -392,36 +406,45 @@ class FoldManager:
         profile = await self.run_sync(self.store.get_profile, ticket.owner, ticket.user)
         if profile is None or not learner.learns(profile):
             return None
-        start = learner.start(profile)
-        cfg = learner.config
-        prior = await self.run_sync(self.store.recent_feedback, ticket.owner, ticket.user, cfg.max_pairs,
+        prior = await self.run_sync(self.store.recent_feedback, ticket.owner, ticket.user, learner.config.max_pairs,
                                     ticket.feedback_id)
-        pairs = (list(ticket.plan.pairs) + [p for fb in prior for p in feedback_pairs(fb)])[:cfg.max_pairs]
+        pairs = fit_pairs(ticket.plan.pairs, prior, learner.config.max_pairs)
+        job = await self._run_fit(pairs, learner.start(profile), len(ticket.plan.pairs),
+                                  f"{ticket.owner}/{ticket.feedback_id}/pdpo", lambda: ticket.cancelled,
+                                  lambda j: setattr(ticket, "fit_job", j))
+        return job
+
+    async def _run_fit(self, pairs: list[PreferencePair], start: UserEmbedding | None, new_pairs: int, label: str,
+                       cancelled: Any, attach: Any = None) -> UserEmbedding | None:
+        """Fit the embedding on ``pairs`` from ``start`` (``e_0`` when None) as a fold task in the engine's
+        folding budget; None once ``cancelled()`` says so. ``attach`` receives the job (to cancel it)."""
+        learner = self.learner
         tokenized = await self.run_sync(learner.tokenize, pairs)
         fit = EmbeddingFit(self.engine.backend.models[learner.model], tokenized,
-                           learner.generic if start is None else start.tensor, learner.generic, cfg,
+                           learner.generic if start is None else start.tensor, learner.generic, learner.config,
                            embedding_std=learner.embedding_std)
         loop = asyncio.get_running_loop()
-        job = FoldJob(rows=[], model=learner.model, loop=loop, future=loop.create_future(),
-                      label=f"{ticket.owner}/{ticket.feedback_id}/pdpo", task=fit)
-        ticket.fit_job = job
-        while not ticket.cancelled:
+        job = FoldJob(rows=[], model=learner.model, loop=loop, future=loop.create_future(), label=label, task=fit)
+        if attach is not None:
+            attach(job)
+        while not cancelled():
             try:
                 self.engine.submit_fold(job)
                 break
             except QueueFull:
                 await asyncio.sleep(0.05)
-        if ticket.cancelled:
+        if cancelled():
+            job.cancel()
             return None
         try:
-            done = await job.future  # None once the item is deleted (``settle``)
+            done = await job.future  # None once cancelled (a delete's ``settle``)
         except RuntimeError as e:
             if not self.engine.alive:
                 raise EngineStopped(str(e)) from None
             raise
-        if ticket.cancelled:
+        if cancelled() or done is None:
             return None
-        return done.result((start.num_pairs if start is not None else 0) + len(ticket.plan.pairs))
+        return done.result((start.num_pairs if start is not None else 0) + new_pairs)
 
     async def _merge_when_the_store_answers(self, ticket: FoldTicket, wins: Any, losses: Any,
                                             fitted: UserEmbedding | None) -> StoredFeedback | None:
@@ -475,13 +498,96 @@ class FoldManager:
             for pair, loss in zip(ticket.plan.pairs, losses):
                 prof.add_rewards(item_pair_id(ticket.feedback_id, pair), wins, loss)
             update: dict[str, Any] = {"drift_profile": prof.to_dict()}
+            learned = None
             if fitted is not None:
                 update["pdpo_embedding"] = fitted.to_dict()
+                learned = {"pdpo_embedding": update["pdpo_embedding"]}
             try:
-                return self.store.complete_fold(ticket.owner, ticket.feedback_id, update, profile["version"])
+                return self.store.complete_fold(ticket.owner, ticket.feedback_id, update, profile["version"], learned)
             except ProfileConflict:
                 continue
         raise RuntimeError(f"profile {ticket.user!r} kept changing; {_MERGE_RETRIES} merges conflicted.")
+
+    # ------------------------------------------------------------------ replays after a delete
+    def replay(self, owner: str, user: str, from_pk: int) -> None:
+        """After a folded item (arrival ``from_pk``) of ``user`` was deleted: refit their P-DPO embedding
+        for every later item that taught it, in order, from the state before the deleted item, so the
+        embedding equals a fit of the surviving items from scratch. Queued behind the user's earlier
+        items (call it holding ``user_lock``); the items after it wait for it. No-op where no embedding
+        is learned here."""
+        if self.learner is None:
+            return
+        loop = asyncio.get_running_loop()
+        key = (owner, user)
+        queue = self._users.setdefault(key, _UserQueue())
+        done = loop.create_future()
+        previous, queue.tail = queue.tail, done
+        gen = self._replay_gen[key] = self._replay_gen.get(key, 0) + 1
+        self.replays_pending += 1
+        asyncio.ensure_future(self._replay(owner, user, from_pk, gen, previous, done))
+
+    async def _replay(self, owner: str, user: str, from_pk: int, gen: int, previous: asyncio.Future | None,
+                      done: asyncio.Future) -> None:
+        key = (owner, user)
+
+        def superseded() -> bool:  # a later delete queued its own replay, which covers this one
+            return self._replay_gen.get(key) != gen
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            pause = 0.25
+            for _ in range(_MERGE_RETRIES):
+                if superseded():
+                    return
+                try:
+                    if await self._replay_once(owner, user, from_pk, superseded):
+                        return
+                except (StoreUnavailable, StoreBusy):  # the stale marks stay: retried, or at the next start
+                    if not self.engine.alive:
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 5.0)
+            logger.warning("replaying %s/%s's embedding: the profile kept changing", owner, user)
+        except EngineStopped:
+            pass  # the stale marks stay: replayed at the next start (``recover``)
+        except Exception:  # noqa: BLE001 - logged; the stale marks stay
+            logger.exception("replaying the embedding of %s/%s failed", owner, user)
+        finally:
+            self.replays_pending -= 1
+            if self._replay_gen.get(key) == gen:
+                del self._replay_gen[key]
+            done.set_result(None)
+
+    async def _replay_once(self, owner: str, user: str, from_pk: int, superseded: Any) -> bool:
+        """One attempt: True when written (or nothing to do), False on a conflict."""
+        learner = self.learner
+        profile = await self.run_sync(self.store.get_profile, owner, user)
+        if profile is None or not learner.learns(profile):
+            return True
+        items = await self.run_sync(self.store.folded_items, owner, user)
+        first = next((i for i, f in enumerate(items) if f.pk >= from_pk), len(items))
+        before = next((f.learned for f in reversed(items[:first]) if f.learned and not f.stale), None)
+        emb = learner.start({"pdpo_embedding": before.get("pdpo_embedding")} if before else {})
+        learned: dict[str, dict[str, Any]] = {}
+        for j in range(first, len(items)):
+            if items[j].learned is None:  # it taught no embedding when it folded
+                continue
+            pairs = fit_pairs(items[j], items[:j][::-1][:learner.config.max_pairs], learner.config.max_pairs)
+            emb = await self._run_fit(pairs, emb, len(items[j].rejected_texts),
+                                      f"{owner}/{items[j].feedback_id}/pdpo-replay", superseded)
+            if emb is None:
+                return True  # superseded
+            learned[items[j].feedback_id] = {"pdpo_embedding": emb.to_dict()}
+            self.replayed += 1
+        final = None if emb is None else emb.to_dict()
+        if not learned and final == profile.get("pdpo_embedding"):
+            return True
+        try:
+            await self.run_sync(self.store.write_replay, owner, user, learned, {"pdpo_embedding": final},
+                                profile["version"])
+        except ProfileConflict:
+            return False
+        return True
 
     # ------------------------------------------------------------------ deletes, restarts, stats
     async def settle(self, owner: str, feedback_id: str) -> None:
@@ -518,6 +624,9 @@ class FoldManager:
             n += 1
         if n:
             logger.info("folding %d feedback item(s) left unfolded by the last run", n)
+        for owner, user, pk in await self.run_sync(self.store.stale_users):
+            async with self.user_lock(owner, user):
+                self.replay(owner, user, pk)
         return n
 
     def load(self) -> dict[str, int]:
@@ -525,4 +634,5 @@ class FoldManager:
         eng = self.engine.load()
         merging = sum(1 for t in self._tickets.values() if t.merging)
         return {"folds_waiting": eng["folds_waiting"] + len(self._backlog), "folds_running": eng["folds_running"]
-                + merging, "max_folds": self.limits.max_folds, "folds_cancelled": self.cancelled}
+                + merging, "max_folds": self.limits.max_folds, "folds_cancelled": self.cancelled,
+                "replays_pending": self.replays_pending}

@@ -281,14 +281,19 @@ def add_routes(app: FastAPI, ctx: Any) -> None:
                 if new is None and not await ctx.db(_pair_folded_by_another, store, owner, f):
                     new = await ctx.db(unfold_pairs, profile["drift_profile"], f, True)  # an earlier release's rows
                 update = None if new is None else {"drift_profile": new}
-            if f.folded and profile is not None and profile.get("pdpo_embedding") is not None:
-                # a fitted embedding cannot take one pair back out: it is dropped, and the next feedback
-                # fits it again from the user's remaining pairs
-                update = {**(update or {}), "pdpo_embedding": None}
+            if f.folded and profile is not None and f.learned is not None:
+                # the embedding goes back to what it was before this item; the later items that taught
+                # it are marked stale and refitted in order (``FoldManager.replay``)
+                before = await ctx.db(store.learned_before, owner, fid)
+                update = {**(update or {}), "pdpo_embedding": before.get("pdpo_embedding") if before else None}
             try:
-                if not await ctx.db(store.delete_feedback, owner, fid, update,
-                                    profile["version"] if profile else None):
-                    raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
+                async with ctx.folds.user_lock(owner, f.user_id):
+                    if not await ctx.db(store.delete_feedback, owner, fid, update,
+                                        profile["version"] if profile else None, stale_after=f.learned is not None):
+                        raise APIError(404, f"unknown feedback {shown(fid)}.", param="id",
+                                       code="feedback_not_found")
+                    if f.folded and profile is not None:
+                        ctx.folds.replay(owner, f.user_id, f.pk)
             except ProfileConflict:
                 continue
             return {"id": fid, "object": "feedback", "deleted": True, "unfolded": update is not None}

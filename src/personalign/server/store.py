@@ -136,6 +136,10 @@ class Feedback(Base):
     # a choice among a completion's choices: which was chosen, and the rejected texts after the first
     chosen_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     also_rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # what the user's learners held right after this item folded ({"pdpo_embedding": ...}), so a delete
+    # can go back to the state before an item and replay the ones after it; {"stale": true} once an
+    # earlier item was deleted and the replay has not rewritten it yet; NULL: the item taught no learner
+    learned: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class StoreMeta(Base):
@@ -198,6 +202,13 @@ class StoredFeedback:
     fold_error: str | None = None
     chosen_index: int | None = None
     also_rejected: tuple[str, ...] = ()
+    learned: dict | None = None  # the learners' state after this item folded (``Feedback.learned``)
+    pk: int = 0  # the order of arrival
+
+    @property
+    def stale(self) -> bool:
+        """An earlier item was deleted and this item's learned state waits to be replayed."""
+        return bool(self.learned and self.learned.get("stale"))
 
     @property
     def rejected_texts(self) -> list[str]:
@@ -227,7 +238,8 @@ def _profile_dict(p: Profile) -> dict[str, Any]:
 
 def _feedback_record(f: Feedback) -> StoredFeedback:
     return StoredFeedback(f.feedback_id, f.user_id, f.prompt, f.chosen, f.rejected, f.completion_id, f.folded,
-                          f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()))
+                          f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()), f.learned,
+                          f.pk)
 
 
 class Store:
@@ -556,10 +568,11 @@ class Store:
         return stored, stored.feedback_id == fb.feedback_id
 
     def complete_fold(self, owner: str, feedback_id: str, profile_update: dict[str, Any],
-                      expect_version: int) -> StoredFeedback | None:
-        """Mark a stored item folded and write the profile it changed, in one transaction guarded by the
-        profile's version. None when the item is gone (deleted meanwhile); ``ProfileConflict`` when the
-        profile moved on (the caller re-merges, no model work)."""
+                      expect_version: int, learned: dict[str, Any] | None = None) -> StoredFeedback | None:
+        """Mark a stored item folded and write the profile it changed (and, when given, the learners'
+        state it left, ``learned``), in one transaction guarded by the profile's version. None when the
+        item is gone (deleted meanwhile); ``ProfileConflict`` when the profile moved on (the caller
+        re-merges, no model work)."""
         def fn(s: Session) -> StoredFeedback | None:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id)
                          .with_for_update())
@@ -567,6 +580,8 @@ class Store:
                 return None
             _apply_profile_update(s, owner, f.user_id, profile_update, expect_version)
             f.folded, f.fold_error = True, None
+            if learned is not None:
+                f.learned = learned
             s.flush()
             return _feedback_record(f)
         return self._tx(fn)
@@ -591,16 +606,69 @@ class Store:
         return self._read(fn)
 
     def delete_feedback(self, owner: str, feedback_id: str, profile_update: dict[str, Any] | None = None,
-                        expect_version: int | None = None) -> bool:
-        """Delete a feedback row and apply ``profile_update`` in one transaction; False if absent."""
+                        expect_version: int | None = None, *, stale_after: bool = False) -> bool:
+        """Delete a feedback row and apply ``profile_update`` in one transaction; False if absent.
+
+        ``stale_after``: mark the learned state of the user's later items stale (they are replayed)."""
         def fn(s: Session) -> bool:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
             if f is None:
                 return False
             _apply_profile_update(s, owner, f.user_id, profile_update, expect_version)
+            if stale_after:
+                for later in s.scalars(select(Feedback).where(Feedback.owner == owner, Feedback.user_id == f.user_id,
+                                                              Feedback.pk > f.pk, Feedback.learned.is_not(None))):
+                    later.learned = {"stale": True}
             s.delete(f)
             return True
         return self._tx(fn)
+
+    def folded_items(self, owner: str, user_id: str) -> list[StoredFeedback]:
+        """The user's folded items in order of arrival (with what each left its learners)."""
+        def fn(s: Session) -> list[StoredFeedback]:
+            q = select(Feedback).where(Feedback.owner == owner, Feedback.user_id == user_id, Feedback.folded.is_(True))
+            return [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk))]
+        return self._read(fn)
+
+    def learned_before(self, owner: str, feedback_id: str) -> dict[str, Any] | None:
+        """What the user's learners held before item ``feedback_id``: the learned state of the latest earlier
+        item that has one and is not stale; None when there is none (or the item is gone)."""
+        def fn(s: Session) -> dict[str, Any] | None:
+            f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
+            if f is None:
+                return None
+            q = select(Feedback.learned).where(Feedback.owner == owner, Feedback.user_id == f.user_id,
+                                               Feedback.pk < f.pk, Feedback.learned.is_not(None))
+            for learned in s.scalars(q.order_by(Feedback.pk.desc())):
+                if learned and not learned.get("stale"):
+                    return learned
+            return None
+        return self._read(fn)
+
+    def stale_users(self) -> list[tuple[str, str, int]]:
+        """``(owner, user, pk)`` of every user with stale learned state, ``pk`` the first stale item: the
+        replays a stopped server left undone."""
+        def fn(s: Session) -> list[tuple[str, str, int]]:
+            first: dict[tuple[str, str], int] = {}
+            q = select(Feedback.owner, Feedback.user_id, Feedback.pk, Feedback.learned).where(
+                Feedback.learned.is_not(None)).order_by(Feedback.pk)
+            for owner, user, pk, learned in s.execute(q):
+                if learned and learned.get("stale"):
+                    first.setdefault((owner, user), pk)
+            return [(o, u, pk) for (o, u), pk in first.items()]
+        return self._read(fn)
+
+    def write_replay(self, owner: str, user_id: str, learned: dict[str, dict[str, Any]],
+                     profile_update: dict[str, Any], expect_version: int) -> None:
+        """A replay's result in one transaction guarded by the profile's version: each item's learned
+        state (items deleted meanwhile are skipped) and the profile fields it ends with."""
+        def fn(s: Session) -> None:
+            _apply_profile_update(s, owner, user_id, profile_update, expect_version)
+            if learned:
+                for f in s.scalars(select(Feedback).where(Feedback.owner == owner,
+                                                          Feedback.feedback_id.in_(list(learned)))):
+                    f.learned = learned[f.feedback_id]
+        self._tx(fn)
 
 
 def _apply_profile_update(s: Session, owner: str, user_id: str, profile_update: dict[str, Any] | None,

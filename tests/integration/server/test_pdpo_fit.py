@@ -4,13 +4,18 @@ The server serves ``pdpo`` with an individual user model that knows one user ("s
 choice among two replies is folded into their Drift profile and, in the same merge, fits their P-DPO
 embedding (a fold task in the engine's folding budget): the stored embedding makes the chosen reply
 likelier than the generic user does, the next ``pdpo`` request decodes with it (the same tokens as
-decoding locally with that embedding), a seen user keeps their own row, deleting the item drops the
-embedding, and a malformed embedding is refused by name.
+decoding locally with that embedding), a seen user keeps their own row, and a malformed embedding is
+refused by name. Deletes undo exactly: any order of posts (duplicates included, several at once) and
+deletes leaves the embedding equal to a fit of the surviving items from scratch (the items after a
+deleted one are refitted in order from the embedding before it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import random
+import time
 
 import pytest
 import torch
@@ -106,11 +111,14 @@ def test_a_new_users_choice_fits_their_embedding_and_pdpo_uses_it(served, tiny_l
     _, prof2 = choose(c, "alice", "a2", seed=4)
     assert UserEmbedding.from_dict(prof2["pdpo_embedding"]).num_pairs == 2 and prof2["drift_profile"]["num_pairs"] == 2
 
-    # undo: the embedding cannot take one pair back out, so it is dropped (refit at the next choice)
+    # undo: deleting the last item puts back the embedding the first one left, exactly
     d = c.delete("/v1/feedback/a2")
     assert d.status_code == 200 and d.json()["unfolded"]
     prof3 = c.get("/v1/profiles/alice").json()
-    assert prof3["pdpo_embedding"] is None and prof3["drift_profile"]["num_pairs"] == 1
+    assert prof3["pdpo_embedding"] == prof["pdpo_embedding"] and prof3["drift_profile"]["num_pairs"] == 1
+    assert c.delete("/v1/feedback/a1").json()["unfolded"]
+    prof4 = c.get("/v1/profiles/alice").json()
+    assert prof4["pdpo_embedding"] is None and prof4["drift_profile"]["num_pairs"] == 0
 
 
 def test_a_seen_user_keeps_their_row(served):
@@ -136,3 +144,108 @@ def test_a_malformed_embedding_is_refused_by_name(served):
     r = c.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": MSG, "max_tokens": 4, "user": "carol",
                                              "personalization": {"method": "pdpo"}})
     assert r.status_code == 400 and "user_embedding" in r.json()["error"]["message"], r.text
+
+
+CONTENTS = [
+    {"prompt": "tell me about the cat", "chosen": "the cat was happy", "rejected": "no"},
+    {"prompt": "tell me about the dog", "chosen": "the dog ran and ran", "rejected": "the dog"},
+    {"prompt": "what is the sun", "chosen": "a big warm star", "rejected": "hot"},
+]
+
+
+def _settle(c) -> None:
+    deadline = time.time() + 180
+    q = c.get("/health").json()["queue"]
+    while q["folds_waiting"] + q["folds_running"] + q["replays_pending"]:
+        assert time.time() < deadline, q
+        time.sleep(0.05)
+        q = c.get("/health").json()["queue"]
+
+
+async def _post_many(c, bodies: list[dict]) -> list:
+    import httpx
+    async with httpx.AsyncClient(base_url=str(c.base_url), headers=dict(c.headers), timeout=120) as ac:
+        return await asyncio.gather(*(ac.post("/v1/feedback", json=b) for b in bodies))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_any_order_of_posts_and_deletes_leaves_the_embedding_of_the_survivors(served, seed):
+    """A fit does the same arithmetic whatever budget it ran in (``EmbeddingFit.advance``), so the
+    replayed embedding and the one fitted from scratch are the same tensor, not merely close."""
+    lv, _, _ = served
+    rng = random.Random(seed)
+    alive: list[str] = []
+    content: dict[str, dict] = {}
+    n, deletes = 0, 0
+    with lv.client(lv.new_key(f"ptruth{seed}")) as c:
+        assert c.post("/v1/profiles", json={"user": "u", "method": "pdpo"}).status_code == 201
+        for step in range(9):
+            op = rng.random()
+            if (op < 0.35 or step in (5, 8)) and alive:  # delete one: folded, folding or queued
+                fid = alive.pop(rng.randrange(len(alive)) if step != 5 else 0)  # step 5: an early one
+                assert c.delete(f"/v1/feedback/{fid}").json()["deleted"] is True
+                deletes += 1
+            elif op < 0.65:
+                bodies = []
+                for _ in range(2):
+                    fid, n = f"f{n}", n + 1
+                    content[fid] = rng.choice(CONTENTS)
+                    bodies.append({"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
+                for r in asyncio.run(_post_many(c, bodies)):
+                    assert r.status_code in (201, 202), r.text
+                alive += [b["id"] for b in bodies]
+            else:
+                fid, n = f"f{n}", n + 1
+                content[fid] = rng.choice(CONTENTS)
+                r = c.post("/v1/feedback", json={"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
+                assert r.status_code in (201, 202), r.text
+                alive.append(fid)
+        _settle(c)
+        order = [f["id"] for f in c.get("/v1/feedback", params={"user": "u", "limit": 100}).json()["data"]]
+        assert sorted(order) == sorted(alive) and deletes >= 2
+        assert all(c.get(f"/v1/feedback/{fid}").json()["folded"] for fid in order)
+        got = c.get("/v1/profiles/u").json()
+
+    with lv.client(lv.new_key(f"pscratch{seed}")) as c:  # the survivors, folded from scratch in their order
+        assert c.post("/v1/profiles", json={"user": "u", "method": "pdpo"}).status_code == 201
+        for fid in order:
+            assert c.post("/v1/feedback", json={"id": fid, "user": "u", **content[fid]}).status_code == 201
+        want = c.get("/v1/profiles/u").json()
+
+    assert got["drift_profile"]["pairs"]["ids"] == want["drift_profile"]["pairs"]["ids"]
+    if not order:
+        assert got["pdpo_embedding"] is None
+        return
+    g, w = UserEmbedding.from_dict(got["pdpo_embedding"]), UserEmbedding.from_dict(want["pdpo_embedding"])
+    assert g.num_pairs == w.num_pairs == len(order)
+    assert torch.equal(g.tensor, w.tensor), float((g.tensor - w.tensor).abs().max())
+
+
+def test_a_replay_left_undone_by_a_stop_runs_at_the_next_start(served, tmp_path):
+    """The stale marks are stored with the delete: a server started on the store replays them."""
+    lv, _, _ = served
+    with lv.client(lv.new_key("pstale")) as c:
+        assert c.post("/v1/profiles", json={"user": "u", "method": "pdpo"}).status_code == 201
+        for i, body in enumerate(CONTENTS):
+            assert c.post("/v1/feedback", json={"id": f"s{i}", "user": "u", **body}).status_code == 201
+        want = c.get("/v1/profiles/u").json()["pdpo_embedding"]
+        owner = lv.store.owner_of(c.headers["Authorization"].split()[1])
+    # as a stopped server leaves a delete of an earlier item: the later items stale, the profile rolled back
+    s0 = lv.store.get_feedback(owner, "s0").learned
+    version = lv.store.get_profile(owner, "u")["version"]
+    lv.store.write_replay(owner, "u", {"s1": {"stale": True}, "s2": {"stale": True}},
+                          {"pdpo_embedding": s0["pdpo_embedding"]}, version)
+    assert (owner, "u", lv.store.get_feedback(owner, "s1").pk) in lv.store.stale_users()
+    engine = EngineWorker(lv.backend, dict(lv.engine.methods), max_batch=8)
+    app = create_app(engine, lv.store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN)
+    url, server, thread = start_server(app)  # its start-up replays s1 and s2
+    try:
+        deadline = time.time() + 120
+        while lv.store.get_profile(owner, "u")["pdpo_embedding"] != want:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert not [u for u in lv.store.stale_users() if u[0] == owner]
+        assert lv.store.get_feedback(owner, "s2").learned == {"pdpo_embedding": want}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -286,3 +286,30 @@ def test_ids_an_earlier_release_accepted_are_renamed_with_their_references(tmp_p
     assert s.get_feedback(kid, "fine").user_id == "ok"  # clean rows untouched
     s.close()
     assert Store(url).migrated == []  # once only
+
+
+def test_a_database_without_the_learned_column_opens_and_gets_it(tmp_path):
+    """Stores written before items recorded what they taught their learners (no ``feedback.learned``)
+    open: the column is added, their items read as having taught nothing, and deletes work."""
+    import sqlite3
+
+    from personalign.server.store import StoredFeedback
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    s = Store(url)
+    kid, _ = s.create_key("old")
+    s.create_profile(kid, "u", {})
+    for fid in ("f1", "f2"):
+        s.add_feedback(kid, StoredFeedback(fid, "u", [{"role": "user", "content": "hi"}], "yes", "no", None, True, 1.0))
+    s.close()
+    con = sqlite3.connect(tmp_path / "old.db")
+    con.execute("ALTER TABLE feedback DROP COLUMN learned")
+    con.commit()
+    con.close()
+    s = Store(url)
+    assert s.get_feedback(kid, "f1").learned is None and s.learned_before(kid, "f2") is None
+    assert s.stale_users() == []
+    assert s.delete_feedback(kid, "f1", stale_after=True)
+    s.complete_fold(kid, "f2", {}, s.get_profile(kid, "u")["version"], {"pdpo_embedding": {"x": 1}})
+    assert s.get_feedback(kid, "f2").learned == {"pdpo_embedding": {"x": 1}}
+    s.close()

@@ -19,8 +19,8 @@ learns how this user differs from the generic user, which is what ``e_0`` was tr
 
 ``EmbeddingFit`` runs a fit in bounded pieces: ``advance(tokens)`` runs the forwards (and backward)
 of as many whole pairs as ``tokens`` covers (at least one), so the server's engine can interleave it
-with decoding within its folding budget (``server.worker``); the gradient of a step is accumulated
-over its pieces, so a step equals one full-batch step up to float32 summation order (tested).
+with decoding within its folding budget (``server.worker``); each pair runs alone and the gradient of
+a step is summed pair by pair, so the fit is the same, bit for bit, whatever the pieces (tested).
 ``fit_user_embedding`` runs one to the end.
 
 A fitted embedding travels as ``UserEmbedding`` (``to_dict``: shape, float32 little-endian base64
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from personalign.config import check_positive
+from personalign.config import check_choice, check_int, check_positive
 from personalign.training.pdpo.data import TokenizedPair
 from personalign.training.pdpo.loss import PREFERENCE_LOSSES, check_beta
 from personalign.training.pdpo.model import sequence_logps
@@ -77,14 +77,11 @@ class EmbeddingFitConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "max_pairs", "max_response_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}.")
+            check_int(name, getattr(self, name), 1)
         check_positive("lr", self.lr)
         check_beta(self.beta)
         check_positive("max_shift", self.max_shift, allow_zero=True)  # 0 = no bound
-        if self.loss not in PREFERENCE_LOSSES:
-            raise ValueError(f"`loss` must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.loss!r}.")
+        check_choice("loss", self.loss, PREFERENCE_LOSSES)
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,11 @@ class EmbeddingFit:
         return torch.stack([logps[: b - a], logps[b - a:]], 1)  # [pairs, 2] chosen, rejected
 
     def advance(self, tokens: int) -> int:
-        """Run the next piece: whole pairs worth at most ``tokens`` (at least one); the tokens fed."""
+        """Run the next piece: whole pairs worth at most ``tokens`` (at least one); the tokens fed.
+
+        Each pair's forwards (and backward) run alone, and the step's gradient is summed pair by pair in
+        order, so the fit does the same arithmetic however it is cut into pieces: its result does not
+        depend on the budget it ran in (a replay after a delete gives the same embedding)."""
         if self.done:
             return 0
         with torch.enable_grad():
@@ -227,18 +228,20 @@ class EmbeddingFit:
                 a = self._ref_done
                 b = self._take(a, tokens)
                 with torch.no_grad():
-                    self.reference[a:b] = self._logps(a, b, self.generic).float().cpu()
+                    for i in range(a, b):
+                        self.reference[i] = self._logps(i, i + 1, self.generic)[0].float().cpu()
                 self._ref_done = b
             else:
                 a = self._pos
                 b = self._take(a, tokens)
-                pol = self._logps(a, b, self.e).float()
-                ref = self.reference[a:b].to(pol.device)
                 fn = PREFERENCE_LOSSES[self.config.loss]
-                loss = fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.config.beta).sum() / len(self.pairs)
-                (g,) = torch.autograd.grad(loss, [self.e])  # only e_u: the model's parameters get no grad
-                self._grad += g
-                self._loss_sum += float(loss.detach())
+                for i in range(a, b):
+                    pol = self._logps(i, i + 1, self.e).float()
+                    ref = self.reference[i:i + 1].to(pol.device)
+                    loss = fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.config.beta).sum() / len(self.pairs)
+                    (g,) = torch.autograd.grad(loss, [self.e])  # only e_u: the model's parameters get no grad
+                    self._grad += g
+                    self._loss_sum += float(loss.detach())
                 self._pos = b
                 if b == len(self.pairs):  # the step's gradient is complete
                     self.e.grad = self._grad
