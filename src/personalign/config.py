@@ -146,14 +146,39 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def check_int(name: str, value: Any, low: int) -> None:
-    """Refuse ``value`` unless it is an integer (not a bool) >= ``low``; the error names the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+def _why(hint: str) -> str:
+    return f" ({hint})" if hint else ""
 
 
-def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+def check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> None:
+    """Refuse ``value`` unless it is an integer (not a bool) >= ``low`` (and <= ``high``); the error names
+    the field (``hint``: what the value means, e.g. "0 = off")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be an integer {bound}{_why(hint)}, got {value!r}.")
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = False, hint: str = "") -> None:
     """Refuse ``value`` unless it is a finite number > 0 (>= 0 with ``allow_zero``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"`{name}` must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}.")
+        raise ValueError(f"`{name}` must be a finite number {'>=' if allow_zero else '>'} 0{_why(hint)}, "
+                         f"got {value!r}.")
+
+
+def check_unit(name: str, value: Any, hint: str = "") -> None:
+    """Refuse ``value`` unless it is a number in (0, 1] (a probability mass such as top-p)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"`{name}` must lie in (0, 1]{_why(hint)}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Refuse ``value`` unless it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Refuse ``value`` unless it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(choices)}, got {value!r}.")

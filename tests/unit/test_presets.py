@@ -102,8 +102,9 @@ def test_amulet_paper_preset_returns_algorithm1s_pi_T(T):
     # magnitude <= M and a log_softmax, a few roundings of size M·eps each, not amplified by later updates
     M = float(torch.cat([lp1, lpb]).abs().max())
     torch.testing.assert_close(got.double(), want, atol=8 * max(T - 1, 1) * M * EPS32, rtol=0)
-    if T == 1:
-        assert torch.equal(got, lp1)
+    if T == 1:  # no update: π_1 itself, as the method normalizes it (log_softmax of log-probs is not the
+        # identity bit for bit on every CPU's kernels)
+        assert torch.equal(got, torch.log_softmax(lp1, -1))
     if T == 2:
         a, lam, eta = cfg.alpha, cfg.lam, cfg.eta
         golden = torch.log_softmax(((eta * a + lam * eta + 1) * lp1.double() - eta * a * lpb.double())

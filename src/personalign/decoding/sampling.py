@@ -1,13 +1,15 @@
 """The sampler: a numbered pipeline of pure tensor functions with per-row parameters.
 
 1. ``apply_temperature``  scores / T (rows with T = 0 are greedy and skip the rest)
-2. ``top_k_mask``         keep the k best tokens of each row (k = 0: off)
-3. ``top_p_mask``         keep the smallest prefix of sorted tokens whose mass reaches p (p = 1: off)
+2. ``filter_top_k``       keep the k best tokens of each row (k = 0: off; ``decoding.filters``)
+3. ``filter_top_p``       keep each row's nucleus of mass p (p = 1: off; ``decoding.filters``)
 4. ``sample_rows``        exponential race: argmax(probs / E), E ~ Exp(1) i.i.d.  — an exact draw
    from ``probs``; each row with its own generator draws its own noise, so its sample does not
    depend on its batch neighbours.
 
-Per-row parameters are tensors so requests with different settings share a batch.
+Per-row parameters are tensors so requests with different settings share a batch; which steps any
+row needs (sampling at all, top-k, top-p) is decided on the host when the batch is formed
+(``SamplingParams.from_configs``), so a step never waits on the device to branch.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from personalign.decoding.filters import filter_top_k, filter_top_p
+
 __all__ = [
     "SamplingConfig",
     "SamplingParams",
     "apply_temperature",
-    "top_k_mask",
-    "top_p_mask",
     "sample_rows",
     "sample",
 ]
@@ -64,6 +66,8 @@ class SamplingParams:
     top_k: torch.Tensor
     top_p: torch.Tensor
     any_sampled: bool = True  # False when every row is greedy (no device sync needed to know it)
+    any_top_k: bool = True  # False when no row filters by top-k
+    any_top_p: bool = True  # False when no row filters by top-p
 
     @classmethod
     def from_configs(cls, configs: Sequence[SamplingConfig], device: torch.device | str = "cpu") -> SamplingParams:
@@ -72,38 +76,24 @@ class SamplingParams:
             top_k=torch.tensor([c.top_k for c in configs], dtype=torch.long, device=device),
             top_p=torch.tensor([c.top_p for c in configs], dtype=torch.float32, device=device),
             any_sampled=any(not c.greedy for c in configs),
+            any_top_k=any(not c.greedy and c.top_k > 0 for c in configs),
+            any_top_p=any(not c.greedy and c.top_p < 1 for c in configs),
         )
+
+    def filter(self, scores: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k and top-p of each row (the steps no row needs are skipped)."""
+        s = apply_temperature(scores.float(), self.temperature)
+        if self.any_top_k:
+            s = filter_top_k(s, self.top_k)
+        if self.any_top_p:
+            s = filter_top_p(s, self.top_p)
+        return s
 
 
 def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """scores float [B, V] / temperature [B]; greedy rows (T = 0) are left unchanged."""
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     return scores / t[:, None]
-
-
-def top_k_mask(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """-inf outside each row's k best scores; rows with k = 0 (or k >= V) are untouched."""
-    V = scores.shape[-1]
-    k = torch.where((k <= 0) | (k > V), torch.full_like(k, V), k)
-    if bool((k == V).all()):
-        return scores
-    kth = scores.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # [B, 1]
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def top_p_mask(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """-inf outside each row's nucleus: the fewest best tokens whose probability reaches ``p``.
-
-    The best token is always kept; rows with p >= 1 are untouched.
-    """
-    if bool((p >= 1).all()):
-        return scores
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    probs = torch.softmax(sorted_scores, dim=-1)
-    before = probs.cumsum(-1) - probs  # mass strictly before each sorted token
-    drop_sorted = (before >= p[:, None]) & (p[:, None] < 1)
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
 
 
 def sample_rows(
@@ -135,9 +125,6 @@ def sample(
     if not params.any_sampled:
         return greedy_tok
     sampled = params.temperature > 0
-    s = apply_temperature(scores.float(), params.temperature)
-    s = top_k_mask(s, params.top_k)
-    s = top_p_mask(s, params.top_p)
-    probs = torch.softmax(s, dim=-1)
+    probs = torch.softmax(params.filter(scores), dim=-1)
     drawn = sample_rows(probs, generator, row_generators)
     return torch.where(sampled, drawn, greedy_tok)

@@ -49,12 +49,12 @@ KL(π ‖ π_1) term requires.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from personalign.config import check_bool, check_int, check_positive
 from personalign.decoding.method import METHODS, DecodeState
 from personalign.methods.prompt_views import PairViewMethod, build_pair_views
 from personalign.views.base import Backend
@@ -73,11 +73,6 @@ __all__ = [
 BASE_LOGPROB_FLOOR = -1.0e4
 MAX_ITERATIONS = 10_000
 MAX_EFFECTIVE_RATIO = 1.0e6
-
-
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,12 +103,9 @@ class AmuletConfig:
 
     def __post_init__(self) -> None:
         t = self.iterations
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_ITERATIONS:
-            raise ValueError(
-                f"`iterations` must be an integer in [0, {MAX_ITERATIONS}] (0 = preference prompting), got {t!r}."
-            )
+        check_int("iterations", t, 0, MAX_ITERATIONS, hint="0 = preference prompting")
         for name in ("alpha", "lam", "eta"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         ratio = -float(amulet_coefficients(t, self.alpha, self.lam, self.eta)[1][0])
         if not ratio <= MAX_EFFECTIVE_RATIO:  # also catches inf / NaN
             raise ValueError(
@@ -122,8 +114,7 @@ class AmuletConfig:
                 f"alpha < lam and grows without bound in the iterations when alpha > lam; lower `alpha` or "
                 f"`iterations`, or raise `lam`."
             )
-        if not isinstance(self.iterate_vocab, bool):
-            raise ValueError(f"`iterate_vocab` must be true or false, got {self.iterate_vocab!r}.")
+        check_bool("iterate_vocab", self.iterate_vocab)
 
 
 def amulet_iterates(

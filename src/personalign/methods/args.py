@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from personalign.config import check_bool, check_int, check_positive
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import sample
 from personalign.methods.prompt_views import require_preference
@@ -66,12 +67,9 @@ class ARGSConfig:
     reward_preference: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.reward_preference, bool):
-            raise ValueError(f"`reward_preference` must be true or false, got {self.reward_preference!r}.")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"`k` must be an integer >= 1 (top-k candidates), got {self.k!r}.")
-        if not isinstance(self.w, (int, float)) or self.w != self.w or self.w < 0:
-            raise ValueError(f"`w` must be a number >= 0 (reward weight), got {self.w!r}.")
+        check_bool("reward_preference", self.reward_preference)
+        check_int("k", self.k, 1, hint="top-k candidates")
+        check_positive("w", self.w, allow_zero=True, hint="reward weight")
 
 
 def args_scores(base_logprobs: torch.Tensor, top_ids: torch.Tensor, rewards: torch.Tensor, w: torch.Tensor,

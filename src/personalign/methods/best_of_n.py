@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from personalign.config import check_int, check_positive, check_unit
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
@@ -55,14 +56,10 @@ class BestOfNConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"`n` must be an integer >= 1 (samples per request), got {self.n!r}.")
-        if not self.temperature >= 0:
-            raise ValueError(f"`temperature` must be >= 0, got {self.temperature}.")
-        if self.top_k < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 = off), got {self.top_k}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must lie in (0, 1], got {self.top_p}.")
+        check_int("n", self.n, 1, hint="samples per request")
+        check_positive("temperature", self.temperature, allow_zero=True)
+        check_int("top_k", self.top_k, 0, hint="0 = off")
+        check_unit("top_p", self.top_p)
 
 
 def pick_best(scores: list[float], n: int) -> list[int]:

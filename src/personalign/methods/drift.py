@@ -35,8 +35,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from personalign.config import check_int, check_positive, check_unit
+from personalign.decoding.filters import top_p_keep
 from personalign.decoding.method import METHODS, DecodeState, TokenMethod
-from personalign.methods.ops import nucleus_mask
 from personalign.personas.drift import DriftProfile
 from personalign.personas.prompts import build_prompt_ids
 from personalign.types import Request, ViewSpec
@@ -70,13 +71,10 @@ class DriftConfig:
     steer_model: str = "steer"
 
     def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
-            raise ValueError(f"`beta` must be > 0, got {self.beta!r}. Smaller β steers harder; the paper uses 0.5.")
-        if self.top_m is not None and (isinstance(self.top_m, bool) or not isinstance(self.top_m, int)
-                                       or self.top_m < 1):
-            raise ValueError(f"`top_m` must be an integer >= 1, got {self.top_m!r}.")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}.")
+        check_positive("beta", self.beta, hint="smaller β steers harder; the paper uses 0.5")
+        if self.top_m is not None:
+            check_int("top_m", self.top_m, 1)
+        check_unit("top_p", self.top_p)
         if not isinstance(self.steer_model, str) or not self.steer_model:
             raise ValueError(f"`steer_model` must be a backend model key, got {self.steer_model!r}.")
         if self.profile is not None:
@@ -213,7 +211,7 @@ class DriftMethod(TokenMethod):
         scores = torch.log_softmax(scores, dim=-1)
         if state.extra["nucleus"]:
             top_p = state.extra["top_p"]
-            keep = nucleus_mask(scores, top_p) | (top_p >= 1)[:, None]
+            keep = top_p_keep(scores, top_p) | (top_p >= 1)[:, None]
             scores = scores.masked_fill(~keep, float("-inf"))
         return scores
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from personalign.decoding.filters import top_p_keep
 from personalign.decoding.method import METHODS, DecodeState
 from personalign.methods.amulet import BASE_LOGPROB_FLOOR
-from personalign.methods.ops import nucleus_mask, nucleus_threshold
 from personalign.methods.prompt_views import PairViewMethod
 from personalign.views.base import Backend
 
-__all__ = ["LinearAlignmentConfig", "LinearAlignmentMethod", "linear_align", "nucleus_keep"]
+__all__ = ["LinearAlignmentConfig", "LinearAlignmentMethod", "linear_align"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,28 +79,9 @@ def linear_align(
     B, dev = lp1.shape[0], lp1.device
     r = torch.as_tensor(ratio, dtype=torch.float32, device=dev).expand(B)[:, None]
     p = torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(B)
-    keep = nucleus_keep(lp1, p)
+    keep = top_p_keep(lp1, p)
     scores = ((1.0 + r) * lp1 - r * lpb).masked_fill(~keep, float("-inf"))
     return torch.log_softmax(scores, dim=-1)
-
-
-def nucleus_keep(logprobs: torch.Tensor, p: torch.Tensor, k: int = 256) -> torch.Tensor:
-    """bool [B, V], True inside each row's top-p nucleus — ``ops.nucleus_mask`` without a full sort.
-
-    The nucleus is read off the k best tokens (``topk``); rows whose k best tokens hold less than
-    ``p`` of the mass fall back to the full sort. Same result (ties at the boundary included, as
-    there), ~20x cheaper on a 49k vocabulary.
-    """
-    V = logprobs.shape[-1]
-    if k >= V:
-        return nucleus_mask(logprobs, p)
-    top_lp, _ = logprobs.topk(k, dim=-1)  # sorted, descending
-    enough = top_lp.exp().cumsum(-1)[:, -1] >= p  # the nucleus ends inside the top-k
-    keep = logprobs >= nucleus_threshold(top_lp, p)
-    if not bool(enough.all()):
-        rest = ~enough
-        keep[rest] = nucleus_mask(logprobs[rest], p[rest])
-    return keep
 
 
 class LinearAlignmentMethod(PairViewMethod):

@@ -1,4 +1,6 @@
-"""Shared pure tensor ops used by several methods (all float32 log space).
+"""Speculative draft-and-judge acceptance (Persona-judge), pure tensor ops in float32.
+
+Top-k and top-p filtering live in ``decoding.filters``.
 
 Shapes: ``B`` requests, ``K`` views, ``V`` vocabulary.
 """
@@ -8,56 +10,10 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "normalize",
-    "top_k_mask",
-    "combine_logprobs",
-    "nucleus_mask",
-    "nucleus_threshold",
     "residual_probs",
     "speculative_accept",
     "greedy_accept",
 ]
-
-
-def normalize(scores: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the last dim; -inf entries stay -inf."""
-    return torch.log_softmax(scores.float(), dim=-1)
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """bool mask [..., V], True on each row's k best entries (ties broken by index)."""
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
-
-
-def nucleus_mask(logprobs: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
-    """bool mask [B, V], True inside each row's top-p nucleus (the best token always inside).
-
-    The nucleus is the shortest prefix of the tokens sorted by probability whose mass before its
-    last token is < p, extended to every token *tied* with that last one: the mask is
-    ``logprobs >= v*`` with v* the smallest kept value, so it does not depend on how a sort orders
-    equal values (``nucleus_keep``, which reads the top-k only, gives the same mask).
-    """
-    p_t = torch.as_tensor(p, dtype=torch.float32, device=logprobs.device)
-    if p_t.dim() == 0:
-        p_t = p_t.expand(logprobs.shape[0])
-    sorted_lp, _ = logprobs.sort(dim=-1, descending=True)
-    return logprobs >= nucleus_threshold(sorted_lp, p_t)
-
-
-def nucleus_threshold(sorted_lp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """v* [B, 1]: the smallest value kept in the top-p nucleus of rows sorted in descending order
-    (a prefix of the full sort suffices when the nucleus ends inside it)."""
-    probs = sorted_lp.exp()
-    before = probs.cumsum(-1) - probs
-    kept = before < p[:, None]
-    kept[:, 0] = True  # the best token is always inside (also for p <= 0)
-    return sorted_lp.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
-
-
-def combine_logprobs(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over views: logprobs float32 [B, K, V] x weights [B, K] -> [B, V]."""
-    return torch.einsum("bkv,bk->bv", logprobs, weights.to(logprobs.dtype))
 
 
 def residual_probs(

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from personalign.config import check_choice, check_int, check_positive
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import sample
 from personalign.methods.prompt_views import require_preference
@@ -72,12 +73,9 @@ class PADConfig:
     mode: str = "eq13"
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"`k` must be an integer >= 1 (top-k candidates), got {self.k!r}.")
-        if not isinstance(self.beta, (int, float)) or self.beta != self.beta or self.beta < 0:
-            raise ValueError(f"`beta` must be a number >= 0, got {self.beta!r}.")
-        if self.mode not in MODES:
-            raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        check_int("k", self.k, 1, hint="top-k candidates")
+        check_positive("beta", self.beta, allow_zero=True)
+        check_choice("mode", self.mode, MODES)
 
 
 def pad_scores(base_logprobs: torch.Tensor, *, beta: torch.Tensor, k: torch.Tensor, mode: str = "eq13",

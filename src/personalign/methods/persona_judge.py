@@ -72,7 +72,7 @@ from typing import Any, ClassVar
 import torch
 
 from personalign.decoding.method import METHODS, DecodeState, Method
-from personalign.decoding.sampling import SamplingParams, apply_temperature, top_k_mask, top_p_mask
+from personalign.decoding.sampling import SamplingParams
 from personalign.methods.ops import greedy_accept, speculative_accept
 from personalign.methods.prompt_views import preference_view, require_preference
 from personalign.types import Request, StepOutput, ViewSpec
@@ -162,10 +162,9 @@ def sampling_probs(logprobs: torch.Tensor, params: SamplingParams) -> torch.Tens
     """
     B, L, V = logprobs.shape
     rep = SamplingParams(temperature=params.temperature.repeat_interleave(L), top_k=params.top_k.repeat_interleave(L),
-                         top_p=params.top_p.repeat_interleave(L))
-    s = apply_temperature(logprobs.reshape(B * L, V).float(), rep.temperature)
-    s = top_p_mask(top_k_mask(s, rep.top_k), rep.top_p)
-    return torch.softmax(s, dim=-1).view(B, L, V)
+                         top_p=params.top_p.repeat_interleave(L), any_sampled=params.any_sampled,
+                         any_top_k=params.any_top_k, any_top_p=params.any_top_p)
+    return torch.softmax(rep.filter(logprobs.reshape(B * L, V)), dim=-1).view(B, L, V)
 
 
 def _draw(kind: str, sizes: list[int], width: int, generator: torch.Generator | None,

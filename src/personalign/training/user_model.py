@@ -41,6 +41,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from personalign.config import check_choice, check_int, check_positive
+
 __all__ = [
     "USER_MODEL_KINDS",
     "CLUSTER_WEIGHTINGS",
@@ -83,25 +85,18 @@ class UserModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in USER_MODEL_KINDS:
-            raise ValueError(f"`user_model` must be one of {', '.join(USER_MODEL_KINDS)}, got {self.kind!r}.")
-        if isinstance(self.num_users, bool) or not isinstance(self.num_users, int) or self.num_users < 0:
-            raise ValueError(f"`num_users` must be an integer >= 0, got {self.num_users!r}.")
-        if isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size < 1:
-            raise ValueError(f"`hidden_size` must be an integer >= 1, got {self.hidden_size!r}.")
-        if isinstance(self.user_tokens, bool) or not isinstance(self.user_tokens, int) or self.user_tokens < 0:
-            raise ValueError(f"`user_tokens` (T_u) must be an integer >= 0, got {self.user_tokens!r}.")
+        check_choice("user_model", self.kind, USER_MODEL_KINDS)
+        check_int("num_users", self.num_users, 0)
+        check_int("hidden_size", self.hidden_size, 1)
+        check_int("user_tokens", self.user_tokens, 0, hint="T_u")
         if self.kind != "uniform" and self.user_tokens < 1:
             raise ValueError(
                 f"`user_tokens` (T_u) must be >= 1 for a {self.kind!r} user model, got {self.user_tokens}; "
                 "only the uniform model may be empty (T_u = 0, vanilla DPO)."
             )
-        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 1:
-            raise ValueError(f"`clusters` (K) must be an integer >= 1, got {self.clusters!r}.")
-        if self.weighting not in CLUSTER_WEIGHTINGS:
-            raise ValueError(f"`weighting` must be one of {', '.join(CLUSTER_WEIGHTINGS)}, got {self.weighting!r}.")
-        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std >= 0):
-            raise ValueError(f"`init_std` must be a finite number >= 0, got {self.init_std!r}.")
+        check_int("clusters", self.clusters, 1, hint="K")
+        check_choice("weighting", self.weighting, CLUSTER_WEIGHTINGS)
+        check_positive("init_std", self.init_std, allow_zero=True)
 
 
 class UserModel(nn.Module):

@@ -12,26 +12,7 @@ from personalign.decoding.sampling import (
     SamplingParams,
     sample,
     sample_rows,
-    top_k_mask,
-    top_p_mask,
 )
-
-
-def test_top_k_mask_per_row():
-    s = torch.tensor([[0.1, 0.5, 0.3, 0.9], [4.0, 3.0, 2.0, 1.0]])
-    out = top_k_mask(s, torch.tensor([2, 0]))
-    assert torch.isinf(out[0]).tolist() == [True, False, True, False]
-    assert torch.equal(out[1], s[1])  # k = 0: off
-
-
-def test_top_p_mask_golden():
-    # probs 0.5, 0.3, 0.15, 0.05: p = 0.7 keeps {0.5, 0.3} (mass before 3rd token is 0.8 >= 0.7)
-    lp = torch.log(torch.tensor([[0.15, 0.5, 0.05, 0.3], [0.15, 0.5, 0.05, 0.3]]))
-    out = top_p_mask(lp, torch.tensor([0.7, 1.0]))
-    assert torch.isfinite(out[0]).tolist() == [False, True, False, True]
-    assert torch.isfinite(out[1]).all()
-    tiny = top_p_mask(lp, torch.tensor([1e-6, 1.0]))
-    assert torch.isfinite(tiny[0]).tolist() == [False, True, False, False]  # best token always kept
 
 
 def test_greedy_is_argmax_and_ignores_generator():

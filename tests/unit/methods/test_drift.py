@@ -129,7 +129,7 @@ def test_steering_views_advance_in_one_forward(tiny_lm, steer_lm, tiny_chat_toke
 
 
 def test_nucleus_of_the_drift_distribution(tiny_lm, tiny_chat_tokenizer):
-    from personalign.methods.ops import nucleus_mask
+    from personalign.decoding.filters import top_p_keep
 
     backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
     prof = _profile(tiny_lm, tiny_chat_tokenizer, {"formal": 1.0}, 1)
@@ -147,14 +147,14 @@ def test_nucleus_of_the_drift_distribution(tiny_lm, tiny_chat_tokenizer):
         generate(m, [Request(prompt="tell me a story")], backend, max_new_tokens=1,
                  sampling=SamplingConfig(temperature=1.0), generator=torch.Generator().manual_seed(0))
         traces.append(st_["s"].extra["trace"][0][0])
-    keep = nucleus_mask(traces[0][None], 0.3)[0]
+    keep = top_p_keep(traces[0][None], 0.3)[0]
     assert torch.equal(torch.isfinite(traces[1]), keep) and 0 < int(keep.sum()) < len(keep)
     assert torch.allclose(traces[1][keep], traces[0][keep])
 
 
 def test_config_validation(tiny_lm, tiny_chat_tokenizer):
     prof = _profile(tiny_lm, tiny_chat_tokenizer, {"formal": 1.0}, 1)
-    for bad, match in [({"beta": 0.0}, "`beta` must be > 0"), ({"beta": -1}, "`beta` must be > 0"),
+    for bad, match in [({"beta": 0.0}, "`beta` must be a finite number > 0"), ({"beta": -1}, "`beta` must be a finite number > 0"),
                        ({"top_p": 0.0}, "`top_p`"), ({"top_m": 0}, "`top_m`"),
                        ({"top_m": 5, "profile": prof}, "attribute pool size 4"),
                        ({"profile": 3}, "`profile` must be"), ({"profile": "/nope.json"}, "does not exist")]:
@@ -184,8 +184,8 @@ def test_generation_errors(tiny_lm, steer_lm, tiny_chat_tokenizer, stories):
 @pytest.mark.parametrize("sampling_kw", [{"temperature": 1.0, "top_k": 3}, {"temperature": 0.7, "top_p": 0.5}])
 def test_sampled_tokens_come_from_the_drift_distribution(tiny_lm, tiny_chat_tokenizer, generator, sampling_kw):
     """Under top-k / top-p sampling every emitted token lies in that filter of the Drift scores."""
+    from personalign.decoding.filters import top_k_keep, top_p_keep
     from personalign.decoding.sampling import SamplingConfig
-    from personalign.methods.ops import nucleus_mask, top_k_mask
 
     backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
     prof = _profile(tiny_lm, tiny_chat_tokenizer, {"formal": 0.6, "sad": -0.8}, 2)
@@ -200,9 +200,9 @@ def test_sampled_tokens_come_from_the_drift_distribution(tiny_lm, tiny_chat_toke
         for t, tok_id in enumerate(out[b].token_ids):
             scores = trace[t][b][None]
             if "top_k" in sampling_kw:
-                allowed = top_k_mask(scores, sampling_kw["top_k"])[0]
+                allowed = top_k_keep(scores, sampling_kw["top_k"])[0]
             else:
-                allowed = nucleus_mask(torch.log_softmax(scores / sampling_kw["temperature"], -1), 0.5)[0]
+                allowed = top_p_keep(torch.log_softmax(scores / sampling_kw["temperature"], -1), 0.5)[0]
             assert bool(allowed[tok_id]), (b, t)
 
 
@@ -229,11 +229,11 @@ def test_greedy_rows_skip_the_nucleus_without_changing_a_token(tiny_lm, tiny_cha
 
     cfg = DriftConfig(top_m=3, top_p=0.5, beta=0.5, steer_model="main")
     want = generate(_AlwaysNucleus(cfg), reqs, backend, max_new_tokens=12, sampling=greedy)
-    with mock.patch.object(drift_module, "nucleus_mask", side_effect=AssertionError("sorted")):
+    with mock.patch.object(drift_module, "top_p_keep", side_effect=AssertionError("sorted")):
         got = generate(DriftMethod(cfg), reqs, backend, max_new_tokens=12, sampling=greedy)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     sampled = SamplingConfig(temperature=1.0, top_p=1.0)
-    with mock.patch.object(drift_module, "nucleus_mask", wraps=drift_module.nucleus_mask) as spy:
+    with mock.patch.object(drift_module, "top_p_keep", wraps=drift_module.top_p_keep) as spy:
         generate(DriftMethod(cfg), reqs, backend, max_new_tokens=2, sampling=sampled,
                  generator=torch.Generator().manual_seed(0))
     assert spy.called  # a sampled row still gets its nucleus

@@ -122,8 +122,8 @@ def test_row_out_of_range():
     [
         (dict(kind="individual", user_tokens=0), "`user_tokens` \\(T_u\\) must be >= 1 for a 'individual'"),
         (dict(kind="cluster", user_tokens=0), "`user_tokens` \\(T_u\\) must be >= 1 for a 'cluster'"),
-        (dict(kind="uniform", user_tokens=-1), "`user_tokens` \\(T_u\\) must be an integer >= 0"),
-        (dict(kind="cluster", clusters=0), "`clusters` \\(K\\) must be an integer >= 1"),
+        (dict(kind="uniform", user_tokens=-1), "`user_tokens` must be an integer >= 0 \\(T_u\\)"),
+        (dict(kind="cluster", clusters=0), "`clusters` must be an integer >= 1 \\(K\\)"),
         (dict(kind="personal"), "`user_model` must be one of uniform, individual, cluster"),
         (dict(kind="cluster", weighting="max"), "`weighting` must be one of softmax, linear"),
         (dict(kind="uniform", hidden_size=0), "`hidden_size` must be an integer >= 1"),
