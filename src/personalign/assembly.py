@@ -31,13 +31,14 @@ import copy
 import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from personalign.config import config_from_mapping
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.method import METHODS, Method
 from personalign.methods.pad import pad_views
 from personalign.training.pdpo.checkpoint import load_checkpoint, read_checkpoint_config
@@ -110,6 +111,8 @@ class Resources:
         drift_profile: the Drift profile (path or dict) of requests that bring none.
         shared: the backend serves several methods at once (a server): P-DPO decodes its own copy of
             the base model, so the main model every other method decodes stays the base model.
+        decode_linears: the backend's decode-step linears (``views.linears``): None tunes them where
+            it pays (the default), True always, False runs the stock path.
     """
 
     model: str | LoadedModel | None = None
@@ -127,6 +130,7 @@ class Resources:
     pdpo_checkpoint: str | None = None
     drift_profile: str | dict | None = None
     shared: bool = False
+    decode_linears: bool | None = None
 
     @property
     def device_name(self) -> str:
@@ -136,31 +140,6 @@ class Resources:
         """Load another model the way ``model`` is loaded (same dtype, device)."""
         return load_model(model, gguf_file=gguf_file, dtype=self.dtype, device=self.device_name,
                           random_weights=self.random_weights, tokenizer=self.tokenizer)
-
-
-@dataclass
-class Loaded:
-    """What ``build_backend`` loaded and attached for one backend (``attached(backend)``).
-
-    Attributes:
-        main: the main model as loaded (before any view replaced it in the backend).
-        persrm: the PersRM, and whether it shares the main model's weights (``persrm_shared``).
-        scorer: the reward scorer; ``reward_key`` the cached reward view's model key, if any.
-        pdpo: ``(users, index, model key)`` of the loaded P-DPO checkpoint.
-        steer_key: the model Drift steers with (``steer`` when one was given, else ``main``).
-        drift_profile: the default Drift profile.
-        unmet: requirement name -> why it could not be met.
-    """
-
-    main: LoadedModel
-    persrm: PersRM | None = None
-    persrm_shared: bool = False
-    scorer: RewardScorer | None = None
-    reward_key: str | None = None
-    pdpo: tuple[Any, Any, str] | None = None
-    steer_key: str = "main"
-    drift_profile: str | dict | None = None
-    unmet: dict[str, str] = field(default_factory=dict)
 
 
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -216,7 +195,7 @@ def build_backend(resources: Resources, methods: Sequence[str]) -> HFBackend:
             loaded.unmet["persrm"] = str(e)
     elif "persrm" in needs:
         loaded.unmet["persrm"] = f"it needs {REQUIREMENTS['persrm']}"
-    backend = HFBackend(models, tokenizers)
+    backend = HFBackend(models, tokenizers, decode_linears=resources.decode_linears)
     if loaded.persrm is not None:
         attach_persrm(backend, loaded.persrm, shared=loaded.persrm_shared, views="persrm" in needs)
     if "reward" in needs:

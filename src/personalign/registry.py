@@ -27,8 +27,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str, obj: T | None = None) -> T | Callable[[T], T]:
-        """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
+    def register(self, name: str | T, obj: T | None = None) -> T | Callable[[T], T]:
+        """Register ``obj`` under ``name``. As a class decorator, ``@registry.register`` registers the
+        class under its own ``name`` attribute (the name is written once, on the class), and
+        ``@registry.register("name")`` under the name given."""
+        if not isinstance(name, str):
+            obj, name = name, getattr(name, "name", None)
+            if not isinstance(name, str):
+                raise ValueError(f"{self.kind} {obj!r} has no `name` to register it under.")
         if obj is None:
             return lambda o: self.register(name, o)  # type: ignore[return-value]
         if not name or not name.replace("_", "").isalnum() or name != name.lower():

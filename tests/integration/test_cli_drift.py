@@ -116,7 +116,7 @@ def test_generate_rejects_profile_from_another_model(files, capsys, tiny_lm, tin
 
     assert main(["generate", "--method", "drift", "--profile", str(tmp_path / "p.json"), "--model", str(STORIES),
                  "--prompt", "Once", "--param", "beta=0"]) == 2
-    assert "`beta` must be > 0" in capsys.readouterr().err
+    assert "`beta` must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_fit_help(capsys):

@@ -7,10 +7,10 @@ import dataclasses
 import json
 import sys
 
+from personalign.assembly import Resources, build_backend
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.environment import environment_record
 from personalign.eval.bench import format_scaling, format_table, format_targets, resolve_methods, run_bench
-from personalign.views import HFBackend
 
 HELP = "Time decoding methods against plain model.generate (same prompts, same run)."
 
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"persrm": args.persrm, "reward_model": args.reward_model,
                "steer": load_from_args(args, args.steer_model) if args.steer_model else None}
     linears = {"auto": None, "tuned": True, "stock": False, "both": True}[args.decode_linears]
-    backend = HFBackend(main.model, main.tokenizer, decode_linears=linears)
-    stock = HFBackend(main.model, main.tokenizer, decode_linears=False) if args.decode_linears == "both" else None
+    backend = build_backend(Resources(model=main, decode_linears=linears), [])
+    stock = build_backend(Resources(model=main, decode_linears=False), []) if args.decode_linears == "both" else None
     env = environment_record(main.model)
     all_rows = []
     for b in args.batch_size or [1]:

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from personalign.assembly import Resources, build_backend
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.personas.drift import DriftProfile
 from personalign.personas.identity import steer_identity
 from personalign.records import short_repr
-from personalign.views import HFBackend
 
 HELP = "Fold a user's choice among alternatives into their Drift profile."
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.profile)
     existing = DriftProfile.load(path) if path.exists() else None
     lm = load_from_args(args)
-    backend = HFBackend(lm.model, lm.tokenizer)
+    backend = build_backend(Resources(model=lm), [])
     prof = existing or DriftProfile.empty(steer_identity(lm.model, lm.tokenizer, lm.name),
                                           chat_template=not args.no_chat_template)
     added = prof.add_choice(backend, prompt, choices, args.chosen_index)

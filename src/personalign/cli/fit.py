@@ -13,10 +13,10 @@ import json
 import logging
 from pathlib import Path
 
+from personalign.assembly import Resources, build_backend
 from personalign.cli.common import add_model_options, load_from_args
 from personalign.personas.attributes import default_pool, load_attribute_file
 from personalign.personas.drift import FIT_RESPONSE_TOKENS, DriftProfile, fit_pairs, fit_profile
-from personalign.views import HFBackend
 
 HELP = "Fit a user's profile from preference pairs (drift)."
 TARGETS = ("drift",)
@@ -88,7 +88,7 @@ def _fit(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger("personalign.personas.drift").removeHandler(counter)
     lm = load_from_args(args)
-    backend = HFBackend(lm.model, lm.tokenizer)
+    backend = build_backend(Resources(model=lm), [])
     prof = fit_profile(backend, pairs, pool, top_m=args.top_m, solver=args.solver,
                        chat_template=not args.no_chat_template, max_response_tokens=args.max_response_tokens or None,
                        name=lm.name if not lm.gguf_file else f"{lm.name}:{lm.gguf_file}", skipped=skipped,

@@ -121,6 +121,31 @@ def decode(
     ``"cancelled"``) ends a running row there: a server streams rows and stops them one by one.
     """
     requests = list(requests)
+    state, plans = _start(method, requests, backend, max_new_tokens, sampling, chat_template, plans)
+    main = backend.models.get("main") if hasattr(backend, "models") else None
+    eos = set() if ignore_eos else eos_ids_of(backend.tokenizer(), main)
+    rows = _Rows(backend.tokenizer(), stop, state.budgets, eos)
+    release = getattr(backend, "release", None)  # frees the cache rows of finished requests
+    forwards0, n_steps = getattr(backend, "forward_count", 0), 0
+    while not all(rows.done):
+        out = method.step(state, backend, generator)  # one batched forward of every view of every row
+        n_steps += 1
+        events = rows.advance(out.tokens.tolist(), out.n_tokens.tolist(), state.generated, on_row)
+        if any(rows.done):
+            state.finished = torch.tensor(rows.done)
+            ended = rows.ended()
+            if ended and release is not None and not all(rows.done):
+                release(state.views, ended)  # their cache rows leave the batch
+                rows.released(ended)
+        yield from events
+    forwards = getattr(backend, "forward_count", 0) - forwards0
+    yield [_output(method, plan, state, rows, b, n_steps, forwards) for b, plan in enumerate(plans)]
+
+
+def _start(method: Method, requests: list[Request], backend: Backend, max_new_tokens: int | Sequence[int],
+           sampling: SamplingConfig | Sequence[SamplingConfig] | None, chat_template: bool,
+           plans: Sequence[RequestPlan] | None) -> tuple[DecodeState, Sequence[RequestPlan]]:
+    """Validate and plan the requests, prefill every view and let the method prepare: the loop's state."""
     B = len(requests)
     budgets = _validate(requests, max_new_tokens, B)
     sampling = sampling if sampling is not None else SamplingConfig()
@@ -131,93 +156,88 @@ def decode(
         plans = [plan_request(method, r, backend, chat_template) for r in requests]
     elif len(plans) != B or any(p.request is not r for p, r in zip(plans, requests)):
         raise ValueError("`plans` must hold one plan per request, for those requests, in order.")
-    configs = [p.config for p in plans]
-    views = [p.views for p in plans]
-    # Clamp each row's budget to the context left after its longest view.
-    for b in range(B):
-        for spec in views[b]:
+    for b, plan in enumerate(plans):  # each row's budget fits the context left after its longest view
+        for spec in plan.views:
             ctx = backend.context_length(spec.model)
             if ctx is not None and spec.length < ctx and spec.length + budgets[b] > ctx:
                 logger.warning("request %d: max_new_tokens cut to %d by the model's context", b, ctx - spec.length)
                 budgets[b] = ctx - spec.length
-
-    state_views = backend.prefill(views, method.view_groups(len(views[0])))
-    dev = state_views.last_logprobs.device
-    state = DecodeState(
-        requests=requests,
-        configs=configs,
-        views=state_views,
-        sampling=SamplingParams.from_configs(samplings, device=dev),
-        row_generators=[_row_generator(r.seed, dev) for r in requests],
-        generated=[[] for _ in range(B)],
-        finished=torch.zeros(B, dtype=torch.bool),
-        budgets=list(budgets),
-    )
+    views = backend.prefill([p.views for p in plans], method.view_groups(len(plans[0].views)))
+    dev = views.last_logprobs.device
+    state = DecodeState(requests=requests, configs=[p.config for p in plans], views=views,
+                        sampling=SamplingParams.from_configs(samplings, device=dev),
+                        row_generators=[_row_generator(r.seed, dev) for r in requests],
+                        generated=[[] for _ in range(B)], finished=torch.zeros(B, dtype=torch.bool),
+                        budgets=list(budgets))
     method.prepare(state, backend)
-    tok = backend.tokenizer()
-    eos = set() if ignore_eos else eos_ids_of(tok, backend.models.get("main") if hasattr(backend, "models") else None)
-    texts = [RowText(tok, stop) for _ in range(B)]
-    reasons: list[str | None] = [None] * B
-    n_steps = 0
-    forwards0 = getattr(backend, "forward_count", 0)
-    done = [False] * B
-    released = [False] * B
-    release = getattr(backend, "release", None)
-    while not all(done):
-        out = method.step(state, backend, generator)
-        n_steps += 1
-        toks, ns = out.tokens.tolist(), out.n_tokens.tolist()
+    return state, plans
+
+
+class _Rows:
+    """Each row's text and the rules that end it: an EOS token, the token budget, a stop string, or
+    the caller's ``on_row``."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], budgets: list[int], eos: set[int]) -> None:
+        B = len(budgets)
+        self.texts = [RowText(tokenizer, stop) for _ in range(B)]
+        self.reasons: list[str | None] = [None] * B
+        self.done = [False] * B
+        self._released = [False] * B
+        self.budgets, self.eos = budgets, eos
+
+    def advance(self, tokens: list[list[int]], counts: list[int], generated: list[list[int]],
+                on_row: Callable[[int, list[int], str | None], str | None] | None) -> list[StepEvent]:
+        """Append one step's tokens (row b emitted ``tokens[b][:counts[b]]``) to every running row."""
         events = []
-        for b in range(B):
-            if done[b]:
+        for b, done in enumerate(self.done):
+            if done:
                 continue
-            new: list[int] = []
-            for t in toks[b][: ns[b]]:
-                new.append(t)
-                if t in eos:
-                    reasons[b] = "stop"
-                    break
-                if len(state.generated[b]) + len(new) >= budgets[b]:
-                    break
-            state.generated[b].extend(new)
-            texts[b].extend(new)
-            if texts[b].stopped_by_string:
-                reasons[b] = "stop"
-            elif reasons[b] is None and len(state.generated[b]) >= budgets[b]:
-                reasons[b] = "length"
+            new = self._keep(tokens[b][: counts[b]], len(generated[b]), b)
+            generated[b].extend(new)
+            self.texts[b].extend(new)
+            if self.texts[b].stopped_by_string:
+                self.reasons[b] = "stop"
+            elif self.reasons[b] is None and len(generated[b]) >= self.budgets[b]:
+                self.reasons[b] = "length"
             if on_row is not None:
-                override = on_row(b, new, reasons[b])
-                if reasons[b] is None:
-                    reasons[b] = override
-            if reasons[b] is not None:
-                done[b] = True
+                override = on_row(b, new, self.reasons[b])
+                if self.reasons[b] is None:
+                    self.reasons[b] = override
+            self.done[b] = self.reasons[b] is not None
             if new:
                 events.append(StepEvent(row=b, tokens=new))
-        if any(done):
-            state.finished = torch.tensor(done)
-            ended = [b for b in range(B) if done[b] and not released[b]]
-            if ended and release is not None and not all(done):
-                release(state.views, ended)  # their cache rows leave the batch
-                for b in ended:
-                    released[b] = True
-        yield from events
-    forwards = getattr(backend, "forward_count", 0) - forwards0
-    outputs = []
-    for b, r in enumerate(requests):
-        stats = dict(state.row_stats(b))
-        stats.update(steps=n_steps, batch_forwards=forwards, new_tokens=len(state.generated[b]))
-        outputs.append(
-            GenerationOutput(
-                prompt=r.prompt if isinstance(r.prompt, str) else [dict(m) for m in r.prompt],
-                method=method.name,
-                text=texts[b].text,
-                token_ids=state.generated[b],
-                prompt_token_ids=list(views[b][0].prompt_ids),
-                finish_reason=reasons[b] or "length",
-                stats=stats,
-            )
-        )
-    yield outputs
+        return events
+
+    def _keep(self, emitted: list[int], have: int, b: int) -> list[int]:
+        """The emitted tokens row ``b`` keeps: up to and with an EOS (reason ``stop``), within its budget."""
+        new: list[int] = []
+        for t in emitted:
+            new.append(t)
+            if t in self.eos:
+                self.reasons[b] = "stop"
+                break
+            if have + len(new) >= self.budgets[b]:
+                break
+        return new
+
+    def ended(self) -> list[int]:
+        """Rows that finished and still hold cache rows."""
+        return [b for b, done in enumerate(self.done) if done and not self._released[b]]
+
+    def released(self, rows: list[int]) -> None:
+        for b in rows:
+            self._released[b] = True
+
+
+def _output(method: Method, plan: RequestPlan, state: DecodeState, rows: _Rows, b: int, n_steps: int,
+            forwards: int) -> GenerationOutput:
+    r = plan.request
+    stats = dict(state.row_stats(b))
+    stats.update(steps=n_steps, batch_forwards=forwards, new_tokens=len(state.generated[b]))
+    return GenerationOutput(prompt=r.prompt if isinstance(r.prompt, str) else [dict(m) for m in r.prompt],
+                            method=method.name, text=rows.texts[b].text, token_ids=state.generated[b],
+                            prompt_token_ids=list(plan.views[0].prompt_ids),
+                            finish_reason=rows.reasons[b] or "length", stats=stats)
 
 
 def _row_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

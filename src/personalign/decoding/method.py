@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from personalign.config import config_from_mapping, config_to_dict
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.registry import Registry
 from personalign.types import Request, StepOutput, ViewSpec
@@ -114,7 +115,7 @@ class Method:
     uses: ClassVar[tuple[str, ...]] = ()  # optional resources it reads when given (``assembly.RESOURCE_FIELDS``)
 
     @classmethod
-    def from_resources(cls, config: Any, loaded: Any) -> Method:
+    def from_resources(cls, config: Any, loaded: Loaded) -> Method:
         """The method from its validated ``config`` and what assembly loaded (``assembly.Loaded``)."""
         return cls(config)
 

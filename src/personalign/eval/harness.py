@@ -56,7 +56,7 @@ from personalign.eval.metrics import preference_accuracy
 from personalign.eval.report import summarize, write_report
 from personalign.eval.reward import build_scorer
 from personalign.types import Request
-from personalign.views import HFBackend, LoadedModel, load_model
+from personalign.views import LoadedModel, load_model
 
 __all__ = ["run_eval", "EvalResult", "build_method", "read_jsonl_records", "item_key"]
 
@@ -234,7 +234,7 @@ def _judge_all(cfg: EvalConfig, model: ModelSpec, main: Any, gens: dict[str, dic
                                concurrency=js.concurrency)
     else:
         jm = _judge_model(cfg, model, main, models_cache)
-        judge = LocalJudge(HFBackend(jm.model, jm.tokenizer), labels=tuple(js.labels), tie_margin=js.tie_margin,
+        judge = LocalJudge(build_backend(Resources(model=jm), []), labels=tuple(js.labels), tie_margin=js.tie_margin,
                            batch_size=js.batch_size)
     step = max(1, js.batch_size // 2)
     for s in tqdm(range(0, len(work), step), desc=f"judge {model.name} vs {ref}", unit="batch", leave=False):

@@ -203,6 +203,7 @@ def _per_row(B: int, dev: torch.device, dtype: torch.dtype, iterations: Any, *pa
     return out
 
 
+@METHODS.register
 class AmuletMethod(PairViewMethod):
     """Amulet: π_1 (preference prompt) realigned away from π_base by T closed-form iterations."""
 
@@ -237,6 +238,3 @@ class AmuletMethod(PairViewMethod):
                                   p["lam"][rows], p["eta"][rows], keep_all=False)[-1]
             out[rows] = lit
         return out
-
-
-METHODS.register("amulet", AmuletMethod)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from personalign.config import check_bool, check_int, check_positive
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import sample
 from personalign.methods.prompt_views import require_preference
@@ -90,6 +91,7 @@ def _tokenizers_match(a: Any, b: Any) -> bool:
     return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
+@METHODS.register
 class ARGSMethod(Method):
     """ARGS with a cached reward view (``reward_key=``) or a text ``RewardScorer`` (``scorer=``)."""
 
@@ -107,7 +109,7 @@ class ARGSMethod(Method):
         self.scorer, self.reward_key = scorer, reward_key
 
     @classmethod
-    def from_resources(cls, config: ARGSConfig, loaded: Any) -> ARGSMethod:
+    def from_resources(cls, config: ARGSConfig, loaded: Loaded) -> ARGSMethod:
         """Candidates scored on the cached reward view when assembly attached one, else as text."""
         if loaded.reward_key is not None:
             return cls(config, reward_key=loaded.reward_key)
@@ -187,6 +189,3 @@ class ARGSMethod(Method):
         tokens = sample(scores, state.sampling, generator, state.row_generators)
         state.pending = tokens[:, None]
         return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))
-
-
-METHODS.register("args", ARGSMethod)

@@ -18,6 +18,7 @@ from personalign.views.base import Backend
 __all__ = ["BaseMethod"]
 
 
+@METHODS.register
 class BaseMethod(TokenMethod):
     """Plain decoding; the request's preference, if any, is ignored."""
 
@@ -28,6 +29,3 @@ class BaseMethod(TokenMethod):
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return logprobs[:, 0]
-
-
-METHODS.register("base", BaseMethod)

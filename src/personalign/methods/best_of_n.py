@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from personalign.config import check_int, check_positive, check_unit
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import SamplingParams, sample
 from personalign.decoding.stopping import eos_ids_of
@@ -67,6 +68,7 @@ def pick_best(scores: list[float], n: int) -> list[int]:
     return [max(range(n), key=lambda i: (scores[b * n + i], -i)) for b in range(len(scores) // n)]
 
 
+@METHODS.register
 class BestOfNMethod(Method):
     """Best-of-N reranking with a ``RewardScorer`` (pass ``scorer=``)."""
 
@@ -75,7 +77,7 @@ class BestOfNMethod(Method):
     requires = ("reward",)
 
     @classmethod
-    def from_resources(cls, config: BestOfNConfig, loaded: Any) -> BestOfNMethod:
+    def from_resources(cls, config: BestOfNConfig, loaded: Loaded) -> BestOfNMethod:
         return cls(config, scorer=loaded.scorer)
 
     def __init__(self, config: BestOfNConfig | None = None, *, scorer: RewardScorer | None = None, **overrides: Any) -> None:
@@ -142,5 +144,3 @@ class BestOfNMethod(Method):
         return StepOutput(tokens=out, n_tokens=lens)
 
     # ---------------------------------------------------------------- CLI and bench
-
-METHODS.register("best_of_n", BestOfNMethod)

@@ -37,6 +37,7 @@ import torch
 
 from personalign.config import check_int, check_positive, check_unit
 from personalign.decoding.filters import top_p_keep
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.personas.drift import DriftProfile
 from personalign.personas.prompts import build_prompt_ids
@@ -122,6 +123,7 @@ def drift_scores(logprobs: torch.Tensor, weights: torch.Tensor, beta: torch.Tens
     return logprobs[:, 0] + steer / beta[:, None].to(diff.dtype)
 
 
+@METHODS.register
 class DriftMethod(TokenMethod):
     """Decode the LLM steered by the attribute views of each row's Drift profile."""
 
@@ -216,7 +218,7 @@ class DriftMethod(TokenMethod):
         return scores
 
     @classmethod
-    def from_resources(cls, config: DriftConfig, loaded: Any) -> DriftMethod:
+    def from_resources(cls, config: DriftConfig, loaded: Loaded) -> DriftMethod:
         """Steered by assembly's steering model (``steer`` when one was given, else the LLM itself); the
         default profile of requests that bring none is the resources' ``drift_profile``."""
         changes = {}
@@ -225,6 +227,3 @@ class DriftMethod(TokenMethod):
         if config.profile is None and loaded.drift_profile is not None:
             changes["profile"] = loaded.drift_profile
         return cls(dataclasses.replace(config, **changes) if changes else config)
-
-
-METHODS.register("drift", DriftMethod)

@@ -84,6 +84,7 @@ def linear_align(
     return torch.log_softmax(scores, dim=-1)
 
 
+@METHODS.register
 class LinearAlignmentMethod(PairViewMethod):
     """Linear Alignment: π_1 pushed linearly away from π_base inside π_1's nucleus."""
 
@@ -100,6 +101,3 @@ class LinearAlignmentMethod(PairViewMethod):
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         p = state.extra["linear_alignment"]
         return linear_align(logprobs[:, 0], logprobs[:, 1], p["ratio"], p["top_p"])
-
-
-METHODS.register("linear_alignment", LinearAlignmentMethod)

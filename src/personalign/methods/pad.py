@@ -39,12 +39,12 @@ from typing import Any, ClassVar
 import torch
 
 from personalign.config import check_choice, check_int, check_positive
-from personalign.decoding.method import METHODS, DecodeState, Method
-from personalign.decoding.sampling import sample
+from personalign.decoding.loaded import Loaded
+from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.methods.prompt_views import require_preference
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.persrm.model import ADAPTER, PersRM, persrm_prompt_ids
-from personalign.types import Request, StepOutput, ViewSpec
+from personalign.types import Request, ViewSpec
 from personalign.views.adapters import BASE_ADAPTER, RowAdapterModel, output_head_is_linear
 from personalign.views.base import Backend
 
@@ -165,7 +165,8 @@ def pad_views(persrm: PersRM, shared: bool) -> dict[str, RowAdapterModel]:
     return out
 
 
-class PADMethod(Method):
+@METHODS.register
+class PADMethod(TokenMethod):
     """PAD guided decoding with a PersRM (``persrm=``; ``shared``: its backbone is the main model).
 
     Assembly (``personalign.assembly``) loads the PersRM and attaches its views (``pad_views``) before
@@ -182,7 +183,7 @@ class PADMethod(Method):
         self.persrm, self.shared = persrm, shared
 
     @classmethod
-    def from_resources(cls, config: PADConfig, loaded: Any) -> PADMethod:
+    def from_resources(cls, config: PADConfig, loaded: Loaded) -> PADMethod:
         return cls(config, persrm=loaded.persrm, shared=loaded.persrm_shared)
 
     # ---------------------------------------------------------------- views
@@ -221,8 +222,9 @@ class PADMethod(Method):
             state.extra["w"] = w.float().to(dev)
 
     # ---------------------------------------------------------------- step
-    def step(self, state: DecodeState, backend: Backend, generator: torch.Generator | None) -> StepOutput:
-        lp = state.next_logprobs(backend)  # [B, K, V]
+    def combine(self, lp: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Eq. 13 (or a reward-only mode) from the views' log-probs [B, K, V] and the PersRM's last hidden
+        states."""
         views = state.views
         roles = [s.role for s in views.specs[0]]
         dev = views.last_logprobs.device
@@ -240,10 +242,4 @@ class PADMethod(Method):
             args.update(theta_hidden=h_theta)
         else:
             args.update(theta_logprobs=lp[:, roles.index("theta")])
-        scores = pad_scores(lp[:, roles.index("base")], **args)
-        tokens = sample(scores, state.sampling, generator, state.row_generators)
-        state.pending = tokens[:, None]
-        return StepOutput(tokens=tokens[:, None], n_tokens=torch.ones_like(tokens))
-
-
-METHODS.register("pad", PADMethod)
+        return pad_scores(lp[:, roles.index("base")], **args)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from personalign.decoding.loaded import Loaded
 from personalign.decoding.method import METHODS, DecodeState, TokenMethod
 from personalign.personas.prompts import build_prompt_ids
 from personalign.training.pdpo.user_fit import UserEmbedding
@@ -72,6 +73,7 @@ class PDPOConfig:
             object.__setattr__(self, "user_embedding", UserEmbedding.from_dict(self.user_embedding))
 
 
+@METHODS.register
 class PDPOMethod(TokenMethod):
     """Decode a personalized LLM with each request's user embedding as a soft prompt."""
 
@@ -92,7 +94,7 @@ class PDPOMethod(TokenMethod):
         self._cache: dict[tuple[int | str, tuple[int, ...]], torch.Tensor | None] = {}
 
     @classmethod
-    def from_resources(cls, config: PDPOConfig, loaded: Any) -> PDPOMethod:
+    def from_resources(cls, config: PDPOConfig, loaded: Loaded) -> PDPOMethod:
         users, index, key = loaded.pdpo
         return cls(config, users=users, index=index, model=key)
 
@@ -157,6 +159,3 @@ class PDPOMethod(TokenMethod):
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return logprobs[:, 0]
-
-
-METHODS.register("pdpo", PDPOMethod)

@@ -189,6 +189,7 @@ def _draw(kind: str, sizes: list[int], width: int, generator: torch.Generator | 
     return out
 
 
+@METHODS.register
 class PersonaJudgeMethod(Method):
     """Draft with one preference view, judge with another, exact speculative acceptance."""
 
@@ -461,6 +462,3 @@ class PersonaJudgeMethod(Method):
         return out
 
     # -- command line and benchmark hooks ---------------------------------------
-
-
-METHODS.register("persona_judge", PersonaJudgeMethod)

@@ -18,6 +18,7 @@ from personalign.views.base import Backend
 __all__ = ["PreferencePromptingMethod", "require_preference"]
 
 
+@METHODS.register
 class PreferencePromptingMethod(TokenMethod):
     """Decode the model on the prompt with the preference in it."""
 
@@ -28,6 +29,3 @@ class PreferencePromptingMethod(TokenMethod):
 
     def combine(self, logprobs: torch.Tensor, state: DecodeState) -> torch.Tensor:
         return logprobs[:, 0]
-
-
-METHODS.register("preference_prompting", PreferencePromptingMethod)

@@ -51,16 +51,12 @@ from typing import Any
 from personalign.personas import drift
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import compare_identity, steer_identity
+from personalign.server.embedding_learner import EmbeddingLearner, fit_pairs
 from personalign.server.schemas import Limits
 from personalign.server.store import ProfileConflict, Store, StoreBusy, StoredFeedback, StoreUnavailable
+from personalign.server.store_tables import drift_prompt
 from personalign.server.worker import EngineWorker, FoldJob, QueueFull
-from personalign.training.pdpo.data import TokenizedPair, tokenize_pairs
-from personalign.training.pdpo.user_fit import (
-    EmbeddingFit,
-    EmbeddingFitConfig,
-    UserEmbedding,
-    generic_embedding,
-)
+from personalign.training.pdpo.user_fit import EmbeddingFit, EmbeddingFitConfig, UserEmbedding
 from personalign.views.base import Backend
 
 __all__ = ["FoldManager", "EmbeddingLearner", "FoldRejected", "FoldQueueFull", "EngineStopped", "PreferencePair",
@@ -97,22 +93,14 @@ def steering_model_key(methods: dict[str, Any], backend: Backend) -> str:
     return "steer" if "steer" in backend.models else "main"
 
 
-def drift_prompt(messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
-    """A stored prompt (chat messages) as Drift scores it: one user turn is its text."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return [dict(m) for m in messages]
-
-
 def check_profile(profile: dict[str, Any]) -> None:
     """``ValueError`` unless ``profile`` reads as a Drift profile."""
     drift.DriftProfile.from_dict(profile)
 
 
 def feedback_pairs(fb: StoredFeedback) -> list[PreferencePair]:
-    """The pairs a stored item states, as Drift scores them: the chosen reply over each rejected one."""
-    prompt = drift_prompt(fb.prompt)
-    return [PreferencePair(prompt=prompt, chosen=fb.chosen, rejected=r) for r in fb.rejected_texts]
+    """The pairs a stored item states, as Drift scores them (``StoredFeedback.pairs``)."""
+    return fb.pairs()
 
 
 def item_pair_id(feedback_id: str, pair: PreferencePair) -> str:
@@ -138,15 +126,6 @@ def unfold_pairs(profile: dict[str, Any], fb: StoredFeedback, legacy: bool = Fal
     return prof.to_dict()
 
 
-def fit_pairs(item: StoredFeedback | list[PreferencePair], prior: list[StoredFeedback],
-              max_pairs: int) -> list[PreferencePair]:
-    """The pairs one item's P-DPO embedding fit sees: its own, then those of the user's earlier folded
-    items (``prior``, newest first), ``max_pairs`` in all. The fold of a new item and the replay after a
-    delete choose them by this one rule, so a replay repeats the fold exactly."""
-    own = feedback_pairs(item) if isinstance(item, StoredFeedback) else list(item)
-    return (own + [p for fb in prior for p in feedback_pairs(fb)])[:max_pairs]
-
-
 @dataclass(frozen=True)
 class FoldPlan:
     """What to score for one item (its pairs share the prompt and the chosen reply), and how its rows
@@ -159,56 +138,6 @@ class FoldPlan:
     chat_template: bool
     max_response_tokens: int | None
     top_m: int = 7
-
-
-@dataclass(frozen=True, eq=False)
-class EmbeddingLearner:
-    """A served ``pdpo`` checkpoint whose new users' embeddings are fitted from their feedback."""
-
-    model: str  # the backend key of the personalized LLM
-    users: Any  # the checkpoint's UserModel
-    index: Any  # its UserIndex
-    tokenizer: Any
-    chat_template: bool
-    config: EmbeddingFitConfig
-    generic: Any  # e_0, float32 [T_u, D]
-    embedding_std: float
-    max_prompt_tokens: int
-
-    @classmethod
-    def of(cls, method: Any, backend: Backend, *, chat_template: bool, config: EmbeddingFitConfig,
-           max_prompt_tokens: int) -> EmbeddingLearner | None:
-        """The learner of a served ``pdpo`` method; None when its user model has no embedding to fit."""
-        users = getattr(method, "users", None)
-        if users is None or users.config.kind == "uniform" or method.model not in backend.models:
-            return None
-        weight = backend.models[method.model].get_input_embeddings().weight
-        return cls(model=method.model, users=users, index=method.index, tokenizer=backend.tokenizer(method.model),
-                   chat_template=chat_template, config=config, generic=generic_embedding(users),
-                   embedding_std=float(weight.detach().float().std()), max_prompt_tokens=max_prompt_tokens)
-
-    def learns(self, profile: dict[str, Any]) -> bool:
-        """Whether this is a ``pdpo`` user (their profile's method, or an embedding fitted before) that
-        the checkpoint never saw (a seen user decodes with their own row)."""
-        if profile.get("method") != "pdpo" and profile.get("pdpo_embedding") is None:
-            return False
-        uid = profile.get("pdpo_user_id") or profile["user"]
-        return uid not in self.index
-
-    def start(self, profile: dict[str, Any]) -> UserEmbedding | None:
-        """The user's last embedding when it fits this checkpoint's shape."""
-        stored = profile.get("pdpo_embedding")
-        if stored is None:
-            return None
-        try:
-            emb = UserEmbedding.from_dict(stored)
-        except ValueError:
-            return None
-        return emb if emb.shape == tuple(self.generic.shape) else None
-
-    def tokenize(self, pairs: list[PreferencePair]) -> list[TokenizedPair]:
-        return tokenize_pairs(pairs, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens,
-                              max_response_tokens=self.config.max_response_tokens, chat_template=self.chat_template)
 
 
 @dataclass(eq=False)

@@ -20,13 +20,15 @@ import dataclasses
 import difflib
 from typing import Any
 
+from personalign.decoding.method import Method
+from personalign.server.context import Choice, ServerContext
 from personalign.server.errors import APIError
 from personalign.server.schemas import ChatRequest
 
 __all__ = ["resolve", "profile_params", "check_method", "check_params", "check_text_params"]
 
 
-def check_method(ctx: Any, method: str, param: str) -> None:
+def check_method(ctx: ServerContext, method: str, param: str) -> None:
     """400 listing the served methods when ``method`` is not one of them."""
     if method in ctx.engine.methods:
         return
@@ -41,7 +43,7 @@ def check_method(ctx: Any, method: str, param: str) -> None:
                    code="unknown_method")
 
 
-def check_params(method_obj: Any, params: dict[str, Any], param: str) -> None:
+def check_params(method_obj: Method, params: dict[str, Any], param: str) -> None:
     """400 naming the method's valid parameters when ``params`` holds another key."""
     names = [f.name for f in dataclasses.fields(method_obj.Config) if f.init]
     for k in params:
@@ -53,7 +55,7 @@ def check_params(method_obj: Any, params: dict[str, Any], param: str) -> None:
                            param=f"{param}.{k}", code="unknown_parameter")
 
 
-def check_text_params(ctx: Any, params: dict[str, Any], param: str) -> None:
+def check_text_params(ctx: ServerContext, params: dict[str, Any], param: str) -> None:
     """400 when a string method parameter (a text a model reads, e.g. P-DPO's ``user_text``) is longer
     than ``max_preference_chars`` or holds an unpaired surrogate."""
     lim = ctx.limits.max_preference_chars
@@ -67,7 +69,7 @@ def check_text_params(ctx: Any, params: dict[str, Any], param: str) -> None:
                                param=f"{param}.{k}")
 
 
-def profile_params(method: str, profile: dict[str, Any] | None, served: Any = None) -> dict[str, Any]:
+def profile_params(method: str, profile: dict[str, Any] | None, served: Method | None = None) -> dict[str, Any]:
     """Method parameters that come from the user's stored state rather than from the request.
 
     ``drift`` decodes with the user's stored Drift profile (kept up to date by feedback); a user
@@ -90,10 +92,9 @@ def profile_params(method: str, profile: dict[str, Any] | None, served: Any = No
     return {"profile": profile["drift_profile"]}
 
 
-async def resolve(ctx: Any, owner: str, body: ChatRequest) -> list[tuple[str, str | None, dict[str, Any], str | None,
-                                                                              dict[str, Any]]]:
-    """``(method, preference, params, user id, description)`` for one chat request, once per method it
-    asks for: ``personalization.methods`` (one choice each, in order), else the one resolved method."""
+async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Choice]:
+    """How one chat request decodes, once per method it asks for: ``personalization.methods`` (one
+    choice each, in order), else the one resolved method."""
     pers = body.personalization
     profile_id = pers.profile_id if pers is not None and pers.profile_id else body.user
     profile = await ctx.db(ctx.store.get_profile, owner, profile_id) if profile_id else None
@@ -135,7 +136,7 @@ async def resolve(ctx: Any, owner: str, body: ChatRequest) -> list[tuple[str, st
         if isinstance(dp, dict):
             info["drift"] = {"num_pairs": dp.get("num_pairs"),
                              "selected": {a["name"]: a["weight"] for a in dp.get("selected", [])}}
-        out.append((method, preference, params, profile_id, info))
+        out.append(Choice(method=method, preference=preference, params=params, user=profile_id, info=info))
     return out
 
 

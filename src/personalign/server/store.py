@@ -38,116 +38,37 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     create_engine,
     delete,
     event,
     select,
     update,
 )
-from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import text as sa_text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from personalign.server.schemas import ID_PATTERN
+from personalign.server.store_migrate import add_missing_columns, migrate_ids
+from personalign.server.store_tables import (
+    PROFILE_FIELDS,
+    ApiKey,
+    Base,
+    Completion,
+    Feedback,
+    Profile,
+    StoredFeedback,
+    StoreMeta,
+    feedback_record,
+    profile_dict,
+)
 
 __all__ = ["Store", "hash_key", "new_key", "ProfileConflict", "FeedbackConflict", "ChoiceConflict", "StoredFeedback",
            "StoreBusy", "StoreUnavailable"]
 
 logger = logging.getLogger(__name__)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    name: Mapped[str] = mapped_column(String(200), default="")
-    created_at: Mapped[float] = mapped_column(Float)
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class Profile(Base):
-    __tablename__ = "profiles"
-    __table_args__ = (UniqueConstraint("owner", "user_id", name="uq_profile_owner_user"),)
-    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
-    user_id: Mapped[str] = mapped_column(String(200))
-    preference: Mapped[str | None] = mapped_column(Text, nullable=True)
-    method: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    params: Mapped[dict] = mapped_column(JSON, default=dict)
-    drift_profile: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    pdpo_user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    # a P-DPO embedding fitted from the user's feedback (``UserEmbedding.to_dict``), for users the
-    # checkpoint never saw
-    pdpo_embedding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    version: Mapped[int] = mapped_column(Integer, default=1)
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
-
-
-class Completion(Base):
-    __tablename__ = "completions"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
-    user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    messages: Mapped[list] = mapped_column(JSON)
-    text: Mapped[str] = mapped_column(Text)
-    method: Mapped[str] = mapped_column(String(100))
-    finish_reason: Mapped[str] = mapped_column(String(20))
-    created_at: Mapped[float] = mapped_column(Float)
-    # every choice {"index", "text", "method", "finish_reason"}; text/method/finish_reason are choice 0's.
-    # NULL in rows written before choices were stored (one choice).
-    choices: Mapped[list | None] = mapped_column(JSON, nullable=True)
-
-
-class Feedback(Base):
-    __tablename__ = "feedback"
-    __table_args__ = (UniqueConstraint("owner", "feedback_id", name="uq_feedback_owner_id"),)
-    pk: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
-    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
-    feedback_id: Mapped[str] = mapped_column(String(200))
-    user_id: Mapped[str] = mapped_column(String(200))
-    prompt: Mapped[list] = mapped_column(JSON)
-    chosen: Mapped[str] = mapped_column(Text)
-    rejected: Mapped[str] = mapped_column(Text)
-    completion_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    folded: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[float] = mapped_column(Float)
-    fold_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why folding failed (not retried)
-    # a choice among a completion's choices: which was chosen, and the rejected texts after the first
-    chosen_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    also_rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    # what the user's learners held right after this item folded ({"pdpo_embedding": ...}), so a delete
-    # can go back to the state before an item and replay the ones after it; {"stale": true} once an
-    # earlier item was deleted and the replay has not rewritten it yet; NULL: the item taught no learner
-    learned: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
-
-
-class StoreMeta(Base):
-    """One row the store writes when it opens: proves the database takes writes."""
-
-    __tablename__ = "store_meta"
-    key: Mapped[str] = mapped_column(String(40), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
 
 
 def hash_key(key: str) -> str:
@@ -184,62 +105,6 @@ class StoreBusy(Exception):
 class StoreUnavailable(Exception):
     """The database failed while the server runs: read-only, full, an I/O error, unreachable (answer 503,
     Retry-After). The message names the fault, never a SQL parameter."""
-
-
-@dataclass
-class StoredFeedback:
-    """One feedback item: ``chosen`` preferred to ``rejected`` and to each of ``also_rejected`` (a choice
-    among ``n`` choices of completion ``completion_id``, ``chosen_index`` the one kept: ``n − 1`` pairs)."""
-
-    feedback_id: str
-    user_id: str
-    prompt: list
-    chosen: str
-    rejected: str
-    completion_id: str | None
-    folded: bool
-    created_at: float
-    fold_error: str | None = None
-    chosen_index: int | None = None
-    also_rejected: tuple[str, ...] = ()
-    learned: dict | None = None  # the learners' state after this item folded (``Feedback.learned``)
-    pk: int = 0  # the order of arrival
-
-    @property
-    def stale(self) -> bool:
-        """An earlier item was deleted and this item's learned state waits to be replayed."""
-        return bool(self.learned and self.learned.get("stale"))
-
-    @property
-    def rejected_texts(self) -> list[str]:
-        return [self.rejected, *self.also_rejected]
-
-    def content(self) -> tuple:
-        """What a retry must repeat to be the same item."""
-        return (self.user_id, self.prompt, self.chosen, self.rejected_texts, self.completion_id
-                if self.chosen_index is not None else None, self.chosen_index)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.feedback_id, "object": "feedback", "user": self.user_id, "prompt": self.prompt,
-                "chosen": self.chosen, "rejected": self.rejected, "also_rejected": list(self.also_rejected),
-                "completion_id": self.completion_id, "chosen_index": self.chosen_index,
-                "folded": self.folded, "fold_error": self.fold_error, "created": int(self.created_at)}
-
-
-PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id", "pdpo_embedding")
-
-
-def _profile_dict(p: Profile) -> dict[str, Any]:
-    return {"id": p.user_id, "object": "profile", "user": p.user_id, "preference": p.preference,
-            "method": p.method, "params": p.params or {}, "drift_profile": p.drift_profile,
-            "pdpo_user_id": p.pdpo_user_id, "pdpo_embedding": p.pdpo_embedding, "version": p.version, "created": int(p.created_at),
-            "updated": int(p.updated_at)}
-
-
-def _feedback_record(f: Feedback) -> StoredFeedback:
-    return StoredFeedback(f.feedback_id, f.user_id, f.prompt, f.chosen, f.rejected, f.completion_id, f.folded,
-                          f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()), f.learned,
-                          f.pk)
 
 
 class Store:
@@ -285,9 +150,9 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             Base.metadata.create_all(self.engine)
-            _add_missing_columns(self.engine)
+            add_missing_columns(self.engine)
             self._session = sessionmaker(self.engine, expire_on_commit=False)
-            self.migrated: list[dict[str, str]] = self._tx(_migrate_ids)
+            self.migrated: list[dict[str, str]] = self._tx(migrate_ids)
             if self.migrated:
                 logger.warning("renamed %d id(s) an earlier release accepted outside the safe set: %s",
                                len(self.migrated), "; ".join(f"{m['kind']} {m['old']!r} -> {m['new']!r}"
@@ -407,7 +272,7 @@ class Store:
                 p = Profile(owner=owner, user_id=user_id, created_at=now, updated_at=now, version=1, **values)
                 s.add(p)
                 s.flush()
-                return _profile_dict(p)
+                return profile_dict(p)
             return self._tx(fn)
         except IntegrityError:
             return None
@@ -415,7 +280,7 @@ class Store:
     def get_profile(self, owner: str, user_id: str) -> dict[str, Any] | None:
         def fn(s: Session) -> dict[str, Any] | None:
             p = s.scalar(select(Profile).where(Profile.owner == owner, Profile.user_id == user_id))
-            return _profile_dict(p) if p is not None else None
+            return profile_dict(p) if p is not None else None
         return self._read(fn)
 
     def list_profiles(self, owner: str, limit: int = 100, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -424,7 +289,7 @@ class Store:
             q = select(Profile).where(Profile.owner == owner)
             if after is not None:
                 q = q.where(Profile.user_id > after)
-            rows = [_profile_dict(p) for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
+            rows = [profile_dict(p) for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
             return rows[:limit], len(rows) > limit
         return self._read(fn)
 
@@ -440,7 +305,7 @@ class Store:
             p.version += 1
             p.updated_at = time.time()
             s.flush()
-            return _profile_dict(p)
+            return profile_dict(p)
         return self._tx(fn)
 
     def delete_profile(self, owner: str, user_id: str, *, keep_history: bool = False) -> dict[str, int] | None:
@@ -490,7 +355,7 @@ class Store:
     def get_feedback(self, owner: str, feedback_id: str) -> StoredFeedback | None:
         def fn(s: Session) -> StoredFeedback | None:
             f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
-            return _feedback_record(f) if f is not None else None
+            return feedback_record(f) if f is not None else None
         return self._read(fn)
 
     def recent_feedback(self, owner: str, user_id: str, limit: int, before: str | None = None) -> list[StoredFeedback]:
@@ -501,7 +366,7 @@ class Store:
                 pk = s.scalar(select(Feedback.pk).where(Feedback.owner == owner, Feedback.feedback_id == before))
                 if pk is not None:
                     q = q.where(Feedback.pk < pk)
-            return [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk.desc()).limit(limit))]
+            return [feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk.desc()).limit(limit))]
         return self._read(fn)
 
     def list_feedback(self, owner: str, user_id: str | None = None, limit: int = 100,
@@ -517,7 +382,7 @@ class Store:
                 if pk is None:
                     return [], False
                 q = q.where(Feedback.pk > pk)
-            rows = [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk).limit(limit + 1))]
+            rows = [feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk).limit(limit + 1))]
             return rows[:limit], len(rows) > limit
         return self._read(fn)
 
@@ -547,7 +412,7 @@ class Store:
                 if prior is not None and prior.feedback_id != fb.feedback_id:
                     if prior.chosen_index != fb.chosen_index:
                         raise ChoiceConflict(prior.feedback_id, prior.chosen_index)
-                    return _feedback_record(prior)  # the same choice again: the first item stands
+                    return feedback_record(prior)  # the same choice again: the first item stands
             _apply_profile_update(s, owner, fb.user_id, profile_update, expect_version)
             row = Feedback(owner=owner, feedback_id=fb.feedback_id, user_id=fb.user_id, prompt=fb.prompt,
                            chosen=fb.chosen, rejected=fb.rejected, completion_id=fb.completion_id,
@@ -555,7 +420,7 @@ class Store:
                            chosen_index=fb.chosen_index, also_rejected=list(fb.also_rejected) or None)
             s.add(row)
             s.flush()
-            return _feedback_record(row)
+            return feedback_record(row)
         try:
             stored = self._tx(fn)
         except IntegrityError:
@@ -583,7 +448,7 @@ class Store:
             if learned is not None:
                 f.learned = learned
             s.flush()
-            return _feedback_record(f)
+            return feedback_record(f)
         return self._tx(fn)
 
     def fail_fold(self, owner: str, feedback_id: str, error: str) -> StoredFeedback | None:
@@ -594,7 +459,7 @@ class Store:
                 return None
             f.fold_error = error[:2000]
             s.flush()
-            return _feedback_record(f)
+            return feedback_record(f)
         return self._tx(fn)
 
     def pending_feedback(self) -> list[tuple[str, StoredFeedback]]:
@@ -602,7 +467,7 @@ class Store:
         what a restarted server folds first."""
         def fn(s: Session) -> list[tuple[str, StoredFeedback]]:
             q = select(Feedback).where(Feedback.folded.is_(False), Feedback.fold_error.is_(None)).order_by(Feedback.pk)
-            return [(f.owner, _feedback_record(f)) for f in s.scalars(q)]
+            return [(f.owner, feedback_record(f)) for f in s.scalars(q)]
         return self._read(fn)
 
     def delete_feedback(self, owner: str, feedback_id: str, profile_update: dict[str, Any] | None = None,
@@ -627,7 +492,7 @@ class Store:
         """The user's folded items in order of arrival (with what each left its learners)."""
         def fn(s: Session) -> list[StoredFeedback]:
             q = select(Feedback).where(Feedback.owner == owner, Feedback.user_id == user_id, Feedback.folded.is_(True))
-            return [_feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk))]
+            return [feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk))]
         return self._read(fn)
 
     def learned_before(self, owner: str, feedback_id: str) -> dict[str, Any] | None:
@@ -713,73 +578,3 @@ def _check_sqlite_path(url: str) -> None:
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
         raise ValueError(f"database {url!r}: the directory {str(parent)!r} does not exist.")
-
-
-_ID_LIMIT = 128  # the longest id a server accepts (``Limits.max_id_chars``' default)
-
-
-def _safe_id(old: str, taken: set[str], limit: int = _ID_LIMIT) -> str:
-    """A safe id for ``old`` (``schemas.ID_PATTERN``, at most ``limit`` characters): other characters
-    become ``_``, an id that does not start with a letter or digit gets ``id`` in front, and ``-2``,
-    ``-3``... avoids ids in ``taken``."""
-    base = "".join(c if c.isascii() and (c.isalnum() or c in "._:@+-") else "_" for c in old)
-    if not base or not base[0].isalnum():
-        base = "id" + base
-    base = base[: limit - 8]
-    new, n = base, 1
-    while new in taken:
-        n += 1
-        new = f"{base}-{n}"
-    return new
-
-
-def _unsafe(value: str | None) -> bool:
-    return value is not None and (len(value) > _ID_LIMIT or not ID_PATTERN.fullmatch(value))
-
-
-def _migrate_ids(s: Session) -> list[dict[str, str]]:
-    """Rename user, feedback and completion ids an earlier release stored outside the safe set (``a/b``,
-    ``..``, ``.``), with every row that names them, so each stays addressable in a URL; returns what was
-    renamed (``kind``, ``owner``, ``old``, ``new``). One transaction; a no-op on a clean database."""
-    out: list[dict[str, str]] = []
-    owners = set(s.scalars(select(Profile.owner))) | set(s.scalars(select(Feedback.owner))) | \
-        set(s.scalars(select(Completion.owner)))
-    for owner in sorted(owners):
-        users = set(s.scalars(select(Profile.user_id).where(Profile.owner == owner))) | \
-            set(s.scalars(select(Feedback.user_id).where(Feedback.owner == owner))) | \
-            {u for u in s.scalars(select(Completion.user_id).where(Completion.owner == owner)) if u is not None}
-        for old in sorted(u for u in users if _unsafe(u)):
-            new = _safe_id(old, users)
-            users.add(new)
-            for model in (Profile, Feedback, Completion):
-                s.execute(update(model).where(model.owner == owner, model.user_id == old).values(user_id=new))
-            out.append({"kind": "user", "owner": owner, "old": old, "new": new})
-        fids = set(s.scalars(select(Feedback.feedback_id).where(Feedback.owner == owner)))
-        for old in sorted(f for f in fids if _unsafe(f)):
-            new = _safe_id(old, fids)
-            fids.add(new)
-            s.execute(update(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == old)
-                      .values(feedback_id=new))
-            out.append({"kind": "feedback", "owner": owner, "old": old, "new": new})
-    cids = set(s.scalars(select(Completion.id)))
-    for old in sorted(c for c in cids if _unsafe(c)):
-        new = _safe_id(old, cids, limit=64)  # the column's width
-        cids.add(new)
-        owner = s.scalar(select(Completion.owner).where(Completion.id == old))
-        s.execute(update(Completion).where(Completion.id == old).values(id=new))
-        s.execute(update(Feedback).where(Feedback.owner == owner, Feedback.completion_id == old)
-                  .values(completion_id=new))
-        out.append({"kind": "completion", "owner": owner, "old": old, "new": new})
-    return out
-
-
-def _add_missing_columns(engine: Any) -> None:
-    """Columns added since a database was created (all nullable), added in place: older stores open."""
-    insp = sa_inspect(engine)
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in insp.get_columns(table.name)}
-            for col in table.columns:
-                if col.name not in have and col.nullable:
-                    conn.execute(sa_text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} '
-                                         f'{col.type.compile(dialect=engine.dialect)}'))

@@ -11,8 +11,9 @@ request, whatever their methods, then at most one bounded forward of feedback fo
    view layout form one *cohort*, decoded by ``decoding.loop.decode`` (its prefill runs at once);
 3. resume every cohort until it asks for its next forward, then serve all those forwards with
    ``HFBackend.step_many``: one forward per model, the caches of all cohorts joined row-wise;
-4. advance feedback folding by at most one forward of ``views.scoring.ChunkedScorer`` (the sequences
-   a fold scores, batched across the waiting folds) within the *fold budget* (``server.fold_budget``):
+4. advance feedback folding (``server.fold_runner``) by at most one forward of
+   ``views.scoring.ChunkedScorer`` (the sequences a fold scores, batched across the waiting folds)
+   within the *fold budget* (``server.fold_budget``):
    while requests decode, folding earns ``fold_share`` of each round's decoding time and spends it on
    a forward once it covers one, so a chat's latency stays within ``1 + fold_share`` of an idle
    server's on average, whatever feedback is queued; when none decodes, a forward takes
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import sys
 import threading
@@ -57,10 +57,9 @@ from personalign.decoding.loop import PromptTooLong, RequestPlan, decode, plan_r
 from personalign.decoding.method import Method
 from personalign.decoding.sampling import SamplingConfig
 from personalign.decoding.stopping import RowText
-from personalign.server.fold_budget import FoldBudget, FoldCost
+from personalign.server.fold_runner import FoldJob, FoldRunner, FoldStats
 from personalign.types import Request
 from personalign.views.base import BatchingBackend
-from personalign.views.scoring import ChunkedScorer
 
 __all__ = ["EngineWorker", "Job", "FoldJob", "QueueFull", "Delta", "Done", "Failed", "Event"]
 
@@ -141,45 +140,6 @@ class Job:
             self.cancelled = True
 
 
-@dataclass(eq=False)
-class FoldJob:
-    """The scoring of one feedback item: teacher-forced ``rows`` on the backend's model ``model``.
-
-    ``future`` (on ``loop``) gets the rows' per-token log-probs (``ChunkedScorer.result``) or the
-    exception that stopped them. A cancelled job (``cancel``, on ``loop``) gets None at once and is
-    dropped before it starts; a batch whose jobs are all cancelled stops and frees its cache.
-
-    A job with a ``task`` instead (no rows) runs that task in bounded pieces, alone: anything with
-    ``advance(tokens) -> tokens fed`` and ``done`` (e.g. ``training.pdpo.user_fit.EmbeddingFit``, a
-    user's P-DPO embedding fitted from their feedback); ``future`` gets the finished task.
-    """
-
-    rows: list[tuple[list[int], list[int]]]
-    model: str
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    label: str = ""
-    cancelled: bool = False
-    task: Any = None
-
-    def cancel(self) -> None:
-        """Stop waiting for this job (on ``loop``'s thread): its future gets None; the engine skips it."""
-        self.cancelled = True
-        if not self.future.done():
-            self.future.set_result(None)
-
-    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
-        def set_() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
-            self.loop.call_soon_threadsafe(set_)
-
-
 class _RoundBackend:
     """The backend as a cohort's ``decode`` sees it: ``step`` waits for the round's joined forward.
 
@@ -217,7 +177,7 @@ class _Cohort:
 
 
 @dataclass
-class EngineStats:
+class EngineStats(FoldStats):
     ticks: int = 0  # scheduler rounds
     steps: int = 0  # rounds that served forwards
     forwards: int = 0  # model forwards those rounds ran (one per model and round)
@@ -229,12 +189,6 @@ class EngineStats:
     rejected: int = 0
     cancelled: int = 0
     per_method: dict[str, int] = field(default_factory=dict)
-    folds: int = 0  # feedback items scored
-    fits: int = 0  # fold tasks run (P-DPO embedding fits)
-    fold_forwards: int = 0
-    fold_tokens: int = 0
-    fold_seconds: float = 0.0
-    folds_dropped: int = 0  # folds abandoned mid-scoring because every item of their batch was deleted
 
 
 class EngineWorker:
@@ -266,19 +220,9 @@ class EngineWorker:
                  fold_idle_ms: float = 200.0, fold_unit_rows: int = 4, fold_batch_rows: int = 256) -> None:
         if max_pending < 1 or max_batch < 1:
             raise ValueError(f"`max_pending` and `max_batch` must be >= 1, got {max_pending}, {max_batch}.")
-        if max_folds < 1 or fold_unit_rows < 1 or fold_batch_rows < 1:
-            raise ValueError("`max_folds`, `fold_unit_rows` and `fold_batch_rows` must be >= 1.")
-        if not 0 < fold_share <= 10 or not 1 <= fold_idle_ms <= 60_000:
-            raise ValueError(f"`fold_share` must lie in (0, 10] and `fold_idle_ms` in [1, 60000], got {fold_share}, "
-                             f"{fold_idle_ms}.")
-        self.max_folds, self.fold_share, self.fold_idle = max_folds, fold_share, fold_idle_ms / 1000
-        self.fold_unit_rows, self.fold_batch_rows = fold_unit_rows, fold_batch_rows
-        self._folds: deque[FoldJob] = deque()
-        self._fold_batch: list[tuple[FoldJob, int, int]] = []  # (job, first row, end row) in the scorer
-        self._scorer: Any = None  # a ChunkedScorer over a batch of folds, or a fold task
-        self._fold_budget = FoldBudget(fold_share, self.fold_idle)
-        self._fold_cost = FoldCost()
-        self._task_cost = FoldCost()  # a fold task's piece (forward and backward), fitted apart
+        if max_folds < 1:
+            raise ValueError(f"`max_folds` must be >= 1, got {max_folds}.")
+        self.max_folds = max_folds
         self._decode_seconds = 0.0  # this round's decoding forward time
         if not 0 <= batch_wait <= 10:
             raise ValueError(f"`batch_wait` must lie in [0, 10] seconds, got {batch_wait}.")
@@ -299,6 +243,8 @@ class EngineWorker:
         self._calls: deque[tuple[Callable[[Any], Any], concurrent.futures.Future]] = deque()
         self._cohorts: list[_Cohort] = []
         self._cv = threading.Condition()
+        self.folding = FoldRunner(backend, self.stats, self._cv, fold_share=fold_share, fold_idle_ms=fold_idle_ms,
+                                  fold_unit_rows=fold_unit_rows, fold_batch_rows=fold_batch_rows)
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -358,17 +304,17 @@ class EngineWorker:
     def submit_fold(self, job: FoldJob) -> None:
         """Queue a fold's scoring; raises ``QueueFull`` when ``max_folds`` folds wait or run."""
         with self._cv:
-            if len(self._folds) + len(self._fold_batch) >= self.max_folds:
-                raise QueueFull(f"{len(self._folds) + len(self._fold_batch)} feedback items are being folded "
-                                f"(limit {self.max_folds}).")
-            self._folds.append(job)
+            n = self.folding.waiting + self.folding.running
+            if n >= self.max_folds:
+                raise QueueFull(f"{n} feedback items are being folded (limit {self.max_folds}).")
+            self.folding.queue(job)
             self._cv.notify_all()
 
     def load(self) -> dict[str, int]:
         with self._cv:
             return {"waiting": len(self._pending), "running": self._running_rows(),
                     "max_pending": self.max_pending, "max_batch": self.max_batch,
-                    "folds_waiting": len(self._folds), "folds_running": len(self._fold_batch),
+                    "folds_waiting": self.folding.waiting, "folds_running": self.folding.running,
                     "max_folds": self.max_folds}
 
     # ------------------------------------------------------------------ engine thread
@@ -387,8 +333,7 @@ class EngineWorker:
         self._round_backend = _RoundBackend(self.backend)
         while True:
             with self._cv:
-                while not self._stop and not self._calls and not self._cohorts and not self._folds \
-                        and self._scorer is None:
+                while not self._stop and not self._calls and not self._cohorts and self.folding.idle:
                     delay = self._admission_delay()
                     if delay == 0.0:
                         break
@@ -408,108 +353,15 @@ class EngineWorker:
             self.stats.max_rows_in_tick = max(self.stats.max_rows_in_tick, self._running_rows())
             self._decode_seconds = 0.0
             self._round()
-            self._fold_round(busy=bool(self._cohorts) or self._admission_delay() is not None)
+            self.folding.round(busy=bool(self._cohorts) or self._admission_delay() is not None,
+                               decode_seconds=self._decode_seconds)
         for c in self._cohorts:
             self._fail(c.jobs, 503, "the server is shutting down.")
             if c.glet is not None and not c.glet.dead:
                 c.glet.throw(greenlet.GreenletExit)
         with self._cv:
             self._fail(list(self._pending), 503, "the server is shutting down.")
-            stopping = RuntimeError("the server stopped before this feedback was folded; it stays stored and is "
-                                    "folded when the server starts again.")
-            for job in [j for j, _, _ in self._fold_batch] + list(self._folds):
-                job.resolve(error=stopping)
-            self._folds.clear()
-            self._fold_batch, self._scorer = [], None
-
-    # ------------------------------------------------------------------ folding
-    def _fold_round(self, busy: bool) -> None:
-        """At most one bounded forward of feedback folding (module docstring, step 4), sized and timed by
-        the folding budget (``server.fold_budget``): while requests decode, folding takes about
-        ``fold_share`` of the time; when nothing decodes, a forward takes ``fold_idle_ms``; on any machine
-        a forward's fixed part is at most half its time, so folding never crawls at a few tokens a forward.
-        """
-        if self._scorer is not None and all(job.cancelled for job, _, _ in self._fold_batch):
-            self._drop_fold_batch()  # every item of the batch was deleted: stop scoring it
-        if self._scorer is None and not self._start_fold_batch():
-            self._fold_budget.reset()
-            return
-        task = self._fold_batch[0][0].task is not None
-        cost, least = (self._task_cost, 1) if task else (self._fold_cost, self.fold_unit_rows)
-        tokens = self._fold_budget.plan(cost, least, busy, self._decode_seconds)
-        if tokens is None:
-            return  # not enough credit for a forward yet: decoding goes on
-        t0 = time.perf_counter()
-        try:
-            fed = self._scorer.advance(tokens)
-        except Exception as e:  # noqa: BLE001 - the batch fails; every fold in it is told why
-            logger.exception("a folding forward failed")
-            for job, _, _ in self._fold_batch:
-                job.resolve(error=e)
-            with self._cv:
-                self._fold_batch, self._scorer = [], None
-            return
-        dt = max(time.perf_counter() - t0, 1e-6)
-        cost.observe(fed, dt)
-        self._fold_budget.spent(dt, busy)
-        self.stats.fold_forwards += 1
-        self.stats.fold_tokens += fed
-        self.stats.fold_seconds += dt
-        if self._scorer.done and task:
-            job = self._fold_batch[0][0]
-            if not job.cancelled:
-                job.resolve(self._scorer)
-            self.stats.fits += 1
-            with self._cv:
-                self._fold_batch, self._scorer = [], None
-        elif self._scorer.done:
-            out = self._scorer.result()
-            for job, a, b in self._fold_batch:
-                if not job.cancelled:
-                    job.resolve(out[a:b])
-                self.stats.folds += 1
-            with self._cv:
-                self._fold_batch, self._scorer = [], None
-
-    def _drop_fold_batch(self) -> None:
-        """Abandon the running fold batch, its cache rows released (a fold task simply stops)."""
-        close = getattr(self._scorer, "close", None)
-        if close is not None:
-            close()
-        self.stats.folds_dropped += len(self._fold_batch)
-        with self._cv:
-            self._fold_batch, self._scorer = [], None
-
-    def _start_fold_batch(self) -> bool:
-        """Take waiting folds (one steering model, at most ``fold_batch_rows`` sequences) into a new scorer."""
-        with self._cv:
-            while self._folds and self._folds[0].cancelled:
-                self._folds.popleft()
-            if not self._folds:
-                return False
-            if self._folds[0].task is not None:  # a task runs alone
-                job = self._folds.popleft()
-                self._fold_batch, self._scorer = [(job, 0, 0)], job.task
-                return True
-            model = self._folds[0].model
-            batch, rows = [], []
-            while self._folds and self._folds[0].task is None and self._folds[0].model == model and (
-                    not rows or len(rows) + len(self._folds[0].rows) <= self.fold_batch_rows):
-                job = self._folds.popleft()
-                if job.cancelled:
-                    continue
-                batch.append((job, len(rows), len(rows) + len(job.rows)))
-                rows.extend(job.rows)
-            self._fold_batch = batch
-        try:
-            self._scorer = ChunkedScorer(self.backend, rows, model=model, unit_rows=self.fold_unit_rows)
-        except ValueError as e:
-            for job, _, _ in batch:
-                job.resolve(error=e)
-            with self._cv:
-                self._fold_batch = []
-            return False
-        return True
+            self.folding.stop()
 
     def _round(self) -> None:
         """Resume every cohort up to its next forward, then serve them all with one forward per model."""

@@ -34,22 +34,26 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from personalign.types import ViewSpec
-from personalign.views.adapters import _cache_name
 from personalign.views.cache import new_cache
+from personalign.views.hf_models import (
+    cache_kwarg,
+    can_share_prefix,
+    check_same_tokenizer,
+    context_length,
+    takes_additive_mask,
+)
+from personalign.views.hf_state import Group, HFViewState, compact, groups_of, release_rows, truncate_rows
 from personalign.views.linears import DecodeLinears, from_env
 from personalign.views.masks import attention_layout, decode_mask, sliding_masks
 from personalign.views.merge import (
-    cache_layers,
     join_caches,
     mergeable,
-    select_cache_rows,
-    set_cache_layers,
     split_cache,
 )
 from personalign.views.teacher import teacher_forced_logprobs
@@ -59,60 +63,11 @@ __all__ = ["HFBackend", "HFViewState", "check_same_tokenizer"]
 logger = logging.getLogger(__name__)
 
 
-def check_same_tokenizer(a: Any, b: Any, name_a: str, name_b: str) -> None:
-    """Raise ``ValueError`` unless tokenizers ``a`` and ``b`` map text to the same ids."""
-    if a is b:
-        return
-    if len(a) != len(b) or a.get_vocab() != b.get_vocab():
-        raise ValueError(
-            f"views mix models whose tokenizers differ: {name_a!r} ({type(a).__name__}, {len(a)} tokens) and "
-            f"{name_b!r} ({type(b).__name__}, {len(b)} tokens); all views of a request must share one tokenizer."
-        )
-
-
-def _takes_additive_mask(model: Any) -> bool:
-    """Whether the model's attention adds a 4-D float mask as given (SDPA and eager attention do;
-    flash-attention kernels take only 2-D padding masks, and ALiBi models such as BLOOM build their
-    position biases from the 2-D mask)."""
-    cfg = getattr(model, "config", None)
-    impl = getattr(cfg, "_attn_implementation", None)
-    alibi = getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False) is True
-    return impl in ("sdpa", "eager") and not alibi
-
-
-def _cache_kwarg(model: Any) -> str:
-    return _cache_name(model.forward)
-
-
-def _context_length(model: Any) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def _can_share_prefix(model: Any) -> bool:
-    """Prefix sharing repeats a batch-1 cache: every row must run the same weights.
-
-    A model whose rows run different weights (``mixed_rows``, e.g. a LoRA adapter on some rows
-    only) cannot share a prefix computed once for all of them. (Sliding layers can: the engine keeps
-    their whole history and masks by position, ``views.masks``.)
-    """
-    return not getattr(model, "mixed_rows", False)
-
-
-@dataclass
-class _Group:
-    model: str
-    views: list[int]  # view indices k held by this group, in row order
-    cache: Any
-    mask: torch.Tensor  # long [R, S]; R = live requests x len(views), b-major
-    next_pos: torch.Tensor  # long [R]
-    hidden: torch.Tensor | None = None  # [R, D] output-head input at each row's last fed position
-
-
 @dataclass
 class _Feed:
     """One group's share of a step: ``ids`` long [R, L] for its live rows, ``row_len`` long [R]."""
 
-    group: _Group
+    group: Group
     ids: torch.Tensor
     row_len: torch.Tensor
     full: bool  # every row feeds all L columns
@@ -129,47 +84,6 @@ class _StepPlan:
     live_len: torch.Tensor  # long [B_live]: ``lengths`` of the live requests
     selected: list[int]
     feeds: list[tuple[int, _Feed | None]]  # (group index, feed or None when no live row feeds)
-
-
-@dataclass
-class HFViewState:
-    """Per-batch state: one group per independently advanced set of views."""
-
-    batch_size: int
-    num_views: int
-    groups: list[_Group]
-    view_group: list[tuple[int, int]]  # view k -> (group index, slot within group)
-    last_logprobs: torch.Tensor  # float32 [B, K, V]
-    fed: torch.Tensor  # long [B, K]
-    specs: list[list[ViewSpec]] = field(default_factory=list)
-    live: torch.Tensor | None = None  # bool [B] (cpu): requests whose rows are in the caches
-
-    def __post_init__(self) -> None:
-        if self.live is None:
-            self.live = torch.ones(self.batch_size, dtype=torch.bool)
-
-    def cache_length(self) -> int:
-        """Total cache columns over groups (holes included); for tests and stats."""
-        return sum(int(g.mask.shape[1]) for g in self.groups)
-
-    def live_rows(self) -> torch.Tensor:
-        """long [B_live]: indices of the requests still held in the caches."""
-        return torch.nonzero(self.live).flatten()
-
-    def last_hidden(self, k: int) -> torch.Tensor:
-        """float [B, D]: the output head's input at view ``k``'s last fed position (models that expose
-        ``last_hidden``, e.g. ``RowAdapterModel``); zeros for released requests."""
-        gi, slot = self.view_group[k]
-        g = self.groups[gi]
-        if g.hidden is None:
-            raise ValueError(f"view {k} ({g.model!r}) has no hidden state: its model does not expose `last_hidden`.")
-        n = len(g.views)
-        h = g.hidden.view(-1, n, g.hidden.shape[-1])[:, slot]
-        if bool(self.live.all()):
-            return h
-        out = h.new_zeros(self.batch_size, h.shape[-1])
-        out[self.live_rows().to(h.device)] = h
-        return out
 
 
 class HFBackend:
@@ -216,8 +130,8 @@ class HFBackend:
                 raise ValueError(
                     f"model {k!r} has {n_out} output rows but its tokenizer has {self.vocab_size} tokens."
                 )
-        self._cache_kw = {k: _cache_kwarg(m) for k, m in self.models.items()}
-        self._additive_mask = {k: _takes_additive_mask(m) for k, m in self.models.items()}
+        self._cache_kw = {k: cache_kwarg(m) for k, m in self.models.items()}
+        self._additive_mask = {k: takes_additive_mask(m) for k, m in self.models.items()}
         self._layout = {k: attention_layout(m, k) for k, m in self.models.items()}
         if decode_linears is None:
             decode_linears = from_env()
@@ -243,8 +157,8 @@ class HFBackend:
             raise ValueError(f"model {key!r} has {n_out} output rows but its tokenizer has {self.vocab_size} tokens.")
         self.models[key] = model
         self._tokenizers[key] = tok
-        self._cache_kw[key] = _cache_kwarg(model)
-        self._additive_mask[key] = _takes_additive_mask(model)
+        self._cache_kw[key] = cache_kwarg(model)
+        self._additive_mask[key] = takes_additive_mask(model)
         self._layout[key] = attention_layout(model, key)
 
     # ------------------------------------------------------------------ helpers
@@ -257,7 +171,7 @@ class HFBackend:
         return next(self.models[model].parameters()).device
 
     def context_length(self, model: str = "main") -> int | None:
-        return _context_length(self.models[model])
+        return context_length(self.models[model])
 
     def _pad_id(self, model: str) -> int:
         tok = self._tokenizers[model]
@@ -391,14 +305,14 @@ class HFBackend:
             specs=[list(v) for v in views],
         )
 
-    def _prefill_group(self, model: str, view_ids: list[int], rows: list[ViewSpec]) -> tuple[_Group, torch.Tensor]:
+    def _prefill_group(self, model: str, view_ids: list[int], rows: list[ViewSpec]) -> tuple[Group, torch.Tensor]:
         dev = self.device(model)
         R = len(rows)
         cache = new_cache(self.models[model])
         lengths = torch.tensor([r.length for r in rows], dtype=torch.long)
         has_embeds = any(r.prefix_embeds is not None for r in rows)
         shared = 0
-        if self.share_prefix and R > 1 and not has_embeds and _can_share_prefix(self.models[model]):
+        if self.share_prefix and R > 1 and not has_embeds and can_share_prefix(self.models[model]):
             shared = min(_common_prefix_len([r.prompt_ids for r in rows]), int(lengths.min()) - 1)
         if shared > 0:
             ids0 = torch.tensor([rows[0].prompt_ids[:shared]], device=dev)
@@ -420,7 +334,7 @@ class HFBackend:
                 ids[r, W - n :] = torch.tensor(spec.prompt_ids[shared:], dtype=torch.long)
             lp = self._forward(model, cache, mask.to(dev), pos.to(dev), 1, ids=ids.to(dev))
         hidden = self._last_hidden(model)
-        group = _Group(model=model, views=view_ids, cache=cache, mask=mask.to(dev), next_pos=lengths.to(dev),
+        group = Group(model=model, views=view_ids, cache=cache, mask=mask.to(dev), next_pos=lengths.to(dev),
                        hidden=None if hidden is None else hidden[:, -1])
         return group, lp[:, -1]
 
@@ -505,7 +419,7 @@ class HFBackend:
         if bool((lengths < 0).any()) or bool((lengths > L).any()):
             raise ValueError(f"`lengths` must lie in [0, {L}], got {lengths.tolist()}.")
         selected = list(range(state.num_views)) if views is None else list(views)
-        gids = self._groups_of(state, selected)
+        gids = groups_of(state, selected)
         if per_view and tokens.shape[1] != len(selected):
             raise ValueError(f"per-view `tokens` must be [B, {len(selected)}, L] for views {selected}, "
                              f"got {tuple(tokens.shape)}.")
@@ -570,7 +484,7 @@ class HFBackend:
             else:
                 f.group.hidden = None
             if not f.full:
-                self._compact(f.group)
+                compact(f.group)
             r0 = r1
 
     def _last_hidden(self, model: str) -> torch.Tensor | None:
@@ -636,93 +550,15 @@ class HFBackend:
             out[:, views_g] = lp
         return out[:, plan.selected]
 
-    # ------------------------------------------------------------------ release
+    # ------------------------------------------------------------------ rows leave, rows roll back
     def release(self, state: HFViewState, rows: Sequence[int]) -> None:
-        """Drop requests ``rows`` from every cache of ``state``: later steps skip them (see ``step``).
+        """Drop requests ``rows`` from every cache of ``state`` (``views.hf_state.release_rows``)."""
+        release_rows(state, rows)
 
-        Frees their cache rows at once (one row-gather per cache) and drops the columns no kept row
-        attends to (positions are explicit, so removing masked columns changes nothing), so a batch
-        whose long rows ended costs only what its running rows need.
-        """
-        rows = sorted({int(b) for b in rows})
-        if any(b < 0 or b >= state.batch_size for b in rows):
-            raise ValueError(f"`rows` must be request indices in 0..{state.batch_size - 1}, got {rows}.")
-        gone = [b for b in rows if bool(state.live[b])]
-        if not gone:
-            return
-        old_live = state.live_rows().tolist()
-        state.live[gone] = False
-        keep_req = [i for i, b in enumerate(old_live) if bool(state.live[b])]
-        for g in state.groups:
-            n = len(g.views)
-            idx = torch.tensor([i * n + j for i in keep_req for j in range(n)], dtype=torch.long,
-                               device=g.mask.device)
-            select_cache_rows(g.cache, idx)
-            g.mask, g.next_pos = g.mask[idx], g.next_pos[idx]
-            if g.hidden is not None:
-                g.hidden = g.hidden[idx.to(g.hidden.device)]
-            used = g.mask.any(0)
-            if idx.numel() and not bool(used.all()):  # columns no kept row attends to (a long prompt that left)
-                cols = torch.nonzero(used).flatten()
-                set_cache_layers(g.cache, [(k[:, :, cols.to(k.device)], v[:, :, cols.to(v.device)])
-                                           for k, v in cache_layers(g.cache)])
-                g.mask = g.mask[:, cols]
-
-    def _groups_of(self, state: HFViewState, selected: list[int]) -> list[int]:
-        if not selected or any(k < 0 or k >= state.num_views for k in selected):
-            raise ValueError(f"`views` must be indices in 0..{state.num_views - 1}, got {selected}.")
-        gids = sorted({state.view_group[k][0] for k in selected})
-        for gi in gids:
-            if not set(state.groups[gi].views) <= set(selected):
-                raise ValueError(
-                    f"views {state.groups[gi].views} share one cache (a prefill group) and advance together; "
-                    f"select all of them or none, got {selected}."
-                )
-        return gids
-
-    @staticmethod
-    def _compact(g: _Group) -> None:
-        """Crop cache columns that are masked in every row at the right end."""
-        live = g.mask.any(0)
-        if bool(live[-1]):
-            return
-        nz = torch.nonzero(live)
-        keep = int(nz[-1]) + 1 if nz.numel() else 0
-        drop = g.mask.shape[1] - keep
-        if drop > 0:
-            g.cache.crop(-drop)
-            g.mask = g.mask[:, :keep]
-
-    # ------------------------------------------------------------------ truncate
     def truncate(self, state: HFViewState, keep: torch.Tensor, views: Sequence[int] | None = None) -> None:
-        """Roll back: request ``b`` keeps its first ``keep[b]`` fed tokens in the selected views.
-
-        The dropped columns become holes (masked) and positions rewind, so the next token fed lands
-        exactly where it would after a fresh prefill of the kept text. The next-token log-probs of a
-        rolled-back row are unknown until a token is fed: they are set to NaN.
-        """
-        keep = keep.long().cpu()
-        if keep.shape != (state.batch_size,) or bool((keep < 0).any()):
-            raise ValueError(f"`keep` must be {state.batch_size} non-negative counts, got {keep.tolist()}.")
-        selected = list(range(state.num_views)) if views is None else list(views)
-        for gi in self._groups_of(state, selected):
-            g = state.groups[gi]
-            fed = state.fed[:, g.views]  # [B, n]
-            new = torch.where(state.live[:, None], torch.minimum(fed, keep[:, None]), fed)  # released rows stay
-            drop_all = fed - new  # [B, n]
-            drop = drop_all[state.live].reshape(-1).to(g.mask.device)  # [R] over live rows
-            if not bool((drop > 0).any()):
-                continue
-            # number of real tokens at or right of each column; drop the last `drop[r]` of them
-            from_right = g.mask.flip(1).cumsum(1).flip(1)
-            kill = (g.mask == 1) & (from_right <= drop[:, None])
-            g.mask = g.mask.masked_fill(kill, 0)
-            g.next_pos = g.next_pos - drop
-            state.fed[:, g.views] = new
-            rolled = (drop_all > 0).to(state.last_logprobs.device)
-            lp = state.last_logprobs[:, g.views]
-            state.last_logprobs[:, g.views] = lp.masked_fill(rolled[..., None], float("nan"))
-            self._compact(g)
+        """Roll back: request ``b`` keeps its first ``keep[b]`` fed tokens in the selected views
+        (``views.hf_state.truncate_rows``)."""
+        truncate_rows(state, keep, views)
 
     # ------------------------------------------------------------------ teacher forcing
     @torch.inference_mode()

@@ -375,7 +375,7 @@ def test_lists_paginate(client):
 def test_a_non_streamed_request_stops_decoding_when_its_client_leaves():
     """The disconnect check runs every poll interval even while tokens keep arriving (a non-streamed
     request receives one event per token and used to check only when none came)."""
-    from personalign.server.app import _next_event
+    from personalign.server.events import EventReader
     from personalign.server.worker import Delta, Job
 
     class Gone:
@@ -396,12 +396,14 @@ def test_a_non_streamed_request_stops_decoding_when_its_client_leaves():
                 await asyncio.sleep(0.01)
         feeder = asyncio.ensure_future(tokens())
         req, got, t0 = Gone(), 0, loop.time()
+        reader = EventReader([job], req, poll=0.1)  # type: ignore[arg-type]
         try:
-            while await _next_event([job], req, poll=0.1) is not None:
+            while await reader.next() is not None:
                 got += 1
                 assert loop.time() - t0 < 2, "the client's departure was never noticed"
         finally:
             feeder.cancel()
+        assert reader.gone
         return job, got
     job, got = asyncio.run(run())
     assert job.cancelled and got > 3

@@ -1,4 +1,4 @@
-"""``add_playground(app)``: the browser playground, served from the package (``server/playground/``).
+"""The browser playground, served from the package (``server/playground/``).
 
 * ``GET /`` redirects to ``/playground``; ``GET /playground`` is the page; ``GET /playground/{name}``
   its scripts and style sheet (a fixed allow-list, nothing else is read from disk).
@@ -14,7 +14,10 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response
 
+from personalign.server.context import ServerContext
 from personalign.server.errors import APIError
+
+__all__ = ["add"]
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -30,7 +33,7 @@ def _asset(name: str) -> Response:
     return Response(data, media_type=FILES[name], headers=HEADERS)
 
 
-def add_playground(app: FastAPI) -> None:
+def add(app: FastAPI, ctx: ServerContext) -> None:  # noqa: ARG001 - the pages need no state
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse("/playground", status_code=307)

@@ -1,0 +1,109 @@
+"""``/v1/profiles``: each user's stored preference, method, parameters and learned state (Drift
+weights, P-DPO embedding), created, read, changed and deleted by the key that owns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+
+from personalign.config import config_from_mapping
+from personalign.server.context import ServerContext, list_limit, page
+from personalign.server.errors import APIError
+from personalign.server.folding import check_profile
+from personalign.server.personalize import check_method, check_text_params
+from personalign.server.schemas import ProfileBody, shown
+from personalign.training.pdpo.user_fit import UserEmbedding
+
+__all__ = ["add", "get_owned", "check_profile_fields"]
+
+
+async def get_owned(ctx: ServerContext, owner: str, user: str) -> dict[str, Any]:
+    """The profile ``user`` of key ``owner`` (404 when it has none)."""
+    p = await ctx.db(ctx.store.get_profile, owner, user)
+    if p is None:
+        raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
+    return p
+
+
+def check_profile_fields(ctx: ServerContext, fields: dict[str, Any], method: str | None) -> None:
+    """400 naming the field when a profile's fields do not hold (limits, forms, the method's parameters)."""
+    lim = ctx.limits
+    pref = fields.get("preference")
+    if pref is not None and len(pref) > lim.max_preference_chars:
+        raise APIError(400, f"`preference` is {len(pref)} characters; the limit is {lim.max_preference_chars}.",
+                       param="preference", code="preference_too_long")
+    if fields.get("drift_profile") is not None:
+        try:
+            check_profile(fields["drift_profile"])
+        except ValueError as e:
+            raise APIError(400, f"`drift_profile`: {e}", param="drift_profile") from None
+    if fields.get("pdpo_embedding") is not None:
+        try:
+            UserEmbedding.from_dict(fields["pdpo_embedding"], "pdpo_embedding")
+        except ValueError as e:
+            raise APIError(400, str(e), param="pdpo_embedding") from None
+    if method is not None:
+        check_method(ctx, method, "method")
+        if fields.get("params"):
+            check_text_params(ctx, fields["params"], "params")
+            try:
+                config_from_mapping(type(ctx.engine.methods[method].config), fields["params"])
+            except ValueError as e:
+                raise APIError(400, f"`params` for {method}: {e}", param="params") from None
+    elif fields.get("params"):
+        raise APIError(400, "`params` needs a `method` they belong to.", param="params")
+
+
+def add(app: FastAPI, ctx: ServerContext) -> None:
+    @app.post("/v1/profiles", status_code=201)
+    async def create_profile(body: ProfileBody, request: Request) -> dict[str, Any]:
+        owner = await ctx.owner(request)
+        if not body.user:
+            raise APIError(400, "`user` is required: the id this key uses for the user.", param="user")
+        ctx.valid_id(body.user, "user")
+        fields = body.model_dump(exclude={"user"}, exclude_none=True)
+        check_profile_fields(ctx, fields, body.method)
+        out = await ctx.db(ctx.store.create_profile, owner, body.user, fields)
+        if out is None:
+            raise APIError(409, f"profile {shown(body.user)} exists; change it with PATCH /v1/profiles/{{user}}.",
+                           param="user", code="profile_exists")
+        return out
+
+    @app.get("/v1/profiles")
+    async def list_profiles(request: Request, limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        owner = await ctx.owner(request)
+        rows, more = await ctx.db(ctx.store.list_profiles, owner, list_limit(limit), ctx.query_id(after, "after"))
+        return page(rows, more)
+
+    @app.get("/v1/profiles/{user}")
+    async def get_profile(user: str, request: Request) -> dict[str, Any]:
+        return await get_owned(ctx, await ctx.owner(request), user)
+
+    @app.patch("/v1/profiles/{user}")
+    async def update_profile(user: str, body: ProfileBody, request: Request) -> dict[str, Any]:
+        owner = await ctx.owner(request)
+        fields = body.model_dump(exclude={"user"}, exclude_unset=True)
+        if body.user is not None and body.user != user:
+            raise APIError(400, "a profile's `user` cannot change; create a new profile.", param="user")
+        current = await get_owned(ctx, owner, user)
+        check_profile_fields(ctx, fields, fields.get("method", current["method"]) if "params" in fields or "method" in
+                             fields else None)
+        out = await ctx.db(ctx.store.update_profile, owner, user, fields)
+        if out is None:
+            raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
+        return out
+
+    @app.delete("/v1/profiles/{user}")
+    async def delete_profile(user: str, request: Request, keep_history: bool = False) -> dict[str, Any]:
+        """Delete a profile and, unless ``keep_history=true``, the user's feedback and completions."""
+        owner = await ctx.owner(request)
+        if not keep_history:
+            rows, _ = await ctx.db(ctx.store.list_feedback, owner, user, 100_000, None)
+            for f in rows:  # folds still running for this user stop before they merge
+                await ctx.folds.settle(owner, f.feedback_id)
+        out = await ctx.db(lambda: ctx.store.delete_profile(owner, user, keep_history=keep_history))
+        if out is None:
+            raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")
+        return {"id": user, "object": "profile", "deleted": True, "deleted_feedback": out["feedback"],
+                "deleted_completions": out["completions"]}

@@ -1,0 +1,161 @@
+"""The store's tables (SQLAlchemy ORM) and the records the store hands out (``server.store``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from personalign.personas.drift import PreferencePair
+
+__all__ = ["Base", "ApiKey", "Profile", "Completion", "Feedback", "StoreMeta", "StoredFeedback", "PROFILE_FIELDS",
+           "profile_dict", "feedback_record", "drift_prompt"]
+
+
+def drift_prompt(messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
+    """A stored prompt (chat messages) as Drift scores it: one user turn is its text."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return [dict(m) for m in messages]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Profile(Base):
+    __tablename__ = "profiles"
+    __table_args__ = (UniqueConstraint("owner", "user_id", name="uq_profile_owner_user"),)
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    preference: Mapped[str | None] = mapped_column(Text, nullable=True)
+    method: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    drift_profile: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    pdpo_user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # a P-DPO embedding fitted from the user's feedback (``UserEmbedding.to_dict``), for users the
+    # checkpoint never saw
+    pdpo_embedding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Completion(Base):
+    __tablename__ = "completions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    messages: Mapped[list] = mapped_column(JSON)
+    text: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(100))
+    finish_reason: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[float] = mapped_column(Float)
+    # every choice {"index", "text", "method", "finish_reason"}; text/method/finish_reason are choice 0's.
+    # NULL in rows written before choices were stored (one choice).
+    choices: Mapped[list | None] = mapped_column(JSON, nullable=True)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("owner", "feedback_id", name="uq_feedback_owner_id"),)
+    pk: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
+    feedback_id: Mapped[str] = mapped_column(String(200))
+    user_id: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[list] = mapped_column(JSON)
+    chosen: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    completion_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    folded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    fold_error: Mapped[str | None] = mapped_column(Text, nullable=True)  # why folding failed (not retried)
+    # a choice among a completion's choices: which was chosen, and the rejected texts after the first
+    chosen_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    also_rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # what the user's learners held right after this item folded ({"pdpo_embedding": ...}), so a delete
+    # can go back to the state before an item and replay the ones after it; {"stale": true} once an
+    # earlier item was deleted and the replay has not rewritten it yet; NULL: the item taught no learner
+    learned: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+
+
+class StoreMeta(Base):
+    """One row the store writes when it opens: proves the database takes writes."""
+
+    __tablename__ = "store_meta"
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+@dataclass
+class StoredFeedback:
+    """One feedback item: ``chosen`` preferred to ``rejected`` and to each of ``also_rejected`` (a choice
+    among ``n`` choices of completion ``completion_id``, ``chosen_index`` the one kept: ``n − 1`` pairs)."""
+
+    feedback_id: str
+    user_id: str
+    prompt: list
+    chosen: str
+    rejected: str
+    completion_id: str | None
+    folded: bool
+    created_at: float
+    fold_error: str | None = None
+    chosen_index: int | None = None
+    also_rejected: tuple[str, ...] = ()
+    learned: dict | None = None  # the learners' state after this item folded (``Feedback.learned``)
+    pk: int = 0  # the order of arrival
+
+    @property
+    def stale(self) -> bool:
+        """An earlier item was deleted and this item's learned state waits to be replayed."""
+        return bool(self.learned and self.learned.get("stale"))
+
+    @property
+    def rejected_texts(self) -> list[str]:
+        return [self.rejected, *self.also_rejected]
+
+    def pairs(self) -> list[PreferencePair]:
+        """The pairs this item states, as Drift scores them: the chosen reply over each rejected one."""
+        prompt = drift_prompt(self.prompt)
+        return [PreferencePair(prompt=prompt, chosen=self.chosen, rejected=r) for r in self.rejected_texts]
+
+    def content(self) -> tuple:
+        """What a retry must repeat to be the same item."""
+        return (self.user_id, self.prompt, self.chosen, self.rejected_texts, self.completion_id
+                if self.chosen_index is not None else None, self.chosen_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.feedback_id, "object": "feedback", "user": self.user_id, "prompt": self.prompt,
+                "chosen": self.chosen, "rejected": self.rejected, "also_rejected": list(self.also_rejected),
+                "completion_id": self.completion_id, "chosen_index": self.chosen_index,
+                "folded": self.folded, "fold_error": self.fold_error, "created": int(self.created_at)}
+
+
+PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id", "pdpo_embedding")
+
+
+def profile_dict(p: Profile) -> dict[str, Any]:
+    return {"id": p.user_id, "object": "profile", "user": p.user_id, "preference": p.preference,
+            "method": p.method, "params": p.params or {}, "drift_profile": p.drift_profile,
+            "pdpo_user_id": p.pdpo_user_id, "pdpo_embedding": p.pdpo_embedding, "version": p.version, "created": int(p.created_at),
+            "updated": int(p.updated_at)}
+
+
+def feedback_record(f: Feedback) -> StoredFeedback:
+    return StoredFeedback(f.feedback_id, f.user_id, f.prompt, f.chosen, f.rejected, f.completion_id, f.folded,
+                          f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()), f.learned,
+                          f.pk)
