@@ -2,7 +2,8 @@
 
 A live ``personalign serve`` on stories260k (a subprocess on 127.0.0.1), Debian's ``chromium`` driven
 by Playwright: a key pasted in, a user created with a stated preference, a message answered by two
-replies, the first one kept — the page as a person sees it after one choice.
+replies A and B, A kept, twice, then a third turn waiting for a vote — the page as a person sees it
+after two choices (the replies now come from what the choices taught).
 
 Run: ``python scripts/playground_screenshots.py`` (``--chromium PATH`` where it is not on ``PATH``).
 """
@@ -54,15 +55,22 @@ def shoot(browser, url: str, key: str, user: str, viewport: dict, out: Path) -> 
     page.wait_for_selector("#workspace:not([hidden])")
     page.select_option("#user-select", user)
     expect(page.locator("#preference")).not_to_have_value("")
+    page.locator("#settings summary").click()
     page.fill("#max-tokens", "24")
-    page.fill("#message", "Tell me a story about a cat.")
+    page.locator("#settings summary").click()
+    for i, message in enumerate(["Tell me a story about a cat.", "And what did the cat do next?"]):
+        page.fill("#message", message)
+        page.click("#send")
+        vote = page.locator("#turns > li").nth(i).locator(".vote[data-vote='a']")
+        expect(vote).to_be_enabled(timeout=60_000)
+        vote.click()
+        expect(page.locator("#choice-count")).to_have_text(str(i + 1), timeout=120_000)
+    expect(page.locator("#last-change")).to_contain_text("Your last choice moved me toward", timeout=60_000)
+    page.fill("#message", "Tell me one more.")
     page.click("#send")
-    choose = page.locator("#turns .reply .choose")
-    expect(choose).to_have_count(2)
-    expect(choose.nth(1)).to_be_enabled(timeout=60_000)
-    choose.nth(0).click()
-    expect(page.locator("#last-change")).to_contain_text("What the last change did", timeout=60_000)
-    page.screenshot(path=str(out), full_page=True)
+    expect(page.locator("#turns > li").nth(2).locator(".vote[data-vote='a']")).to_be_enabled(timeout=60_000)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(out), full_page=viewport["width"] > 600)
     page.close()
     print(f"wrote {out}")
 

@@ -133,7 +133,8 @@ def config_from_mapping(cls: type[C], values: Mapping[str, Any] | None = None, b
         k = unknown[0]
         close = difflib.get_close_matches(k, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown parameter {k!r} for {cls.__name__}; valid: {', '.join(names)}.{hint}")
+        valid = ", ".join(names) or "none (it takes no parameters)"
+        raise ValueError(f"unknown parameter {k!r} for {cls.__name__}; valid: {valid}.{hint}")
     kwargs = dataclasses.asdict(base) if base is not None else {}  # type: ignore[call-overload]
     kwargs = {k: v for k, v in kwargs.items() if k in names}
     for k, v in values.items():

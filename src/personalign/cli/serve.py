@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "connection is closed (default 30)")
     conn.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
                       help="open connections from one client address; beyond it 503 with Retry-After (default 64)")
+    p.add_argument("--playground-key", action="store_true",
+                   help="print a key for the browser playground at start-up (a local trial needs no admin key or "
+                        "curl): the key named 'playground' gets a new secret each start, keeping its users")
     p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, let running requests finish for up to S seconds, then stop (default 30)")
     p.set_defaults(func=run)
@@ -145,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"personalign serve: {model_id} on http://{args.host}:{args.port} (store: {store.dialect}; "
           f"methods: {', '.join(sorted(methods))}); the playground: http://{args.host}:{args.port}/playground",
           flush=True)
+    if args.playground_key:
+        kid, key = store.playground_key()
+        print(f"personalign serve: the playground's key (paste it into the page; {kid}, replaced at the next "
+              f"--playground-key start): {key}", flush=True)
     # SIGTERM: uvicorn stops accepting, lets running requests finish for --drain-seconds, then the app's
     # shutdown stops the engine (requests still running get a 503; unfolded feedback stays stored)
     protocol = guarded_protocol(header_timeout=args.header_timeout, body_timeout=args.body_timeout,

@@ -243,6 +243,21 @@ class Store:
         self._tx(lambda s: s.add(ApiKey(id=kid, key_hash=hash_key(key), name=name, created_at=time.time())))
         return kid, key
 
+    def playground_key(self, name: str = "playground") -> tuple[str, str]:
+        """``(id, key)`` for a local trial's playground: the live key called ``name`` gets a new secret (its id,
+        and so the users it owns, stay; its old secret stops working), or a key of that name is created."""
+        def fn(s: Session) -> tuple[str, str]:
+            row = s.scalars(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                            .order_by(ApiKey.created_at)).first()
+            if row is None:
+                kid, key = new_key()
+                s.add(ApiKey(id=kid, key_hash=hash_key(key), name=name, created_at=time.time()))
+                return kid, key
+            key = f"pa-{row.id[4:]}-{secrets.token_urlsafe(24)}"
+            row.key_hash = hash_key(key)
+            return row.id, key
+        return self._tx(fn)
+
     def owner_of(self, key: str) -> str | None:
         """The id of the live key ``key``, or None (unknown or revoked)."""
         def fn(s: Session) -> str | None:

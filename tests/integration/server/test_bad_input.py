@@ -135,8 +135,14 @@ def test_feedback_body_errors(client):
     _err(client.post("/v1/feedback", json={**base, "prompt": "p", "chosen": "a", "rejected": "a"}), 400, "same")
     _err(client.post("/v1/feedback", json=base), 400, "`prompt`", "chosen_completion_id")
     _err(client.post("/v1/feedback", json={**base, "chosen_completion_id": "chatcmpl-none"}), 404, "chatcmpl-none")
-    _err(client.post("/v1/feedback", json={"id": "f2", "user": "ghost", "prompt": "p", "chosen": "a",
-                                          "rejected": "b"}), 404, "ghost")
+    # a user with no profile gets one with their first valid item (as `personalign feedback` creates a
+    # profile file); an item that is refused creates nothing
+    _err(client.post("/v1/feedback", json={"id": "f3", "user": "ghost2", "prompt": "p", "chosen": "a",
+                                          "rejected": "a"}), 400, "same")
+    assert client.get("/v1/profiles/ghost2").status_code == 404
+    r = client.post("/v1/feedback", json={"id": "f2", "user": "ghost", "prompt": "p", "chosen": "a", "rejected": "b"})
+    assert r.status_code == 201, r.text
+    assert client.get("/v1/profiles/ghost").json()["drift_profile"]["num_pairs"] == 1
 
 
 def test_the_server_is_healthy_after_the_battery(client):

@@ -1,4 +1,5 @@
-"""Keys own their users: key A can neither see, change nor send feedback for key B's users (404)."""
+"""Keys own their users: key A can neither see, change nor send feedback for key B's users (404; feedback
+for a user id A has no profile for creates A's own user of that id)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,15 @@ def test_cannot_use_in_chat_or_feedback(two):
     r = a.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 3,
                                               "personalization": {"profile_id": "bob"}})
     assert r.status_code == 404
+    # feedback for a user A has no profile for creates A's own user of that name (as the CLI creates a
+    # profile file): B's bob is neither reached nor revealed
     r = a.post("/v1/feedback", json={"id": "a-1", "user": "bob", "prompt": "hi", "chosen": "yes", "rejected": "no"})
-    assert r.status_code == 404
+    assert r.status_code == 201, r.text
+    assert a.get("/v1/profiles/bob").json()["preference"] is None
+    assert b.get("/v1/profiles/bob").json()["preference"] == "formal"
+    assert b.get("/v1/profiles/bob").json()["drift_profile"]["num_pairs"] == 1  # B's own item only
     # even with a profile of its own called bob, A cannot cite B's completion
-    assert a.post("/v1/profiles", json={"user": "bob"}).status_code == 201
+    assert a.post("/v1/profiles", json={"user": "bob"}).status_code == 409
     r = a.post("/v1/feedback", json={"id": "a-2", "user": "bob", "chosen_completion_id": cid,
                                      "rejected": "something else"})
     assert r.status_code == 404

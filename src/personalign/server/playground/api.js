@@ -103,8 +103,11 @@
 
     // POST /v1/chat/completions with stream: true. `onChunk(chunk)` gets each parsed chunk as it
     // arrives; resolves once the stream says [DONE]. An error before the stream starts rejects with
-    // its ApiError; an error inside the stream (`data: {"error": ...}`) rejects the same way.
-    async stream(body, onChunk) {
+    // its ApiError; an error inside the stream (`data: {"error": ...}`) rejects the same way. `signal`
+    // (an AbortSignal) stops it: the request is dropped, the server stops decoding, and the promise
+    // rejects with an ApiError whose code is "stopped".
+    async stream(body, onChunk, signal) {
+      const stopped = () => new ApiError(0, "stopped before the reply was complete.", null, "stopped");
       let response;
       try {
         response = await fetch("/v1/chat/completions", {
@@ -112,8 +115,10 @@
           headers: { Authorization: `Bearer ${api.key()}`, "Content-Type": "application/json" },
           body: JSON.stringify({ ...body, stream: true }),
           cache: "no-store",
+          signal,
         });
       } catch (e) {
+        if (signal && signal.aborted) throw stopped();
         throw new ApiError(0, String(e.message || e));
       }
       if (!response.ok) throw await errorOf(response);
@@ -121,7 +126,14 @@
       const decoder = new TextDecoder();
       let buffer = "";
       for (;;) {
-        const { value, done } = await reader.read();
+        let part;
+        try {
+          part = await reader.read();
+        } catch (e) {
+          if (signal && signal.aborted) throw stopped();
+          throw new ApiError(0, String(e.message || e));
+        }
+        const { value, done } = part;
         if (done) break;
         buffer += decoder.decode(value, { stream: true });
         // Events are separated by a blank line; each of ours is one `data:` line.

@@ -10,6 +10,8 @@ Feedback (``POST /v1/feedback``), safe against retries, replicas, floods and a k
 3. the item is stored unfolded and queued for folding (``server.folding``; 429 when ``max_folds``
    items wait). The engine scores it within the rounds' folding budget, and the merge into the
    user's Drift profile runs in order of acknowledgement, in one transaction with marking it folded;
+   A user with no profile yet gets one, created with their first valid item (as ``personalign
+   feedback`` creates a profile file): chat works for any user id, and so does feedback;
 4. ``wait: true`` (default) answers 201 once folded; ``wait: false`` answers 202 at once, and
    ``GET /v1/feedback/{id}`` shows ``folded`` when it is.
 
@@ -40,7 +42,6 @@ from personalign.server.folding import (
     feedback_pairs,
     unfold_pairs,
 )
-from personalign.server.routes.profiles import get_owned
 from personalign.server.schemas import FeedbackBody, shown
 from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, Store, StoredFeedback
 from personalign.server.worker import Failed, Job, QueueFull
@@ -92,7 +93,11 @@ async def _post(ctx: ServerContext, body: FeedbackBody, request: Request) -> JSO
         pair, completion_id = await _resolve_pair(ctx, owner, body, old)
         fb = StoredFeedback(body.id, body.user, _as_messages(pair.prompt), pair.chosen, pair.rejected,
                             completion_id, False, time.time())
-    profile = await get_owned(ctx, owner, fb.user_id)
+    profile = await ctx.db(ctx.store.get_profile, owner, fb.user_id)
+    new_user = profile is None  # created with its first feedback (once the item is valid), as the CLI does
+    if new_user:
+        profile = {"user": fb.user_id, "method": None, "drift_profile": None, "pdpo_embedding": None,
+                   "pdpo_user_id": None}
     if old is not None:
         return _replay(old, fb)
     pairs = feedback_pairs(fb)
@@ -107,6 +112,8 @@ async def _post(ctx: ServerContext, body: FeedbackBody, request: Request) -> JSO
         except FoldQueueFull as e:
             raise APIError(429, f"the server is busy folding feedback: {e} Retry later.",
                            code="fold_queue_full") from None
+        if new_user:  # None: another request created it meanwhile, which is as good
+            await ctx.db(ctx.store.create_profile, owner, fb.user_id, {})
         try:
             stored, created = await ctx.db(ctx.store.add_feedback, owner, fb)
         except FeedbackConflict:

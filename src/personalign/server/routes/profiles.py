@@ -11,7 +11,7 @@ from personalign.config import config_from_mapping
 from personalign.server.context import ServerContext, list_limit, page
 from personalign.server.errors import APIError
 from personalign.server.folding import check_profile
-from personalign.server.personalize import check_method, check_text_params
+from personalign.server.personalize import check_method, check_params, check_text_params
 from personalign.server.schemas import ProfileBody, shown
 from personalign.training.pdpo.user_fit import UserEmbedding
 
@@ -46,6 +46,7 @@ def check_profile_fields(ctx: ServerContext, fields: dict[str, Any], method: str
     if method is not None:
         check_method(ctx, method, "method")
         if fields.get("params"):
+            check_params(ctx.engine.methods[method], fields["params"], "params")
             check_text_params(ctx, fields["params"], "params")
             try:
                 config_from_mapping(type(ctx.engine.methods[method].config), fields["params"])
