@@ -493,3 +493,52 @@ def test_sigterm_drains_running_requests_then_stops(model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_while_a_choice_is_learned_answers_the_waiting_client_in_json(model_dir, tmp_path):
+    """SIGTERM while a ``wait: true`` item waits behind a queue of folds: once ``--drain-seconds`` is over,
+    the waiting client gets the API's 503 (JSON, ``shutting_down``), the log has no traceback, and the
+    item is still stored for the next start."""
+    import signal
+    import threading
+
+    from tests.integration.server.conftest import ADMIN, start_subprocess_server
+
+    db = tmp_path / "term.db"
+    log = tmp_path / "term.log"
+    proc, url = start_subprocess_server(model_dir, f"sqlite:///{db}", log, "--drain-seconds", "0.5")
+    try:
+        key = httpx.post(f"{url}/v1/keys", json={"name": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
+        h = {"Authorization": f"Bearer {key}"}
+        long = "the cat sat on the mat and looked at the dog " * 20
+        for i in range(12):  # a queue of long folds ahead of the waiting item
+            r = httpx.post(f"{url}/v1/feedback", headers=h, timeout=60, json={
+                "id": f"q{i}", "user": "u", "prompt": f"story {i}", "chosen": long + str(i), "rejected": str(i),
+                "wait": False})
+            assert r.status_code == 202, r.text
+        got: dict = {}
+
+        def wait_for_it() -> None:
+            got["r"] = httpx.post(f"{url}/v1/feedback", headers=h, timeout=120, json={
+                "id": "last", "user": "u", "prompt": "p", "chosen": "yes", "rejected": "no"})
+        t = threading.Thread(target=wait_for_it)
+        t.start()
+        time.sleep(1.0)
+        assert "r" not in got  # still learning
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        proc.wait(60)
+        r = got["r"]
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/json"), r.text
+        assert r.json()["error"]["code"] == "shutting_down"
+        text = log.read_text()
+        assert "Traceback" not in text and "CancelledError" not in text, text[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from personalign.server import Store
+
+    s = Store(f"sqlite:///{db}")
+    owner = s.list_keys()[0]["id"]
+    assert s.get_feedback(owner, "last") is not None  # stored: folded at the next start
+    s.close()

@@ -313,3 +313,18 @@ def test_a_database_without_the_learned_column_opens_and_gets_it(tmp_path):
     s.complete_fold(kid, "f2", {}, s.get_profile(kid, "u")["version"], {"pdpo_embedding": {"x": 1}})
     assert s.get_feedback(kid, "f2").learned == {"pdpo_embedding": {"x": 1}}
     s.close()
+
+
+def test_the_playground_key_keeps_its_users_across_starts(tmp_path):
+    """``serve --playground-key``: each start gives the key named 'playground' a new secret; its id, and so
+    the users it owns, stay, and the old secret stops working."""
+    s = Store(f"sqlite:///{tmp_path / 'pg.db'}")
+    kid, key = s.playground_key()
+    assert s.owner_of(key) == kid
+    s.create_profile(kid, "maya", {"preference": "short"})
+    kid2, key2 = s.playground_key()
+    assert kid2 == kid and key2 != key and key2.startswith(f"pa-{kid[4:]}-")
+    assert s.owner_of(key) is None and s.owner_of(key2) == kid
+    assert s.get_profile(kid, "maya")["preference"] == "short"
+    assert [k["name"] for k in s.list_keys()] == ["playground"]
+    s.close()

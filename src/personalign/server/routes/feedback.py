@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from personalign.decoding.sampling import SamplingConfig
 from personalign.records import ChoiceError, choice_pairs
 from personalign.server.context import ServerContext, list_limit, page
-from personalign.server.errors import APIError
+from personalign.server.errors import APIError, error_body
 from personalign.server.events import EventReader
 from personalign.server.folding import (
     EngineStopped,
@@ -130,11 +130,17 @@ async def _post(ctx: ServerContext, body: FeedbackBody, request: Request) -> JSO
         ticket = ctx.folds.start(owner, stored, plan)
     if not body.wait:
         return JSONResponse(stored.to_dict(), status_code=202)
+    stopped = ("the server stopped before this feedback was folded; it is stored and is folded when the server "
+               "starts again.")
     try:
-        final = await ticket.merged
+        final = await asyncio.shield(ticket.merged)
     except EngineStopped:
-        raise APIError(503, "the server stopped before this feedback was folded; it is stored and is folded "
-                       "when the server starts again.", code="shutting_down") from None
+        raise APIError(503, stopped, code="shutting_down") from None
+    except asyncio.CancelledError:
+        # SIGTERM past --drain-seconds cancels the requests still running: this one is answered as the
+        # API's drain promises (JSON 503; the item stays stored), not with a bare 500 and a traceback
+        return JSONResponse(error_body(503, stopped, code="shutting_down"), status_code=503,
+                            headers={"Retry-After": "5"})
     if final is None:  # deleted while it was folding
         raise APIError(404, f"feedback {shown(body.id)} was deleted while it was folded.", param="id",
                        code="feedback_not_found")
