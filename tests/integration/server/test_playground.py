@@ -156,6 +156,9 @@ def test_choose_a_reply_and_watch_the_profile_learn(served, browser, tmp_path):
     metas = page.eval_on_selector_all("#turns .reply .reply-meta", "els => els.map(e => e.textContent)")
     assert all("method: base" in m for m in metas)
     assert "preference" not in metas[0]  # base ignores a preference: it does not show one
+    stats = page.eval_on_selector_all("#turns .reply .reply-stats", "els => els.map(e => e.textContent)")
+    assert all(re.match(r"\d+ tokens · \d+\.\d s", t) for t in stats), stats  # tokens and time per reply
+    assert all("cut at max tokens" in t for t in stats)  # 12 tokens of a story: both were cut
     page.screenshot(path=str(tmp_path / "two-replies.png"))
 
     # keep A: one choice, a Drift profile of one pair, described in words, its weights drawn

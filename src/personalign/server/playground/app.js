@@ -437,7 +437,11 @@
       r.querySelector(".reply-text").textContent = text || (d.texts ? "(empty reply)" : "");
       r.querySelector(".reply-text").setAttribute("aria-busy", d.texts || d.stopped ? "false" : "true");
       const stats = (d.stats || [])[i];
-      let line = stats ? `${stats.chars} characters · ${stats.seconds.toFixed(1)} s` : "";
+      let line = "";
+      if (stats) {
+        const size = typeof stats.tokens === "number" ? `${stats.tokens} tokens` : `${stats.chars} characters`;
+        line = `${size} · ${stats.seconds.toFixed(1)} s`;
+      }
       if (d.finish && d.finish[i] === "length") line += " · cut at max tokens";
       if (d.stopped) line += line ? " · stopped" : "stopped";
       r.querySelector(".reply-stats").textContent = line;
@@ -535,6 +539,7 @@
     $("stop").hidden = false;
     const t0 = performance.now();
     const seconds = [0, 0];
+    const tokens = [null, null];
     try {
       await api.stream(body, (chunk) => {
         data.completionId = chunk.id;
@@ -549,12 +554,13 @@
           if (c.finish_reason) {
             data.finish[c.index] = c.finish_reason;
             seconds[c.index] = (performance.now() - t0) / 1000;
+            tokens[c.index] = c.completion_tokens;
           }
         }
         paint(turn);
       }, controller.signal);
       data.texts = data.partial.slice();
-      data.stats = data.texts.map((t, i) => ({ chars: t.length, seconds: seconds[i] }));
+      data.stats = data.texts.map((t, i) => ({ chars: t.length, tokens: tokens[i], seconds: seconds[i] }));
       $("message").value = "";
     } catch (err) {
       if (err instanceof api.ApiError && err.code === "stopped") {
@@ -626,11 +632,13 @@
     d.chosen = index;
     const id = `pg-${d.completionId}`;
     const started = Date.now();
+    const lastTook = Number(localStorage.getItem("personalign.learnSeconds") || 0);
+    const estimate = lastTook ? ` (the last choice took ${lastTook} s)` : "";
     const tick = setInterval(() => {
-      d.status = `learning from your choice… ${Math.round((Date.now() - started) / 1000)} s`;
+      d.status = `learning from your choice… ${Math.round((Date.now() - started) / 1000)} s${estimate}`;
       paint(turn);
     }, 1000);
-    d.status = "learning from your choice…";
+    d.status = `learning from your choice…${estimate}`;
     paintAll();
     saveConversation();
     const previous = state.weights;
@@ -647,7 +655,9 @@
     }
     clearInterval(tick);
     d.feedbackId = id;
-    d.status = `learned in ${Math.max(1, Math.round((Date.now() - started) / 1000))} s`;
+    const took = Math.max(1, Math.round((Date.now() - started) / 1000));
+    localStorage.setItem("personalign.learnSeconds", String(took));
+    d.status = `learned in ${took} s`;
     paintAll();
     saveConversation();
     await refreshBeliefs(previous || {});

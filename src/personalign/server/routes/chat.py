@@ -75,12 +75,16 @@ def add(app: FastAPI, ctx: ServerContext) -> None:
 async def _sse(ctx: ServerContext, owner: str, reader: EventReader, meta: ChatMeta, first: Event
                ) -> AsyncIterator[str]:
     """OpenAI's chunk stream: per choice a role chunk, its content chunks (``index`` says whose, choices
-    interleaved as they decode) and its finish chunk; then the usage chunk if asked, then ``[DONE]``."""
+    interleaved as they decode) and its finish chunk (which also says the choice's ``completion_tokens``);
+    then the usage chunk if asked, then ``[DONE]``."""
     base = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": ctx.model_id}
 
-    def chunk(index: int, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> str:
-        data = {**base, "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}],
-                **extra}
+    def chunk(index: int, delta: dict[str, Any], reason: str | None = None, tokens: int | None = None,
+              **extra: Any) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        if tokens is not None:  # our extension on a choice's finish chunk: the tokens that choice wrote
+            choice["completion_tokens"] = tokens
+        data = {**base, "choices": [choice], **extra}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     finished = False
@@ -97,7 +101,7 @@ async def _sse(ctx: ServerContext, owner: str, reader: EventReader, meta: ChatMe
             if isinstance(event, Delta):
                 yield chunk(event.index, {"content": event.text})
             else:
-                yield chunk(event.index, {}, event.finish_reason)
+                yield chunk(event.index, {}, event.finish_reason, tokens=event.completion_tokens)
             event = await reader.next()
         if reader.gone:
             return
