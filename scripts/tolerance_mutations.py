@@ -33,7 +33,7 @@ MUTS = [
  ("soft prompt 1% off", "src/personalign/views/hf.py",
   "parts.append(spec.prefix_embeds.to(dev, dtype))", "parts.append(spec.prefix_embeds.to(dev, dtype) * 1.01)",
   ["tests/equivalence/test_pdpo_generation.py::test_step_logprobs_equal_recomputation", "tests/equivalence/test_backend.py::test_soft_prompt_prefix_cached_equals_recompute"]),
- ("persona-judge rollback keeps one token too many", "src/personalign/views/hf.py",
+ ("persona-judge rollback keeps one token too many", "src/personalign/views/hf_state.py",
   "kill = (g.mask == 1) & (from_right <= drop[:, None])", "kill = (g.mask == 1) & (from_right <= drop[:, None]) & (from_right > 1)",
   ["tests/unit/methods/test_persona_judge.py::test_caches_after_rejection_equal_fresh_prefill", "tests/equivalence/test_backend.py::test_truncate_equals_fresh_prefill"]),
  ("token features 1e-4 off", "src/personalign/training/persrm/model.py",

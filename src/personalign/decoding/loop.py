@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from personalign.config import check_int
 from personalign.decoding.method import DecodeState, Method
 from personalign.decoding.sampling import SamplingConfig, SamplingParams
 from personalign.decoding.stopping import RowText, eos_ids_of
@@ -91,8 +92,7 @@ def _validate(requests: Sequence[Request], max_new_tokens: int | Sequence[int], 
     if len(budgets) != B:
         raise ValueError(f"`max_new_tokens` must be one integer or {B}, got {len(budgets)}.")
     for n in budgets:
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"`max_new_tokens` must be an integer > 0, got {n!r}.")
+        check_int("max_new_tokens", n, 1)
     return budgets
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from personalign.config import check_int, check_positive, check_unit
 from personalign.decoding.filters import filter_top_k, filter_top_p
 
 __all__ = [
@@ -46,12 +47,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not isinstance(t, (int, float)) or t != t or t < 0 or t == float("inf"):
-            raise ValueError(f"`temperature` must be a finite number >= 0 (0 = greedy), got {t}.")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"`top_k` must be an integer >= 0 (0 = off), got {k}.")
-        if not isinstance(p, (int, float)) or not (0.0 < p <= 1.0):
-            raise ValueError(f"`top_p` must lie in (0, 1] (1 = off), got {p}.")
+        check_positive("temperature", t, allow_zero=True, hint="0 = greedy")
+        check_int("top_k", k, 0, hint="0 = off")
+        check_unit("top_p", p, hint="1 = off")
 
     @property
     def greedy(self) -> bool:

@@ -22,11 +22,11 @@ Per-row ``r`` and ``p`` are tensors ``[B]``, so requests with different settings
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from personalign.config import check_positive, check_unit
 from personalign.decoding.filters import top_p_keep
 from personalign.decoding.method import METHODS, DecodeState
 from personalign.methods.amulet import BASE_LOGPROB_FLOOR
@@ -50,10 +50,8 @@ class LinearAlignmentConfig:
 
     def __post_init__(self) -> None:
         r, p = self.ratio, self.top_p
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
-            raise ValueError(f"`ratio` must be a finite number >= 0 (0 = preference prompting), got {r!r}.")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
-            raise ValueError(f"`top_p` must lie in (0, 1] (1 = whole vocabulary), got {p!r}.")
+        check_positive("ratio", r, allow_zero=True, hint="0 = preference prompting")
+        check_unit("top_p", p, hint="1 = whole vocabulary")
 
 
 def linear_align(

@@ -71,6 +71,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from personalign.config import check_bool, check_choice, check_int
 from personalign.decoding.method import METHODS, DecodeState, Method
 from personalign.decoding.sampling import SamplingParams
 from personalign.methods.ops import greedy_accept, speculative_accept
@@ -115,8 +116,7 @@ class PersonaJudgeConfig:
 
     def __post_init__(self) -> None:
         lam = self.draft_tokens
-        if isinstance(lam, bool) or not isinstance(lam, int) or lam < 1:
-            raise ValueError(f"`draft_tokens` must be an integer >= 1 (λ, tokens drafted per round), got {lam!r}.")
+        check_int("draft_tokens", lam, 1, hint="λ, tokens drafted per round")
         if not isinstance(self.second_preference, str):
             raise ValueError(f"`second_preference` must be a string, got {type(self.second_preference).__name__}.")
         extra = tuple(self.extra_preferences)
@@ -131,15 +131,12 @@ class PersonaJudgeConfig:
             )
         n = 2 + len(extra)
         f = self.first_drafter
-        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < n:
-            raise ValueError(f"`first_drafter` must be a view index in 0..{n - 1}, got {f!r}.")
-        if not isinstance(self.alternate, bool):
-            raise ValueError(f"`alternate` must be true or false, got {self.alternate!r}.")
+        check_int("first_drafter", f, 0, n - 1, hint="a view index")
+        check_bool("alternate", self.alternate)
         eps = self.residual_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
             raise ValueError(f"`residual_eps` must be a number in [0, 1), got {eps!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        check_choice("schedule", self.schedule, SCHEDULES)
 
     @property
     def num_views(self) -> int:

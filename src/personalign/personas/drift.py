@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from personalign.config import check_choice, check_int
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import check_identity, steer_identity, tokenizer_fingerprint
 from personalign.personas.prompts import build_prompt_ids
@@ -245,10 +246,8 @@ class DriftProfile:
                              f"{tuple(self.losses.shape)}.")
         if len(self.pair_ids) != self.wins.shape[0]:
             raise ValueError(f"`pair_ids` has {len(self.pair_ids)} entries for {self.wins.shape[0]} pairs.")
-        if isinstance(self.top_m, bool) or not isinstance(self.top_m, int) or not 1 <= self.top_m <= A:
-            raise ValueError(f"`top_m` must be an integer in [1, {A}] (the attribute pool size), got {self.top_m!r}.")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"`solver` must be one of {', '.join(SOLVERS)}, got {self.solver!r}.")
+        check_int("top_m", self.top_m, 1, A, hint="the attribute pool size")
+        check_choice("solver", self.solver, SOLVERS)
         if self.manual_weights is not None and self.manual_weights.shape != (A,):
             raise ValueError(f"`manual_weights` must have {A} entries, got {tuple(self.manual_weights.shape)}.")
 

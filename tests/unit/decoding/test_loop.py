@@ -113,7 +113,7 @@ def test_bad_request(make, match):
 
 
 def test_bad_budget_and_method(backend):
-    with pytest.raises(ValueError, match="`max_new_tokens` must be an integer > 0"):
+    with pytest.raises(ValueError, match="`max_new_tokens` must be an integer >= 1"):
         generate(get_method("base")(), [Request(prompt="hi")], backend, max_new_tokens=0)
     with pytest.raises(ValueError, match="valid methods: .*base.*Did you mean 'preference_prompting'"):
         get_method("preference_prompt")

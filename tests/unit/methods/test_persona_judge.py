@@ -42,7 +42,7 @@ def req(pref="funny and kind", prompt="tell me a story about a cat", **params):
     (dict(draft_tokens=0), "`draft_tokens` must be an integer >= 1"),
     (dict(draft_tokens=-2), "`draft_tokens` must be an integer >= 1"),
     (dict(draft_tokens=True), "`draft_tokens` must be an integer >= 1"),
-    (dict(first_drafter=2), r"`first_drafter` must be a view index in 0\.\.1"),
+    (dict(first_drafter=2), r"`first_drafter` must be an integer in \[0, 1\] \(a view index\)"),
     (dict(extra_preferences=("x",), alternate=False), "`extra_preferences` needs `alternate=true`"),
     (dict(extra_preferences=("",)), r"`extra_preferences\[0\]` must be a non-empty text"),
     (dict(residual_eps=-1.0), "`residual_eps` must be a number in"),

@@ -23,10 +23,10 @@ form abbreviates.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from personalign.config import check_positive
 
 __all__ = [
     "check_alpha",
@@ -51,8 +51,7 @@ def check_alpha(alpha: float) -> float:
 
 
 def check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}.")
+    check_positive("beta", beta)
     return float(beta)
 
 
