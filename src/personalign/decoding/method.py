@@ -116,7 +116,7 @@ class Method:
 
     @classmethod
     def from_resources(cls, config: Any, loaded: Loaded) -> Method:
-        """The method from its validated ``config`` and what assembly loaded (``assembly.Loaded``)."""
+        """The method from its validated ``config`` and what assembly loaded (``decoding.loaded.Loaded``)."""
         return cls(config)
 
     # -- hooks ----------------------------------------------------------------

@@ -7,7 +7,7 @@ expensive part of a fold — scoring the chosen and the rejected reply under the
 attribute prompt of the user's pool, ``2 (A + 1)`` teacher-forced sequences — does not depend on
 the rest of the profile, and the merge that follows is cheap.
 
-One feedback item (``POST /v1/feedback``, ``server.routes``) states one pair, or — a user's choice
+One feedback item (``POST /v1/feedback``, ``server.routes.feedback``) states one pair, or — a user's choice
 among a completion's ``n`` choices — ``n − 1`` pairs sharing the prompt and the chosen reply, scored
 together: the chosen reply is scored once, so the item is ``n (A + 1)`` sequences:
 
