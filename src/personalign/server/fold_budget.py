@@ -11,8 +11,10 @@ Rules (``FoldBudget``):
   caller's minimum), so its fixed part is at most half its time: folding advances at least at half
   its full rate for every second it is given, whatever the CPU's speed or load. Without this floor a
   machine whose fixed part exceeds the budget would feed the minimum for good, a few tokens a forward.
-* **A fit that can tell.** Forwards of one size cannot separate ``a`` from ``b``; while the fit cannot,
-  the next forward probes at twice the last size, so the model never locks itself at one size.
+* **A fit that can tell.** Forwards of one size cannot separate ``a`` from ``b``, nor can forwards of
+  nearby sizes on a noisy machine (the slope must be at least twice its standard error); while the
+  fit cannot tell, the next forward probes at twice the last size, so the model never locks itself at
+  one size, nor at a size a noisy slope suggested.
 * **Idle**: nothing decodes, a forward takes ``idle`` seconds (the longest a request arriving
   meanwhile waits to start) or the time of the floor's forward where that is longer.
 * **Busy**: folding earns ``share`` of each round's decoding time as credit, capped at one idle
@@ -33,26 +35,32 @@ class FoldCost:
 
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
-        self.n = self.t = self.d = self.tt = self.td = 0.0
+        self.n = self.t = self.d = self.tt = self.td = self.dd = 0.0
         self.last: int | None = None  # the size of the last forward observed
 
     def observe(self, tokens: int, seconds: float) -> None:
         k = self.decay
         self.n, self.t, self.d = k * self.n + 1, k * self.t + tokens, k * self.d + seconds
         self.tt, self.td = k * self.tt + tokens * tokens, k * self.td + tokens * seconds
+        self.dd = k * self.dd + seconds * seconds
         self.last = tokens
 
     def fit(self) -> tuple[float, float, bool]:
         """``(a, b, known)`` in seconds and seconds per token. ``known`` is False while the forwards seen
-        cannot separate ``a`` from ``b`` (none yet, or all of one size): then ``a = 0`` and ``b`` is the
-        mean time per token (1 ms before any forward), a per-token cost no lower than the true one."""
+        cannot separate ``a`` from ``b``: none yet, fewer than three, all of one size, or sizes so close
+        that the times' noise (a busy machine) could make up the slope — ``b`` not at least twice its
+        standard error. Then ``a = 0`` and ``b`` is the mean time per token (1 ms before any forward), a
+        per-token cost no lower than the true one. (A slope fitted to noise between forwards of a few
+        tokens would put ``a / b`` at a few tokens, and forwards of that size would never show it wrong.)"""
         if self.n < 1e-9:
             return 0.0, 1e-3, False
         mt, md = self.t / self.n, self.d / self.n
         var = self.tt / self.n - mt * mt
-        if var > 1e-6 * max(1.0, mt * mt):
-            b = (self.td / self.n - mt * md) / var
-            if b > 0:
+        if var > 1e-6 * max(1.0, mt * mt) and self.n > 2.5:
+            cov = self.td / self.n - mt * md
+            b = cov / var
+            residual = max(0.0, self.dd / self.n - md * md - cov * cov / var)  # per forward, around the fit
+            if b > 0 and b * b >= 4.0 * residual / ((self.n - 2.0) * var):
                 return max(0.0, md - b * mt), b, True
         return 0.0, md / max(mt, 1.0), False
 

@@ -90,8 +90,26 @@ def test_cost_fit_separates_fixed_and_per_token_parts():
     a, b, known = cost.fit()
     assert not known and a == 0.0 and b == pytest.approx(0.003)  # one size: no lower than the true per-token cost
     cost.observe(200, 0.4)
+    assert not cost.fit()[2]  # two forwards: a line through any two points, noise or not
+    cost.observe(400, 0.6)
     a, b, known = cost.fit()
     assert known and a == pytest.approx(0.2) and b == pytest.approx(0.001)
+
+
+def test_a_slope_made_of_noise_does_not_lock_the_forwards_small():
+    """A busy machine: a 40 ms fixed part, 0.05 ms a token, and times off by up to 20 ms. The first
+    forwards (4, 8 tokens) happen to suggest 5 ms a token, which would put ``a / b`` at 4 tokens and
+    keep every later forward there (measured once under load: 118 forwards of about 5 tokens). The slope is not
+    twice its standard error, so the floor keeps probing until the sizes show the truth."""
+    budget, cost = FoldBudget(0.5, 0.005, max_tokens=512), FoldCost()
+    noise = [0.0, 0.02, -0.003, 0.012, -0.01, 0.015, 0.0, -0.005, 0.01, 0.004, -0.008, 0.006]
+    sizes = []
+    for i in range(12):
+        n = budget.plan(cost, 4, busy=False, decode_seconds=0.0)
+        sizes.append(n)
+        cost.observe(n, 0.040 + 0.00005 * n + noise[i])
+    assert sizes[1] == 2 * sizes[0] and sizes[2] == 2 * sizes[1]  # probing, not trusting the first slope
+    assert max(sizes) == 512 and sizes[-1] >= 256, sizes  # the fixed part dominates: big forwards
 
 
 def test_floor_probes_while_the_fit_cannot_tell_and_respects_the_limits():
