@@ -13,40 +13,18 @@ the tiny model at |log p| ≤ 20, so entries differ by at most ``2 · T`` times 
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
 
-import httpx
 import pytest
 import torch
+from tests.integration.server.feedback_ops import CONTENTS, random_ops
 from tests.numerics import forward_atol
-
-CONTENTS = [
-    {"prompt": "tell me about the cat", "chosen": "the cat was happy", "rejected": "no"},
-    {"prompt": "tell me about the dog", "chosen": "the dog ran and ran", "rejected": "the dog"},
-    {"prompt": "what is the sun", "chosen": "a big warm star", "rejected": "hot"},
-]
-
-
-def _settle(c: httpx.Client) -> None:
-    deadline = time.time() + 120
-    q = c.get("/health").json()["queue"]
-    while q["folds_waiting"] + q["folds_running"]:
-        assert time.time() < deadline, q
-        time.sleep(0.05)
-        q = c.get("/health").json()["queue"]
 
 
 def _rows(profile: dict) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     pairs = profile["drift_profile"]["pairs"] if profile.get("drift_profile") else {"ids": [], "wins": [], "losses": []}
     return list(pairs["ids"]), torch.tensor(pairs["wins"]).reshape(len(pairs["ids"]), -1), \
         torch.tensor(pairs["losses"]).reshape(len(pairs["ids"]), -1)
-
-
-async def _post_many(url: str, key: str, bodies: list[dict]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as ac:
-        return await asyncio.gather(*(ac.post("/v1/feedback", json=b) for b in bodies))
 
 
 def _assert_rows_close(got: torch.Tensor, want: torch.Tensor, model) -> None:
@@ -57,38 +35,10 @@ def _assert_rows_close(got: torch.Tensor, want: torch.Tensor, model) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_any_order_of_posts_and_deletes_equals_a_fold_of_the_survivors(live, tiny_lm, seed):
-    rng = random.Random(seed)
     key = live.new_key(f"truth{seed}")
-    alive: list[str] = []  # surviving ids, in order of acknowledgement
-    content: dict[str, dict] = {}
-    n = 0
     with live.client(key) as c:
         assert c.post("/v1/profiles", json={"user": "u"}).status_code == 201
-        for _ in range(10):
-            op = rng.random()
-            if op < 0.35 and alive:  # delete one (folded, folding or queued)
-                fid = alive.pop(rng.randrange(len(alive)))
-                assert c.delete(f"/v1/feedback/{fid}").json()["deleted"] is True
-            elif op < 0.65:  # several at once
-                bodies = []
-                for _ in range(rng.randint(2, 3)):
-                    fid, n = f"f{n}", n + 1
-                    content[fid] = rng.choice(CONTENTS)
-                    bodies.append({"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
-                for r in asyncio.run(_post_many(live.url, key, bodies)):
-                    assert r.status_code in (201, 202), r.text
-                # concurrent posts are acknowledged in an order of the server's choosing: read it back
-                alive += [b["id"] for b in bodies]
-            else:
-                fid, n = f"f{n}", n + 1
-                content[fid] = rng.choice(CONTENTS)
-                r = c.post("/v1/feedback", json={"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
-                assert r.status_code in (201, 202), r.text
-                alive.append(fid)
-        _settle(c)
-        order = [f["id"] for f in c.get("/v1/feedback", params={"user": "u", "limit": 100}).json()["data"]]
-        assert sorted(order) == sorted(alive)
-        assert all(c.get(f"/v1/feedback/{fid}").json()["folded"] for fid in order)
+        order, content, _ = random_ops(c, random.Random(seed), 10)
         got = _rows(c.get("/v1/profiles/u").json())
 
     with live.client(live.new_key(f"scratch{seed}")) as c:  # the survivors, folded from scratch in their order

@@ -12,7 +12,6 @@ deleted one are refitted in order from the embedding before it).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 import time
@@ -20,6 +19,7 @@ import time
 import pytest
 import torch
 from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, Live, start_server
+from tests.integration.server.feedback_ops import CONTENTS, random_ops
 
 from personalign.assembly import build_methods
 from personalign.decoding.loop import generate
@@ -146,64 +146,17 @@ def test_a_malformed_embedding_is_refused_by_name(served):
     assert r.status_code == 400 and "user_embedding" in r.json()["error"]["message"], r.text
 
 
-CONTENTS = [
-    {"prompt": "tell me about the cat", "chosen": "the cat was happy", "rejected": "no"},
-    {"prompt": "tell me about the dog", "chosen": "the dog ran and ran", "rejected": "the dog"},
-    {"prompt": "what is the sun", "chosen": "a big warm star", "rejected": "hot"},
-]
-
-
-def _settle(c) -> None:
-    deadline = time.time() + 180
-    q = c.get("/health").json()["queue"]
-    while q["folds_waiting"] + q["folds_running"] + q["replays_pending"]:
-        assert time.time() < deadline, q
-        time.sleep(0.05)
-        q = c.get("/health").json()["queue"]
-
-
-async def _post_many(c, bodies: list[dict]) -> list:
-    import httpx
-    async with httpx.AsyncClient(base_url=str(c.base_url), headers=dict(c.headers), timeout=120) as ac:
-        return await asyncio.gather(*(ac.post("/v1/feedback", json=b) for b in bodies))
-
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_any_order_of_posts_and_deletes_leaves_the_embedding_of_the_survivors(served, seed):
     """A fit does the same arithmetic whatever budget it ran in (``EmbeddingFit.advance``), so the
     replayed embedding and the one fitted from scratch are the same tensor, not merely close."""
     lv, _, _ = served
-    rng = random.Random(seed)
-    alive: list[str] = []
-    content: dict[str, dict] = {}
-    n, deletes = 0, 0
     with lv.client(lv.new_key(f"ptruth{seed}")) as c:
         assert c.post("/v1/profiles", json={"user": "u", "method": "pdpo"}).status_code == 201
-        for step in range(9):
-            op = rng.random()
-            if (op < 0.35 or step in (5, 8)) and alive:  # delete one: folded, folding or queued
-                fid = alive.pop(rng.randrange(len(alive)) if step != 5 else 0)  # step 5: an early one
-                assert c.delete(f"/v1/feedback/{fid}").json()["deleted"] is True
-                deletes += 1
-            elif op < 0.65:
-                bodies = []
-                for _ in range(2):
-                    fid, n = f"f{n}", n + 1
-                    content[fid] = rng.choice(CONTENTS)
-                    bodies.append({"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
-                for r in asyncio.run(_post_many(c, bodies)):
-                    assert r.status_code in (201, 202), r.text
-                alive += [b["id"] for b in bodies]
-            else:
-                fid, n = f"f{n}", n + 1
-                content[fid] = rng.choice(CONTENTS)
-                r = c.post("/v1/feedback", json={"id": fid, "user": "u", **content[fid], "wait": rng.random() < 0.5})
-                assert r.status_code in (201, 202), r.text
-                alive.append(fid)
-        _settle(c)
-        order = [f["id"] for f in c.get("/v1/feedback", params={"user": "u", "limit": 100}).json()["data"]]
-        assert sorted(order) == sorted(alive) and deletes >= 2
-        assert all(c.get(f"/v1/feedback/{fid}").json()["folded"] for fid in order)
+        # steps 5 and 8 always delete (step 5 the earliest survivor: the most later items to replay)
+        order, content, deletes = random_ops(c, random.Random(seed), 9, together=(2, 2), deletes_at={5: 0, 8: -1})
+        assert deletes >= 2
         got = c.get("/v1/profiles/u").json()
 
     with lv.client(lv.new_key(f"pscratch{seed}")) as c:  # the survivors, folded from scratch in their order
