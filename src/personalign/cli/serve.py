@@ -25,7 +25,10 @@ from personalign.cli.common import (
     method_params_from_args,
     resources_from_args,
 )
+from personalign.learners.drift import DriftLearnerConfig
+from personalign.learners.incontext import FORMS, InContextConfig
 from personalign.methods import METHODS
+from personalign.personas.attributes import default_pool
 from personalign.server import EngineWorker, Limits, Store, create_app
 from personalign.server.connections import guarded_protocol
 from personalign.training.pdpo.user_fit import EmbeddingFitConfig
@@ -81,6 +84,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "checkpoint never saw runs (0: such users keep the generic embedding)")
     fold.add_argument("--fit-pairs", type=int, default=EmbeddingFitConfig.max_pairs, metavar="N",
                       help="the user's most recent pairs one embedding fit sees")
+    fold.add_argument("--drift-pool-size", type=int, default=DriftLearnerConfig.pool_size, metavar="N",
+                      help="attributes of the default pool a new user's Drift profile scores, drawn once with "
+                           f"--drift-pool-seed, the same for every user (0: all {len(default_pool())}; default "
+                           f"{DriftLearnerConfig.pool_size}); a choice's folding time follows it")
+    fold.add_argument("--drift-pool-seed", type=int, default=DriftLearnerConfig.pool_seed, metavar="N",
+                      help="the seed of that draw (default %(default)s)")
+    fold.add_argument("--drift-response-tokens", type=int, default=DriftLearnerConfig.max_response_tokens,
+                      metavar="N", help="reply tokens a new user's Drift profile scores per sequence (0: whole "
+                                        "replies; default %(default)s)")
+    fold.add_argument("--incontext-form", choices=FORMS, default=InContextConfig.form,
+                      help="what the incontext learner puts in the prompt: its hypothesis of the user's preference, "
+                           "the user's most relevant earlier choices, or both (default %(default)s)")
+    fold.add_argument("--incontext-tokens", type=int, default=InContextConfig.max_tokens, metavar="N",
+                      help="the most tokens the incontext learner adds to a prompt (default %(default)s)")
+    fold.add_argument("--hypothesis-every", type=int, default=InContextConfig.hypothesis_every, metavar="N",
+                      help="the incontext learner infers its hypothesis again after N new choices (default "
+                           "%(default)s)")
     fold.add_argument("--fold-idle-ms", type=float, default=200.0, metavar="MS",
                       help="a folding forward's time when nothing decodes: also the longest a request arriving "
                            "meanwhile waits to start (default 200); where one forward's fixed cost is longer "
@@ -141,8 +161,16 @@ def run(args: argparse.Namespace) -> int:
                           chat_template=not args.no_chat_template, batch_wait=args.batch_wait_ms / 1000,
                           max_folds=args.max_folds, fold_share=args.fold_share, fold_idle_ms=args.fold_idle_ms)
     model_id = args.model_id or Path(args.model.rstrip("/")).name
-    fit = None if args.fit_steps == 0 else EmbeddingFitConfig(steps=args.fit_steps, max_pairs=args.fit_pairs)
-    app = create_app(engine, store, limits=limits, model_id=model_id, unavailable=unavailable, embedding_fit=fit)
+    try:
+        learners = {"pdpo": False if args.fit_steps == 0 else EmbeddingFitConfig(steps=args.fit_steps,
+                                                                                  max_pairs=args.fit_pairs),
+                    "drift": DriftLearnerConfig(pool_size=args.drift_pool_size, pool_seed=args.drift_pool_seed,
+                                                max_response_tokens=args.drift_response_tokens),
+                    "incontext": InContextConfig(form=args.incontext_form, max_tokens=args.incontext_tokens,
+                                                 hypothesis_every=args.hypothesis_every)}
+    except ValueError as e:
+        raise SystemExit(f"personalign serve: {e}") from None
+    app = create_app(engine, store, limits=limits, model_id=model_id, unavailable=unavailable, learners=learners)
     if not os.environ.get("PERSONALIGN_ADMIN_KEY"):
         print("personalign serve: PERSONALIGN_ADMIN_KEY is not set: keys cannot be created over HTTP.")
     print(f"personalign serve: {model_id} on http://{args.host}:{args.port} (store: {store.dialect}; "

@@ -111,6 +111,7 @@ class Method:
         return config_to_dict(self.config)
 
     # -- assembly ---------------------------------------------------------------
+    reads_preference: ClassVar[bool] = False  # a request's preference text shapes what it writes
     requires: ClassVar[tuple[str, ...]] = ()  # resource names (``assembly.REQUIREMENTS``)
     uses: ClassVar[tuple[str, ...]] = ()  # optional resources it reads when given (``assembly.RESOURCE_FIELDS``)
 

@@ -208,6 +208,7 @@ class AmuletMethod(PairViewMethod):
     """Amulet: π_1 (preference prompt) realigned away from π_base by T closed-form iterations."""
 
     name = "amulet"
+    reads_preference = True
     Config = AmuletConfig
 
     def prepare(self, state: DecodeState, backend: Backend) -> None:

@@ -96,6 +96,7 @@ class ARGSMethod(Method):
     """ARGS with a cached reward view (``reward_key=``) or a text ``RewardScorer`` (``scorer=``)."""
 
     name = "args"
+    reads_preference = True
     Config = ARGSConfig
     requires = ("reward",)
 

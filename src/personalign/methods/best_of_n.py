@@ -73,6 +73,11 @@ class BestOfNMethod(Method):
     """Best-of-N reranking with a ``RewardScorer`` (pass ``scorer=``)."""
 
     name = "best_of_n"
+
+    @property
+    def reads_preference(self) -> bool:  # type: ignore[override]
+        """The reward reads each request's preference (a PersRM, or a scorer without a fixed one)."""
+        return self.scorer is not None and uses_request_preference(self.scorer)
     Config = BestOfNConfig
     requires = ("reward",)
 

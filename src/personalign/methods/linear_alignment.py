@@ -87,6 +87,7 @@ class LinearAlignmentMethod(PairViewMethod):
     """Linear Alignment: π_1 pushed linearly away from π_base inside π_1's nucleus."""
 
     name = "linear_alignment"
+    reads_preference = True
     Config = LinearAlignmentConfig
 
     def prepare(self, state: DecodeState, backend: Backend) -> None:

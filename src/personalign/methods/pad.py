@@ -174,6 +174,7 @@ class PADMethod(TokenMethod):
     """
 
     name = "pad"
+    reads_preference = True
     Config = PADConfig
     requires = ("persrm",)
 

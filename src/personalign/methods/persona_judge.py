@@ -191,6 +191,7 @@ class PersonaJudgeMethod(Method):
     """Draft with one preference view, judge with another, exact speculative acceptance."""
 
     name = "persona_judge"
+    reads_preference = True
     Config = PersonaJudgeConfig
 
     # -- views -----------------------------------------------------------------

@@ -23,6 +23,7 @@ class PreferencePromptingMethod(TokenMethod):
     """Decode the model on the prompt with the preference in it."""
 
     name = "preference_prompting"
+    reads_preference = True
 
     def build_views(self, request: Request, config: Any, backend: Backend, chat_template: bool) -> list[ViewSpec]:
         return [preference_view(request, require_preference(request, self.name), backend, chat_template)]

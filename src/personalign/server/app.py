@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -25,16 +26,13 @@ from personalign.server.routes import add_routes
 from personalign.server.schemas import Limits
 from personalign.server.store import Store
 from personalign.server.worker import EngineWorker
-from personalign.training.pdpo.user_fit import EmbeddingFitConfig
 
 __all__ = ["create_app", "ServerContext"]
-
-DEFAULT_EMBEDDING_FIT = EmbeddingFitConfig()
 
 
 def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = None, model_id: str = "personalign",
                admin_key: str | None = None, unavailable: dict[str, str] | None = None,
-               embedding_fit: EmbeddingFitConfig | None = DEFAULT_EMBEDDING_FIT) -> FastAPI:
+               learners: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app over a (not yet started) engine worker and a store.
 
     Args:
@@ -44,8 +42,9 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
         model_id: the name clients pass as ``model`` (listed by ``/v1/models``).
         admin_key: the admin key; default: the ``PERSONALIGN_ADMIN_KEY`` environment variable.
         unavailable: methods registered but not served here, with the reason (shown by ``/health``).
-        embedding_fit: where ``pdpo`` is served, how feedback fits the P-DPO embedding of a user its
-            checkpoint never saw (``server.folding``); None: such users keep the generic embedding.
+        learners: settings per learner (``personalign.learners``: ``{"drift": DriftLearnerConfig(...),
+            "pdpo": EmbeddingFitConfig(...), "incontext": InContextConfig(...)}``; ``False`` turns one off,
+            e.g. ``{"pdpo": False}``: new P-DPO users keep the generic embedding). Default: each one's.
     """
 
     if admin_key is None:
@@ -55,7 +54,7 @@ def create_app(engine: EngineWorker, store: Store, *, limits: Limits | None = No
         raise ValueError(f"`max_n` ({limits.max_n}) must be <= the engine's `max_batch` ({engine.max_batch}): a "
                          "request's choices decode as rows of one batch.")
     folds = FoldManager(engine, store, limits, steer_key=steering_model_key(engine.methods, engine.backend),
-                        chat_template=engine.chat_template, run_sync=run_sync, embedding_fit=embedding_fit)
+                        chat_template=engine.chat_template, run_sync=run_sync, learners=learners)
     ctx = ServerContext(engine=engine, store=store, limits=limits, model_id=model_id, admin_key=admin_key,
                         unavailable=dict(unavailable or {}), folds=folds)
 

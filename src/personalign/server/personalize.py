@@ -7,11 +7,12 @@ server default (``base``; ``preference_prompting`` when only a preference is kno
 * the profile is ``personalization.profile_id`` (404 when this key has no such profile) or else
   the OpenAI ``user`` field (a user without a profile simply gets the defaults);
 * stored parameters apply only when the request decodes with the profile's own method;
-* per-user state a method reads from the profile (the Drift weights, the P-DPO user id or the P-DPO
-  embedding fitted from the user's feedback) is put
-  into the request's parameters by ``profile_params``; a ``pdpo`` request of a profile without a
-  ``pdpo_user_id`` decodes as the user of the same id (the ``user`` field or ``profile_id``), a user
-  the checkpoint never saw getting the generic user embedding.
+* what the user's learners hold gives the request (``learned``, each learner's ``request``): the Drift
+  weights and the P-DPO user id or fitted embedding as method parameters, the in-context learner's
+  hypothesis and examples as the preference text (after the stated one); a ``pdpo`` request of a
+  profile without a ``pdpo_user_id`` decodes as the user of the same id (the ``user`` field or
+  ``profile_id``), a user the checkpoint never saw getting the generic user embedding;
+* a profile whose learner is ``incontext`` and names no method decodes with ``preference_prompting``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import difflib
 from typing import Any
 
 from personalign.decoding.method import Method
+from personalign.learners import Contribution, RequestView
 from personalign.server.context import Choice, ServerContext
 from personalign.server.errors import APIError
 from personalign.server.schemas import ChatRequest
 
-__all__ = ["resolve", "profile_params", "check_method", "check_params", "check_text_params"]
+__all__ = ["resolve", "learned", "check_method", "check_params", "check_text_params", "check_drift_state"]
 
 
 def check_method(ctx: ServerContext, method: str, param: str) -> None:
@@ -69,27 +71,37 @@ def check_text_params(ctx: ServerContext, params: dict[str, Any], param: str) ->
                                param=f"{param}.{k}")
 
 
-def profile_params(method: str, profile: dict[str, Any] | None, served: Method | None = None) -> dict[str, Any]:
-    """Method parameters that come from the user's stored state rather than from the request.
+def check_drift_state(ctx: ServerContext, method: str, profile: dict[str, Any] | None) -> None:
+    """400 when ``drift`` would decode a user with no Drift profile and the server has no default one."""
+    if method != "drift" or profile is None or profile.get("drift_profile") is not None:
+        return
+    if getattr(getattr(ctx.engine.methods[method], "config", None), "profile", None) is not None:
+        return
+    raise APIError(400, f"user {profile['user']!r} has no Drift profile yet: post pairwise feedback "
+                   "(POST /v1/feedback) or set `drift_profile` on the profile.", param="personalization.method",
+                   code="no_drift_profile")
 
-    ``drift`` decodes with the user's stored Drift profile (kept up to date by feedback); a user
-    without one falls back to the server's default profile (``serve --profile``) if there is one.
-    ``pdpo`` decodes as the profile's ``pdpo_user_id`` when it has one, else with the embedding
-    fitted from the user's feedback (``pdpo_embedding``) when there is one.
-    """
-    if method == "pdpo" and profile is not None and profile.get("pdpo_user_id"):
-        return {"user": profile["pdpo_user_id"]}
-    if method == "pdpo" and profile is not None and profile.get("pdpo_embedding"):
-        return {"user_embedding": profile["pdpo_embedding"]}
-    if method != "drift" or profile is None:
-        return {}
-    if profile.get("drift_profile") is None:
-        if getattr(getattr(served, "config", None), "profile", None) is not None:
-            return {}
-        raise APIError(400, f"user {profile['user']!r} has no Drift profile yet: post pairwise feedback "
-                       "(POST /v1/feedback) or set `drift_profile` on the profile.", param="personalization.method",
-                       code="no_drift_profile")
-    return {"profile": profile["drift_profile"]}
+
+async def learned(ctx: ServerContext, owner: str, method: str, profile: dict[str, Any] | None,
+                  messages: list[dict[str, str]], stated: str | None) -> Contribution:
+    """What the user's learners give a request decoding with ``method``: method parameters (the Drift
+    weights, the P-DPO user or embedding) and a preference text (what the in-context learner learned,
+    after the stated preference), merged over every learner in registration order."""
+    out = Contribution(preference=stated)
+    if profile is None:
+        return out
+
+    async def history(limit: int) -> list[Any]:
+        return await ctx.db(ctx.store.recent_feedback, owner, profile["user"], limit)
+    view = RequestView(method=method, method_obj=ctx.engine.methods[method], messages=messages, stated=stated,
+                       profile=profile, history=history)
+    for lr in ctx.folds.registered.values():
+        c = await lr.request(profile.get(lr.field), view)
+        out.params.update(c.params)
+        out.info.update(c.info)
+        if c.preference is not None:
+            out.preference = c.preference
+    return out
 
 
 async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Choice]:
@@ -107,14 +119,16 @@ async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Cho
         where = "personalization.preference" if pers is not None and pers.preference else "preference"
         raise APIError(400, f"the preference is {len(preference)} characters; the limit is "
                        f"{ctx.limits.max_preference_chars}.", param=where, code="preference_too_long")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if pers is not None and pers.methods is not None:
         if pers.method is not None:
             raise APIError(400, "give `personalization.method` or `personalization.methods`, not both.",
                            param="personalization.methods")
         methods = [(m, f"personalization.methods[{i}]") for i, m in enumerate(pers.methods)]
     else:
+        reads = bool(preference) or (profile or {}).get("learner") == "incontext"
         method = (pers.method if pers is not None and pers.method else None) or (profile or {}).get("method") or \
-            ("preference_prompting" if preference and "preference_prompting" in ctx.engine.methods else "base")
+            ("preference_prompting" if reads and "preference_prompting" in ctx.engine.methods else "base")
         methods = [(method, "personalization.method")]
     out = []
     for method, where in methods:
@@ -122,21 +136,17 @@ async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Cho
         params: dict[str, Any] = {}
         if profile is not None and profile.get("method") == method:
             params.update(profile.get("params") or {})
-        params.update(profile_params(method, profile, ctx.engine.methods[method]))
+        check_drift_state(ctx, method, profile)
+        got = await learned(ctx, owner, method, profile, messages, preference)
+        params.update(got.params)
         if pers is not None:
             check_params(ctx.engine.methods[method], pers.params(), "personalization")
             check_text_params(ctx, pers.params(), "personalization")
             params.update(pers.params())
-        info = {"method": method, "preference": preference, "profile_id": profile["user"] if profile else None,
-                "params": {k: v for k, v in params.items() if k not in ("profile", "user_embedding") and _jsonable(v)}}
-        emb = params.get("user_embedding") if method == "pdpo" else None
-        if isinstance(emb, dict):
-            info["pdpo"] = {"fitted_embedding": True, "num_pairs": emb.get("num_pairs"), "sha256": emb.get("sha256")}
-        dp = params.get("profile") if method == "drift" else None
-        if isinstance(dp, dict):
-            info["drift"] = {"num_pairs": dp.get("num_pairs"),
-                             "selected": {a["name"]: a["weight"] for a in dp.get("selected", [])}}
-        out.append(Choice(method=method, preference=preference, params=params, user=profile_id, info=info))
+        info = {"method": method, "preference": got.preference, "profile_id": profile["user"] if profile else None,
+                "params": {k: v for k, v in params.items() if k not in ("profile", "user_embedding") and _jsonable(v)},
+                **got.info}
+        out.append(Choice(method=method, preference=got.preference, params=params, user=profile_id, info=info))
     return out
 
 

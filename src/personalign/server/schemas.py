@@ -227,6 +227,9 @@ class ProfileBody(_Body):
     drift_profile: dict[str, Any] | None = None
     pdpo_user_id: Text | None = Field(default=None, min_length=1, max_length=200)
     pdpo_embedding: dict[str, Any] | None = None
+    learner: StrictStr | None = None  # what the user's feedback teaches (``GET /health``'s ``learners``)
+    learner_params: dict[str, Any] | None = None  # that learner's settings for this user
+    incontext: dict[str, Any] | None = None  # the in-context learner's state (its hypothesis)
 
 
 class FeedbackBody(_Body):

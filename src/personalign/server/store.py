@@ -51,13 +51,15 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personalign.server.store_migrate import add_missing_columns, migrate_ids
+from personalign.learners import LEARNERS, state_fields
+from personalign.server.store_migrate import add_missing_columns, migrate_ids, migrate_learner_states
 from personalign.server.store_tables import (
     PROFILE_FIELDS,
     ApiKey,
     Base,
     Completion,
     Feedback,
+    LearnerState,
     Profile,
     StoredFeedback,
     StoreMeta,
@@ -153,6 +155,9 @@ class Store:
             add_missing_columns(self.engine)
             self._session = sessionmaker(self.engine, expire_on_commit=False)
             self.migrated: list[dict[str, str]] = self._tx(migrate_ids)
+            moved = migrate_learner_states(self.engine)
+            if moved:
+                logger.info("moved the learned state of %d profile(s) to learner_states", moved)
             if self.migrated:
                 logger.warning("renamed %d id(s) an earlier release accepted outside the safe set: %s",
                                len(self.migrated), "; ".join(f"{m['kind']} {m['old']!r} -> {m['new']!r}"
@@ -287,7 +292,8 @@ class Store:
                 p = Profile(owner=owner, user_id=user_id, created_at=now, updated_at=now, version=1, **values)
                 s.add(p)
                 s.flush()
-                return profile_dict(p)
+                _write_states(s, owner, user_id, fields)
+                return profile_dict(p, _states(s, owner, user_id))
             return self._tx(fn)
         except IntegrityError:
             return None
@@ -295,7 +301,7 @@ class Store:
     def get_profile(self, owner: str, user_id: str) -> dict[str, Any] | None:
         def fn(s: Session) -> dict[str, Any] | None:
             p = s.scalar(select(Profile).where(Profile.owner == owner, Profile.user_id == user_id))
-            return profile_dict(p) if p is not None else None
+            return profile_dict(p, _states(s, owner, user_id)) if p is not None else None
         return self._read(fn)
 
     def list_profiles(self, owner: str, limit: int = 100, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -304,7 +310,8 @@ class Store:
             q = select(Profile).where(Profile.owner == owner)
             if after is not None:
                 q = q.where(Profile.user_id > after)
-            rows = [profile_dict(p) for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
+            rows = [profile_dict(p, _states(s, owner, p.user_id))
+                    for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
             return rows[:limit], len(rows) > limit
         return self._read(fn)
 
@@ -317,10 +324,11 @@ class Store:
             for k, v in fields.items():
                 if k in PROFILE_FIELDS:
                     setattr(p, k, v)
+            _write_states(s, owner, user_id, fields)
             p.version += 1
             p.updated_at = time.time()
             s.flush()
-            return profile_dict(p)
+            return profile_dict(p, _states(s, owner, user_id))
         return self._tx(fn)
 
     def delete_profile(self, owner: str, user_id: str, *, keep_history: bool = False) -> dict[str, int] | None:
@@ -331,6 +339,7 @@ class Store:
             if p is None:
                 return None
             s.delete(p)
+            s.execute(delete(LearnerState).where(LearnerState.owner == owner, LearnerState.user_id == user_id))
             out = {"feedback": 0, "completions": 0}
             if not keep_history:
                 out["feedback"] = s.execute(delete(Feedback).where(Feedback.owner == owner,
@@ -498,7 +507,7 @@ class Store:
             if stale_after:
                 for later in s.scalars(select(Feedback).where(Feedback.owner == owner, Feedback.user_id == f.user_id,
                                                               Feedback.pk > f.pk, Feedback.learned.is_not(None))):
-                    later.learned = {"stale": True}
+                    later.learned = {**later.learned, "stale": True}
             s.delete(f)
             return True
         return self._tx(fn)
@@ -559,13 +568,42 @@ def _apply_profile_update(s: Session, owner: str, user_id: str, profile_update: 
     """
     if profile_update is None:
         return
+    columns = {k: v for k, v in profile_update.items() if k in PROFILE_FIELDS}
     res = s.execute(
         update(Profile)
         .where(Profile.owner == owner, Profile.user_id == user_id, Profile.version == expect_version)
-        .values(**profile_update, version=Profile.version + 1, updated_at=time.time())
+        .values(**columns, version=Profile.version + 1, updated_at=time.time())
     )
     if res.rowcount != 1:
         raise ProfileConflict(user_id)
+    _write_states(s, owner, user_id, profile_update)
+
+
+def _states(s: Session, owner: str, user_id: str) -> dict[str, Any]:
+    """Learner name -> state of one user."""
+    q = select(LearnerState.learner, LearnerState.state).where(LearnerState.owner == owner,
+                                                                 LearnerState.user_id == user_id)
+    return {name: state for name, state in s.execute(q)}
+
+
+def _write_states(s: Session, owner: str, user_id: str, fields: dict[str, Any]) -> None:
+    """Write the learner states among ``fields`` (by profile field; None deletes the state)."""
+    names = state_fields()
+    for f, value in fields.items():
+        if f not in names:
+            continue
+        learner = names[f]
+        row = s.scalar(select(LearnerState).where(LearnerState.owner == owner, LearnerState.user_id == user_id,
+                                                  LearnerState.learner == learner))
+        if value is None:
+            if row is not None:
+                s.delete(row)
+        elif row is None:
+            s.add(LearnerState(owner=owner, user_id=user_id, learner=learner, state=value,
+                               format=LEARNERS.get(learner).format, updated_at=time.time()))
+        else:
+            row.state, row.updated_at = value, time.time()
+    s.flush()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,20 +1,26 @@
 """Databases written by earlier releases, brought up to date when a ``Store`` opens: columns added
-since (all nullable, added in place) and ids outside the safe set renamed with every row that names
-them (reported at start-up)."""
+since (all nullable, added in place), ids outside the safe set renamed with every row that names
+them (reported at start-up), and learned state moved from the profile's own columns to one row per
+(user, learner) in ``learner_states``."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
+from sqlalchemy import insert, select, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select, update
 from sqlalchemy import text as sa_text
 from sqlalchemy.orm import Session
 
 from personalign.server.schemas import ID_PATTERN
-from personalign.server.store_tables import Base, Completion, Feedback, Profile
+from personalign.server.store_tables import Base, Completion, Feedback, LearnerState, Profile
 
-__all__ = ["migrate_ids", "add_missing_columns"]
+__all__ = ["migrate_ids", "add_missing_columns", "migrate_learner_states", "LEGACY_STATE_COLUMNS"]
+
+# profile columns of earlier releases -> the learner whose state they held
+LEGACY_STATE_COLUMNS = {"drift_profile": "drift", "pdpo_embedding": "pdpo"}
 
 
 _ID_LIMIT = 128  # the longest id a server accepts (``Limits.max_id_chars``' default)
@@ -85,3 +91,44 @@ def add_missing_columns(engine: Any) -> None:
                 if col.name not in have and col.nullable:
                     conn.execute(sa_text(f'ALTER TABLE {table.name} ADD COLUMN {col.name} '
                                          f'{col.type.compile(dialect=engine.dialect)}'))
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def migrate_learner_states(engine: Any) -> int:
+    """Move the Drift profiles and P-DPO embeddings an earlier release kept in the profile's columns into
+    ``learner_states`` (one row per user and learner; the old columns are emptied, not dropped), and
+    rename what feedback items kept (``learned``) from the embedding's field to the learner's name.
+    One transaction; returns the profiles moved (0 on a current database)."""
+    cols = {c["name"] for c in sa_inspect(engine).get_columns("profiles")}
+    legacy = [c for c in LEGACY_STATE_COLUMNS if c in cols]
+    moved = 0
+    with engine.begin() as conn:
+        if legacy:
+            where = " OR ".join(f"{c} IS NOT NULL" for c in legacy)
+            rows = conn.execute(sa_text(f"SELECT owner, user_id, {', '.join(legacy)} FROM profiles WHERE {where}"))
+            for owner, user, *values in rows.all():
+                for col, value in zip(legacy, values):
+                    value = _json(value)
+                    if value is None:
+                        continue
+                    learner = LEGACY_STATE_COLUMNS[col]
+                    have = conn.execute(select(LearnerState.pk).where(
+                        LearnerState.owner == owner, LearnerState.user_id == user, LearnerState.learner == learner)).first()
+                    if have is None:
+                        conn.execute(insert(LearnerState).values(owner=owner, user_id=user, learner=learner, state=value,
+                                                                 format=1, updated_at=time.time()))
+                moved += 1
+            conn.execute(sa_text(f"UPDATE profiles SET {', '.join(f'{c} = NULL' for c in legacy)} WHERE {where}"))
+        q = select(Feedback.pk, Feedback.learned).where(Feedback.learned.is_not(None))
+        for pk, learned in conn.execute(q).all():
+            learned = _json(learned)
+            if not isinstance(learned, dict):
+                continue
+            if "pdpo_embedding" in learned or learned == {"stale": True}:  # an earlier release: the embedding alone
+                new = {k: v for k, v in learned.items() if k != "pdpo_embedding"}
+                new["pdpo"] = learned.get("pdpo_embedding")
+                conn.execute(update(Feedback).where(Feedback.pk == pk).values(learned=new))
+    return moved

@@ -8,9 +8,10 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from personalign.learners import state_fields
 from personalign.personas.drift import PreferencePair
 
-__all__ = ["Base", "ApiKey", "Profile", "Completion", "Feedback", "StoreMeta", "StoredFeedback", "PROFILE_FIELDS",
+__all__ = ["Base", "ApiKey", "Profile", "LearnerState", "Completion", "Feedback", "StoreMeta", "StoredFeedback", "PROFILE_FIELDS",
            "profile_dict", "feedback_record", "drift_prompt"]
 
 
@@ -43,13 +44,30 @@ class Profile(Base):
     preference: Mapped[str | None] = mapped_column(Text, nullable=True)
     method: Mapped[str | None] = mapped_column(String(100), nullable=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)
-    drift_profile: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     pdpo_user_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    # a P-DPO embedding fitted from the user's feedback (``UserEmbedding.to_dict``), for users the
-    # checkpoint never saw
-    pdpo_embedding: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # the learner the user's feedback teaches (``personalign.learners``; NULL: Drift, and the P-DPO
+    # embedding where it applies) and its settings for this user
+    learner: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    learner_params: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # what the learners hold lives in ``learner_states``; releases before it kept Drift weights and the
+    # P-DPO embedding in the columns ``drift_profile`` and ``pdpo_embedding`` of this table, which
+    # ``store_migrate.migrate_learner_states`` moves there
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class LearnerState(Base):
+    """One learner's state for one user (``personalign.learners``): a versioned JSON object."""
+
+    __tablename__ = "learner_states"
+    __table_args__ = (UniqueConstraint("owner", "user_id", "learner", name="uq_learner_state"),)
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(40), ForeignKey("api_keys.id"), index=True)
+    user_id: Mapped[str] = mapped_column(String(200))
+    learner: Mapped[str] = mapped_column(String(40))
+    format: Mapped[int] = mapped_column(Integer, default=1)  # the learner's state format version
+    state: Mapped[dict] = mapped_column(JSON)
     updated_at: Mapped[float] = mapped_column(Float)
 
 
@@ -86,9 +104,9 @@ class Feedback(Base):
     # a choice among a completion's choices: which was chosen, and the rejected texts after the first
     chosen_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     also_rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)
-    # what the user's learners held right after this item folded ({"pdpo_embedding": ...}), so a delete
-    # can go back to the state before an item and replay the ones after it; {"stale": true} once an
-    # earlier item was deleted and the replay has not rewritten it yet; NULL: the item taught no learner
+    # what each learner kept with this item ({learner: entry}, ``Merge.learned``), so a delete can go
+    # back to the state before an item and replay the ones after it; "stale": true is added once an
+    # earlier item was deleted and the replay has not rewritten it yet; NULL: it kept nothing
     learned: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
@@ -145,14 +163,18 @@ class StoredFeedback:
                 "folded": self.folded, "fold_error": self.fold_error, "created": int(self.created_at)}
 
 
-PROFILE_FIELDS = ("preference", "method", "params", "drift_profile", "pdpo_user_id", "pdpo_embedding")
+PROFILE_FIELDS = ("preference", "method", "params", "pdpo_user_id", "learner", "learner_params")
 
 
-def profile_dict(p: Profile) -> dict[str, Any]:
-    return {"id": p.user_id, "object": "profile", "user": p.user_id, "preference": p.preference,
-            "method": p.method, "params": p.params or {}, "drift_profile": p.drift_profile,
-            "pdpo_user_id": p.pdpo_user_id, "pdpo_embedding": p.pdpo_embedding, "version": p.version, "created": int(p.created_at),
-            "updated": int(p.updated_at)}
+def profile_dict(p: Profile, states: dict[str, Any]) -> dict[str, Any]:
+    """A profile as the API shows it: its columns and, under each learner's field, its state (``states``:
+    learner name -> state)."""
+    out = {"id": p.user_id, "object": "profile", "user": p.user_id, "preference": p.preference,
+           "method": p.method, "params": p.params or {}, "pdpo_user_id": p.pdpo_user_id, "learner": p.learner,
+           "learner_params": p.learner_params or {}}
+    out.update({f: states.get(name) for f, name in state_fields().items()})
+    out.update({"version": p.version, "created": int(p.created_at), "updated": int(p.updated_at)})
+    return out
 
 
 def feedback_record(f: Feedback) -> StoredFeedback:

@@ -186,8 +186,8 @@ def test_a_replay_left_undone_by_a_stop_runs_at_the_next_start(served, tmp_path)
     # as a stopped server leaves a delete of an earlier item: the later items stale, the profile rolled back
     s0 = lv.store.get_feedback(owner, "s0").learned
     version = lv.store.get_profile(owner, "u")["version"]
-    lv.store.write_replay(owner, "u", {"s1": {"stale": True}, "s2": {"stale": True}},
-                          {"pdpo_embedding": s0["pdpo_embedding"]}, version)
+    lv.store.write_replay(owner, "u", {"s1": {"stale": True, "pdpo": None}, "s2": {"stale": True, "pdpo": None}},
+                          {"pdpo_embedding": s0["pdpo"]}, version)
     assert (owner, "u", lv.store.get_feedback(owner, "s1").pk) in lv.store.stale_users()
     engine = EngineWorker(lv.backend, dict(lv.engine.methods), max_batch=8)
     app = create_app(engine, lv.store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN)
@@ -198,7 +198,7 @@ def test_a_replay_left_undone_by_a_stop_runs_at_the_next_start(served, tmp_path)
             assert time.time() < deadline
             time.sleep(0.05)
         assert not [u for u in lv.store.stale_users() if u[0] == owner]
-        assert lv.store.get_feedback(owner, "s2").learned == {"pdpo_embedding": want}
+        assert lv.store.get_feedback(owner, "s2").learned == {"pdpo": want}
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -123,6 +123,10 @@
       if (id === "method") option(select, "", "(none: preference_prompting with a preference, else base)");
       for (const m of h.methods) option(select, m);
     }
+    const learner = $("learner");
+    learner.replaceChildren();
+    option(learner, "", "(none: Drift weights, and the P-DPO embedding where it is served)");
+    for (const l of h.learners || []) option(learner, l);
     if (h.methods.includes("preference_prompting")) $("method-a").value = "preference_prompting";
     if (h.methods.includes("drift")) $("method-b").value = "drift";
   }
@@ -168,6 +172,7 @@
     $("user-select").value = user;
     $("preference").value = profile.preference || "";
     $("method").value = profile.method || "";
+    $("learner").value = profile.learner || "";
     $("params").value = Object.keys(profile.params || {}).length ? JSON.stringify(profile.params) : "";
     const convs = load("conversations", []);
     openConversation(convs.length ? convs[convs.length - 1] : null);
@@ -201,13 +206,15 @@
   async function saveProfile() {
     const params = parseParams();
     const method = $("method").value || null;
-    const body = { preference: $("preference").value.trim() || null, method, params: method ? params : null };
+    const body = { preference: $("preference").value.trim() || null, method, params: method ? params : null,
+      learner: $("learner").value || null };
     if (!method && Object.keys(params).length) {
       throw new api.ApiError(400, "parameters need a default method they belong to.", "params");
     }
     state.user = await api.request("PATCH", `/v1/profiles/${encodeURIComponent(state.user.user)}`, body);
     $("profile-saved").textContent = "saved";
     setTimeout(() => ($("profile-saved").textContent = ""), 2000);
+    await refreshInContext();
     updateModeNote();
   }
 
@@ -252,7 +259,41 @@
         + (emb.loss === null || emb.loss === undefined ? "." : ` (loss ${emb.loss.toFixed(3)}).`);
     }
     renderHistory(feedback);
+    state.feedback = feedback;
+    await refreshInContext();
     updateModeNote();
+  }
+
+  // What the in-context learner believes (a user whose learner is `incontext`): its hypothesis, and
+  // the earlier choices it would put in the prompt for the message being written (asked of the server:
+  // GET /v1/profiles/{user}/learned, the same code a chat runs).
+  async function refreshInContext() {
+    const feedback = state.feedback;
+    const box = $("incontext");
+    box.hidden = state.user.learner !== "incontext";
+    if (box.hidden) return;
+    const user = encodeURIComponent(state.user.user);
+    const prompt = encodeURIComponent($("message").value.slice(0, 4000));
+    const got = await api.request("GET", `/v1/profiles/${user}/learned?prompt=${prompt}`);
+    const info = got.incontext || {};
+    const hyp = (state.user.incontext || {}).hypothesis;
+    $("hypothesis").textContent = hyp || "none yet (it is inferred after the first choice).";
+    const byId = Object.fromEntries((feedback || []).map((f) => [f.id, f]));
+    const list = $("incontext-examples");
+    list.replaceChildren();
+    for (const id of info.examples || []) {
+      const f = byId[id];
+      if (!f) continue;
+      const li = document.createElement("li");
+      const asked = f.prompt.filter((m) => m.role === "user").map((m) => m.content).join(" ");
+      li.textContent = `Asked “${clip(asked, 80)}”: kept “${clip(f.chosen, 100)}” over “${clip(f.rejected, 60)}”`;
+      list.append(li);
+    }
+    $("incontext-none").hidden = list.children.length > 0;
+  }
+
+  function clip(text, n) {
+    return text.length <= n ? text : `${text.slice(0, n - 1)}…`;
   }
 
   // "You seem to prefer: shorter answers, simpler words; less: a formal tone."
@@ -750,6 +791,12 @@
       const id = $("new-user-id").value.trim();
       if (!id) return showError(new api.ApiError(400, "type the new user's id first.", "user"));
       guarded(() => createUser(id));
+    });
+    let pending = null; // the in-context examples follow the message being written (debounced)
+    $("message").addEventListener("input", () => {
+      if (!state.user || state.user.learner !== "incontext") return;
+      clearTimeout(pending);
+      pending = setTimeout(() => guarded(refreshInContext), 400);
     });
     $("profile-form").addEventListener("submit", (e) => {
       e.preventDefault();

@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from personalign.decoding.sampling import SamplingConfig
+from personalign.learners import state_fields
 from personalign.records import ChoiceError, choice_pairs
 from personalign.server.context import ServerContext, list_limit, page
 from personalign.server.errors import APIError, error_body
@@ -40,10 +41,9 @@ from personalign.server.folding import (
     FoldRejected,
     PreferencePair,
     feedback_pairs,
-    unfold_pairs,
 )
 from personalign.server.schemas import FeedbackBody, shown
-from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, Store, StoredFeedback
+from personalign.server.store import ChoiceConflict, FeedbackConflict, ProfileConflict, StoredFeedback
 from personalign.server.worker import Failed, Job, QueueFull
 from personalign.types import Request as GenRequest
 
@@ -96,8 +96,8 @@ async def _post(ctx: ServerContext, body: FeedbackBody, request: Request) -> JSO
     profile = await ctx.db(ctx.store.get_profile, owner, fb.user_id)
     new_user = profile is None  # created with its first feedback (once the item is valid), as the CLI does
     if new_user:
-        profile = {"user": fb.user_id, "method": None, "drift_profile": None, "pdpo_embedding": None,
-                   "pdpo_user_id": None}
+        profile = {"user": fb.user_id, "method": None, "pdpo_user_id": None, "learner": None, "learner_params": {},
+                   **{f: None for f in state_fields()}}
     if old is not None:
         return _replay(old, fb)
     pairs = feedback_pairs(fb)
@@ -148,9 +148,10 @@ async def _post(ctx: ServerContext, body: FeedbackBody, request: Request) -> JSO
 
 
 async def _delete(ctx: ServerContext, fid: str, request: Request) -> dict[str, Any]:
-    """Forget one feedback item and take back what it folded, in one transaction: its Drift rows, and the
-    P-DPO embedding put back to the one before it (the later items are refitted, ``FoldManager.replay``).
-    A fold still running for it stops before it merges."""
+    """Forget one feedback item and take back what it taught, in one transaction: each learner's
+    ``undo`` (Drift's rows; the P-DPO embedding put back to the one before it, the later items refitted
+    by ``FoldManager.replay``; the in-context hypothesis inferred again when it read the item). A fold
+    still running for it stops before it merges."""
     owner = await ctx.owner(request)
     await ctx.folds.settle(owner, fid)
     for _ in range(_RETRIES):
@@ -158,43 +159,23 @@ async def _delete(ctx: ServerContext, fid: str, request: Request) -> dict[str, A
         if f is None:
             raise APIError(404, f"unknown feedback {shown(fid)}.", param="id", code="feedback_not_found")
         profile = await ctx.db(ctx.store.get_profile, owner, f.user_id)
-        update = None
-        if f.folded and profile is not None and profile["drift_profile"] is not None:
-            new = await ctx.db(unfold_pairs, profile["drift_profile"], f)
-            if new is None and not await ctx.db(_pair_folded_by_another, ctx.store, owner, f):
-                new = await ctx.db(unfold_pairs, profile["drift_profile"], f, True)  # an earlier release's rows
-            update = None if new is None else {"drift_profile": new}
-        if f.folded and profile is not None and f.learned is not None:
-            # the embedding goes back to what it was before this item; the later items that taught
-            # it are marked stale and refitted in order (``FoldManager.replay``)
-            before = await ctx.db(ctx.store.learned_before, owner, fid)
-            update = {**(update or {}), "pdpo_embedding": before.get("pdpo_embedding") if before else None}
+        update: dict[str, Any] = {}
+        replay: list[str] = []
+        if f.folded and profile is not None:
+            items = await ctx.db(ctx.store.folded_items, owner, f.user_id)
+            update, replay = await ctx.db(ctx.folds.undo, profile, f, items)
         try:
             async with ctx.folds.user_lock(owner, f.user_id):
-                if not await ctx.db(ctx.store.delete_feedback, owner, fid, update,
-                                    profile["version"] if profile else None, stale_after=f.learned is not None):
+                if not await ctx.db(ctx.store.delete_feedback, owner, fid, update or None,
+                                    profile["version"] if profile else None, stale_after=bool(replay)):
                     raise APIError(404, f"unknown feedback {shown(fid)}.", param="id",
                                    code="feedback_not_found")
-                if f.folded and profile is not None:
+                if replay:
                     ctx.folds.replay(owner, f.user_id, f.pk)
         except ProfileConflict:
             continue
-        return {"id": fid, "object": "feedback", "deleted": True, "unfolded": update is not None}
+        return {"id": fid, "object": "feedback", "deleted": True, "unfolded": bool(update)}
     raise APIError(409, "the profile kept changing while this feedback was removed; retry.", code="profile_busy")
-
-
-def _pair_folded_by_another(store: Store, owner: str, fb: StoredFeedback) -> bool:
-    """Whether another folded item of the user states the same pairs (``unfold_pairs``: only rows of an
-    earlier release, one row for all such items, depend on it)."""
-    mine, after = {p.pair_id for p in feedback_pairs(fb)}, None
-    while True:
-        rows, more = store.list_feedback(owner, fb.user_id, limit=500, after=after)
-        if any(r.feedback_id != fb.feedback_id and r.folded and mine & {p.pair_id for p in feedback_pairs(r)}
-               for r in rows):
-            return True
-        if not more or not rows:
-            return False
-        after = rows[-1].feedback_id
 
 
 def _replay(old: StoredFeedback, new: StoredFeedback) -> JSONResponse:

@@ -21,6 +21,7 @@ def add(app: FastAPI, ctx: ServerContext) -> None:
         status = "starting" if not ctx.engine.alive else "ok" if store_health["ok"] else "degraded"
         return {"status": status, "model": ctx.model_id,
                 "methods": sorted(ctx.engine.methods), "unavailable_methods": ctx.unavailable,
+                "learners": sorted(ctx.folds.learners), "unavailable_learners": ctx.folds.unavailable,
                 "queue": {**ctx.engine.load(), **ctx.folds.load()}, "store": ctx.store.dialect,
                 "store_health": store_health}
 

@@ -1,8 +1,10 @@
-"""``/v1/profiles``: each user's stored preference, method, parameters and learned state (Drift
-weights, P-DPO embedding), created, read, changed and deleted by the key that owns them."""
+"""``/v1/profiles``: each user's stored preference, method, parameters, learner and learned state (one
+field per learner: Drift weights, the P-DPO embedding, the in-context hypothesis), created, read,
+changed and deleted by the key that owns them."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,10 +12,8 @@ from fastapi import FastAPI, Request
 from personalign.config import config_from_mapping
 from personalign.server.context import ServerContext, list_limit, page
 from personalign.server.errors import APIError
-from personalign.server.folding import check_profile
-from personalign.server.personalize import check_method, check_params, check_text_params
+from personalign.server.personalize import check_method, check_params, check_text_params, learned
 from personalign.server.schemas import ProfileBody, shown
-from personalign.training.pdpo.user_fit import UserEmbedding
 
 __all__ = ["add", "get_owned", "check_profile_fields"]
 
@@ -26,23 +26,23 @@ async def get_owned(ctx: ServerContext, owner: str, user: str) -> dict[str, Any]
     return p
 
 
-def check_profile_fields(ctx: ServerContext, fields: dict[str, Any], method: str | None) -> None:
-    """400 naming the field when a profile's fields do not hold (limits, forms, the method's parameters)."""
+def check_profile_fields(ctx: ServerContext, fields: dict[str, Any], method: str | None,
+                         current: dict[str, Any] | None = None) -> None:
+    """400 naming the field when a profile's fields do not hold (limits, forms, the method's parameters,
+    the learner: known, learning on this server, read by the profile's method, its parameters)."""
     lim = ctx.limits
     pref = fields.get("preference")
     if pref is not None and len(pref) > lim.max_preference_chars:
         raise APIError(400, f"`preference` is {len(pref)} characters; the limit is {lim.max_preference_chars}.",
                        param="preference", code="preference_too_long")
-    if fields.get("drift_profile") is not None:
-        try:
-            check_profile(fields["drift_profile"])
-        except ValueError as e:
-            raise APIError(400, f"`drift_profile`: {e}", param="drift_profile") from None
-    if fields.get("pdpo_embedding") is not None:
-        try:
-            UserEmbedding.from_dict(fields["pdpo_embedding"], "pdpo_embedding")
-        except ValueError as e:
-            raise APIError(400, str(e), param="pdpo_embedding") from None
+    for lr in ctx.folds.registered.values():
+        if fields.get(lr.field) is not None:
+            try:
+                lr.check_state(fields[lr.field])
+            except ValueError as e:
+                msg = str(e)
+                raise APIError(400, msg if msg.startswith(f"`{lr.field}") else f"`{lr.field}`: {msg}",
+                               param=lr.field) from None
     if method is not None:
         check_method(ctx, method, "method")
         if fields.get("params"):
@@ -54,6 +54,36 @@ def check_profile_fields(ctx: ServerContext, fields: dict[str, Any], method: str
                 raise APIError(400, f"`params` for {method}: {e}", param="params") from None
     elif fields.get("params"):
         raise APIError(400, "`params` needs a `method` they belong to.", param="params")
+    _check_learner(ctx, fields, method, current or {})
+
+
+def _check_learner(ctx: ServerContext, fields: dict[str, Any], method: str | None, current: dict[str, Any]) -> None:
+    learner = fields["learner"] if "learner" in fields else current.get("learner")
+    if learner is None:
+        if fields.get("learner_params"):
+            raise APIError(400, "`learner_params` needs a `learner` they belong to.", param="learner_params")
+        return
+    if learner not in ctx.folds.registered:
+        known = ", ".join(sorted(ctx.folds.registered))
+        close = difflib.get_close_matches(learner, sorted(ctx.folds.registered), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise APIError(400, f"unknown learner {shown(learner)}; valid learners: {known}.{hint}", param="learner",
+                       code="unknown_learner")
+    if learner in ctx.folds.unavailable:
+        raise APIError(400, f"learner {learner!r} does not learn on this server: {ctx.folds.unavailable[learner]}.",
+                       param="learner", code="learner_unavailable")
+    lr = ctx.folds.learners[learner]
+    method = method if method is not None else current.get("method")
+    if method is not None and method in ctx.engine.methods:
+        why = lr.usable(ctx.engine.methods[method])
+        if why:
+            raise APIError(400, f"learner {learner!r} cannot teach method {method!r}: {why}.", param="learner",
+                           code="learner_not_usable")
+    params = fields["learner_params"] if "learner_params" in fields else current.get("learner_params")
+    try:
+        lr.check_params(params or {})
+    except ValueError as e:
+        raise APIError(400, f"`learner_params` for {learner}: {e}", param="learner_params") from None
 
 
 def add(app: FastAPI, ctx: ServerContext) -> None:
@@ -81,6 +111,27 @@ def add(app: FastAPI, ctx: ServerContext) -> None:
     async def get_profile(user: str, request: Request) -> dict[str, Any]:
         return await get_owned(ctx, await ctx.owner(request), user)
 
+    @app.get("/v1/profiles/{user}/learned")
+    async def learned_for(user: str, request: Request, prompt: str = "", method: str | None = None
+                          ) -> dict[str, Any]:
+        """What the user's learners would give a request with ``prompt`` decoding with ``method`` (default:
+        the method a chat of this user gets): the preference text (the in-context learner's hypothesis and
+        the examples it picks for this prompt, after the stated preference) and what each learner shows."""
+        owner = await ctx.owner(request)
+        profile = await get_owned(ctx, owner, user)
+        if len(prompt) > ctx.limits.max_message_chars:
+            raise APIError(400, f"`prompt` is {len(prompt)} characters; the limit is {ctx.limits.max_message_chars}.",
+                           param="prompt")
+        if method is None:
+            method = profile.get("method") or ("preference_prompting" if (
+                profile.get("preference") or profile.get("learner") == "incontext")
+                and "preference_prompting" in ctx.engine.methods else "base")
+        check_method(ctx, method, "method")
+        got = await learned(ctx, owner, method, profile, [{"role": "user", "content": prompt}],
+                            profile.get("preference"))
+        return {"object": "profile.learned", "user": user, "method": method, "learner": profile.get("learner"),
+                "preference": got.preference, **got.info}
+
     @app.patch("/v1/profiles/{user}")
     async def update_profile(user: str, body: ProfileBody, request: Request) -> dict[str, Any]:
         owner = await ctx.owner(request)
@@ -89,7 +140,7 @@ def add(app: FastAPI, ctx: ServerContext) -> None:
             raise APIError(400, "a profile's `user` cannot change; create a new profile.", param="user")
         current = await get_owned(ctx, owner, user)
         check_profile_fields(ctx, fields, fields.get("method", current["method"]) if "params" in fields or "method" in
-                             fields else None)
+                             fields else None, current)
         out = await ctx.db(ctx.store.update_profile, owner, user, fields)
         if out is None:
             raise APIError(404, f"unknown profile {shown(user)}.", param="user", code="profile_not_found")

@@ -1,0 +1,119 @@
+"""The learner contract, live, for every registered learner (``personalign.learners``): a profile that
+names the learner learns from its user's choices (and no other learner does), any order of posts
+(several at once, duplicates) and deletes leaves the state a fold of the surviving items from scratch
+gives — so undo is exact and one user's folds merge in order — and bad learner fields are refused by
+name. A newly registered learner fails ``test_every_learner_has_a_conformance_view`` until it is
+given its view here."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, Live, start_server
+from tests.integration.server.feedback_ops import random_ops
+
+from personalign.assembly import build_methods
+from personalign.learners import LEARNERS, field_learner
+from personalign.methods import METHODS
+from personalign.methods.pdpo import PDPOMethod
+from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.training.pdpo.user_fit import UserEmbedding
+from personalign.training.user_model import UserIndex, UserModel
+from personalign.views import HFBackend
+
+# the method each learner's user decodes with, and what of its state must equal the from-scratch fold
+METHOD = {"drift": "drift", "pdpo": "pdpo", "incontext": "preference_prompting"}
+
+
+def _view(name: str, state: dict | None):
+    if state is None:
+        return None
+    if name == "drift":
+        return state["pairs"]["ids"]
+    if name == "pdpo":
+        emb = UserEmbedding.from_dict(state)
+        return emb.num_pairs, emb.tensor
+    if name == "incontext":
+        return state["choices"], state["based_on"], state["hypothesis"], bool(state.get("stale"))
+    raise AssertionError(f"learner {name!r} has no conformance view: add it to _view and METHOD")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
+    backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
+    methods, unavailable = build_methods(METHODS.names(), backend)
+    users = UserModel.for_model(tiny_lm, kind="individual", num_users=1, user_tokens=2)
+    methods["pdpo"] = PDPOMethod(users=users, index=UserIndex(["seen"]), model="main")
+    engine = EngineWorker(backend, methods, max_batch=8)
+    store = Store(f"sqlite:///{tmp_path_factory.mktemp('learners') / 's.db'}")
+    app = create_app(engine, store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN,
+                     unavailable=unavailable)
+    url, server, thread = start_server(app)
+    yield Live(url, store, engine, unavailable, backend)
+    server.should_exit = True
+    thread.join(timeout=30)
+    store.close()
+
+
+def test_every_learner_has_a_conformance_view():
+    assert set(LEARNERS.names()) == set(METHOD)
+
+
+def test_health_lists_the_learners(served):
+    with served.client(served.new_key()) as c:
+        h = c.get("/health").json()
+    assert h["learners"] == sorted(LEARNERS.names()) and h["unavailable_learners"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD))
+def test_a_learner_learns_undoes_exactly_and_folds_in_order(served, name):
+    field = field_learner(name)
+    profile = {"user": "u", "learner": name, "method": METHOD[name]}
+    with served.client(served.new_key(f"{name}-ops")) as c:
+        assert c.post("/v1/profiles", json=profile).status_code == 201
+        # step 4 deletes the earliest survivor (the most later items to take back), step 7 a random one
+        order, content, deletes = random_ops(c, random.Random(7), 8, together=(2, 3), deletes_at={4: 0, 7: -1})
+        assert deletes >= 2 and order
+        got = c.get("/v1/profiles/u").json()
+        assert all(got[field_learner(n)] is None for n in METHOD if n != name)  # only the named learner learns
+        assert got[field] is not None
+    with served.client(served.new_key(f"{name}-scratch")) as c:
+        assert c.post("/v1/profiles", json=profile).status_code == 201
+        for fid in order:
+            r = c.post("/v1/feedback", json={"id": fid, "user": "u", **content[fid]})
+            assert r.status_code == 201 and r.json()["folded"], r.text
+        want = c.get("/v1/profiles/u").json()
+    assert _same(_view(name, got[field]), _view(name, want[field])), (got[field], want[field])
+
+
+def test_bad_learner_fields_are_refused_by_name(served):
+    with served.client(served.new_key("bad")) as c:
+        r = c.post("/v1/profiles", json={"user": "a", "learner": "incontxt"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner"
+        assert "incontext" in r.json()["error"]["message"]  # the valid ones, and the close match
+        r = c.post("/v1/profiles", json={"user": "a", "learner": "incontext", "method": "base"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner", r.text
+        assert "base" in r.json()["error"]["message"]
+        r = c.post("/v1/profiles", json={"user": "a", "learner": "drift", "method": "amulet"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner", r.text
+        r = c.post("/v1/profiles", json={"user": "a", "learner": "incontext", "learner_params": {"form": "poems"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner_params", r.text
+        assert "form" in r.json()["error"]["message"]
+        r = c.post("/v1/profiles", json={"user": "a", "learner_params": {"form": "examples"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner_params", r.text
+        r = c.post("/v1/profiles", json={"user": "a", "incontext": {"hypothesis": 3}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "incontext", r.text
+        assert c.post("/v1/profiles", json={"user": "a", "learner": "incontext"}).status_code == 201
+        r = c.patch("/v1/profiles/a", json={"method": "drift"})  # the profile's learner cannot teach it
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learner", r.text
+        assert c.get("/v1/profiles/a").json()["method"] is None  # nothing stored
