@@ -34,7 +34,7 @@ from personalign.personas import drift
 from personalign.personas.attributes import AttributePool, default_pool
 from personalign.personas.identity import compare_identity, steer_identity
 
-__all__ = ["DriftLearner", "DriftLearnerConfig", "DriftPlan", "item_pair_id", "pool_subset"]
+__all__ = ["DriftLearner", "DriftLearnerConfig", "DriftPlan", "item_pair_id", "pool_subset", "thompson_profile"]
 
 
 def item_pair_id(feedback_id: str, pair: drift.PreferencePair) -> str:
@@ -207,3 +207,23 @@ def unfold(state: dict[str, Any], item: Item, legacy: bool = False) -> dict[str,
     for i in present:
         prof.remove_pair(i)
     return prof.to_dict()
+
+
+def thompson_profile(state: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A draw of the user's Drift weights from their uncertainty (bootstrap Thompson sampling): the
+    profile's pairs resampled with replacement (``seed``), so an attribute that only some of the user's
+    choices support may win or lose weight. Alternatives decoded with a draw explore what the
+    estimate is unsure of, where two samples of one estimate differ only by sampling noise."""
+    import torch
+
+    prof = drift.DriftProfile.from_dict(state)
+    n = prof.num_pairs
+    if n == 0 or prof.manual_weights is not None:
+        raise ValueError("needs a Drift profile fitted from at least one pair.")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n,), generator=g)
+    draw = drift.DriftProfile(pool=prof.pool, wins=prof.wins[idx], losses=prof.losses[idx],
+                              pair_ids=[f"{prof.pair_ids[i]}#{k}" for k, i in enumerate(idx.tolist())],
+                              steer=prof.steer, top_m=prof.top_m, solver=prof.solver, chat_template=prof.chat_template,
+                              max_response_tokens=prof.max_response_tokens)
+    return draw.to_dict()

@@ -136,6 +136,9 @@ class Personalization(BaseModel):
     methods: list[StrictStr] | None = Field(default=None, min_length=1)
     preference: Text | None = None
     profile_id: StrictStr | None = None
+    # ``explore``: with ``n`` >= 2 and a learned Drift profile, choices after the first decode with draws
+    # of the user's weights (``learners.drift.thompson_profile``) instead of the estimate itself
+    alternatives: Literal["same", "explore"] | None = None
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -510,8 +510,8 @@ def test_sigterm_while_a_choice_is_learned_answers_the_waiting_client_in_json(mo
     try:
         key = httpx.post(f"{url}/v1/keys", json={"name": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
         h = {"Authorization": f"Bearer {key}"}
-        long = "the cat sat on the mat and looked at the dog " * 20
-        for i in range(12):  # a queue of long folds ahead of the waiting item
+        long = "the cat sat on the mat and looked at the dog " * 60
+        for i in range(24):  # a queue of long folds ahead of the waiting item (many seconds of scoring)
             r = httpx.post(f"{url}/v1/feedback", headers=h, timeout=60, json={
                 "id": f"q{i}", "user": "u", "prompt": f"story {i}", "chosen": long + str(i), "rejected": str(i),
                 "wait": False})
@@ -525,6 +525,8 @@ def test_sigterm_while_a_choice_is_learned_answers_the_waiting_client_in_json(mo
         t.start()
         time.sleep(1.0)
         assert "r" not in got  # still learning
+        q = httpx.get(f"{url}/health", timeout=10).json()["queue"]
+        assert q["folds_waiting"] + q["folds_running"] > 1, q  # the queue is still ahead of it
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         proc.wait(60)

@@ -117,3 +117,30 @@ def test_bad_learner_fields_are_refused_by_name(served):
         r = c.patch("/v1/profiles/a", json={"method": "drift"})  # the profile's learner cannot teach it
         assert r.status_code == 400 and r.json()["error"]["param"] == "learner", r.text
         assert c.get("/v1/profiles/a").json()["method"] is None  # nothing stored
+
+
+def test_explore_alternatives_decode_draws_of_the_drift_weights(served):
+    with served.client(served.new_key("explore")) as c:
+        for i, (chosen, rejected) in enumerate([("a happy cat", "no"), ("the sun is warm", "hot"),
+                                                ("a long happy story", "short")]):
+            r = c.post("/v1/feedback", json={"id": f"e{i}", "user": "u", "prompt": f"tell me {i}", "chosen": chosen,
+                                             "rejected": rejected})
+            assert r.status_code == 201, r.text
+        body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 6,
+                "temperature": 0, "seed": 11, "user": "u",
+                "personalization": {"method": "drift", "alternatives": "explore"}}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        again = c.post("/v1/chat/completions", json=body).json()
+        assert [ch["message"]["content"] for ch in again["choices"]] == \
+            [ch["message"]["content"] for ch in r.json()["choices"]]  # the same seed, the same draw
+        # the first choice is the estimate: greedy, it writes what plain drift writes for this user
+        plain = c.post("/v1/chat/completions", json={**body, "n": 1, "personalization": {"method": "drift"}}).json()
+        assert r.json()["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        for bad in ({"n": 1}, {"personalization": {"method": "base", "alternatives": "explore"}},
+                    {"user": "nobody", "personalization": {"method": "drift", "alternatives": "explore"}}):
+            r = c.post("/v1/chat/completions", json={**body, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] in (
+                "personalization.alternatives", "personalization.method"), r.text
+        r = c.post("/v1/chat/completions", json={**body, "personalization": {"method": "drift", "alternatives": "x"}})
+        assert r.status_code == 400 and "alternatives" in r.text

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from personalign.decoding.loop import PromptTooLong, RequestPlan, plan_request
 from personalign.decoding.sampling import SamplingConfig
-from personalign.server.context import ChatMeta, ServerContext
+from personalign.learners.drift import thompson_profile
+from personalign.server.context import ChatMeta, Choice, ServerContext
 from personalign.server.errors import APIError
 from personalign.server.events import EventReader, usage
 from personalign.server.personalize import resolve
@@ -167,6 +168,31 @@ def _decoding(ctx: ServerContext, body: ChatRequest) -> tuple[int, list[str], Sa
     return max_tokens, stop, sampling
 
 
+def _explore(per_choice: list[Choice], seed: int | None) -> list[Choice]:
+    """``alternatives: explore``: the first choice decodes with the user's Drift estimate, each other one
+    with a draw of it (``thompson_profile``, seeded by the request's ``seed`` and the choice's index)."""
+    first = per_choice[0]
+    where = "personalization.alternatives"
+    if len(per_choice) < 2 or any(c.method != first.method for c in per_choice):
+        raise APIError(400, "`alternatives: explore` needs `n` >= 2 choices of one method.", param=where)
+    state = first.params.get("profile") if first.method == "drift" else None
+    if not isinstance(state, dict):
+        raise APIError(400, "`alternatives: explore` draws from the user's learned Drift weights: it needs method "
+                       "`drift` and a profile with feedback.", param=where)
+    base = secrets.randbits(31) if seed is None else seed
+    out = [first]
+    for i in range(1, len(per_choice)):
+        try:
+            draw = thompson_profile(state, base * 1009 + i)
+        except ValueError as e:
+            raise APIError(400, f"`alternatives: explore` {e}", param=where) from None
+        info = {**first.info, "alternative": "draw of the Drift weights"}
+        info["drift"] = {"num_pairs": draw.get("num_pairs"),
+                         "selected": {a["name"]: a["weight"] for a in draw.get("selected", [])}}
+        out.append(dataclasses.replace(first, params={**first.params, "profile": draw}, info=info))
+    return out
+
+
 async def _prepare_jobs(ctx: ServerContext, owner: str, body: ChatRequest) -> tuple[list[Job], ChatMeta]:
     """Check limits, resolve the user's personalization and build the engine jobs, one per choice (4xx on
     bad input)."""
@@ -189,6 +215,9 @@ async def _prepare_jobs(ctx: ServerContext, owner: str, body: ChatRequest) -> tu
     if n > lim.max_n:
         raise APIError(400, f"`n` must be an integer in [1, {lim.max_n}], got {n}.", param="n", code="too_many_choices")
     per_choice = resolved if len(resolved) > 1 else resolved * n
+    explore = body.personalization is not None and body.personalization.alternatives == "explore"
+    if explore:
+        per_choice = _explore(per_choice, body.seed)
     plans: dict[str, RequestPlan] = {}
     jobs: list[Job] = []
     loop = asyncio.get_running_loop()
@@ -197,17 +226,18 @@ async def _prepare_jobs(ctx: ServerContext, owner: str, body: ChatRequest) -> tu
         request = GenRequest(prompt=messages, preference=choice.preference, params=choice.params,
                              seed=choice_seed(body.seed, i), user=choice.user)
         method = choice.method
-        if method not in plans:
+        key = f"{method}/{i}" if explore else method  # a draw of the weights is a view set of its own
+        if key not in plans:
             try:  # validated and encoded ONCE per method: the engine and the loop reuse the plan
-                plans[method] = await ctx.db(plan_request, ctx.engine.methods[method], request, ctx.engine.backend,
-                                             ctx.engine.chat_template)
+                plans[key] = await ctx.db(plan_request, ctx.engine.methods[method], request, ctx.engine.backend,
+                                          ctx.engine.chat_template)
             except PromptTooLong as e:
                 raise APIError(400, f"{e} Shorten `messages`.", param="messages",
                                code="context_length_exceeded") from None
             except ValueError as e:
                 where = "personalization.preference" if "`preference`" in str(e) else "personalization"
                 raise APIError(400, f"method {method!r}: {e}", param=where) from None
-        plan = dataclasses.replace(plans[method], request=request)  # the same views; this choice's seed
+        plan = dataclasses.replace(plans[key], request=request)  # the same views; this choice's seed
         jobs.append(Job(method=method, request=request, max_tokens=max_tokens, sampling=sampling, stop=stop,
                         loop=loop, events=events, plan=plan))
     meta = ChatMeta(id="chatcmpl-" + secrets.token_hex(12), created=int(time.time()), user=per_choice[0].user,
