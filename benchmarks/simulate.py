@@ -1,28 +1,42 @@
-"""Simulated users: proof that answers move toward what a user keeps choosing, and how many choices it takes.
+"""Simulated users: does each learner move a user's answers toward what they keep choosing, and how fast?
 
-Each simulated user has a *hidden* preference that a programmatic judge measures (``JUDGES``): a
+Each simulated user has a *hidden* preference that a programmatic judge measures (``_judges``): a
 reply's word count (``concise``), its Flesch-Kincaid grade (``elementary``), its VADER sentiment
-(``friendly``), a trade-off of two metrics (``upbeat_brief``: sentiment minus words / 50, a judge no
-single surface metric captures), and a ``random`` control whose choices are coin flips. They talk to a
-**live** ``personalign serve`` (a subprocess on 127.0.0.1) through the official ``openai`` client.
+(``friendly``), a trade-off of two metrics (``upbeat_brief``: sentiment minus words / 50), two users
+whose preference no attribute of the Drift pool names (``listy``: list items; ``second_person``: the
+share of words addressing the reader, "you" and "your"), and a ``random`` control whose choices are
+coin flips. They talk to a **live** ``personalign serve`` (a subprocess on 127.0.0.1) through the
+official ``openai`` client, and no learner is told the answer:
 
-For each learner (``drift``: the user's Drift profile, learnt from feedback; ``pdpo``: the user's
-own P-DPO embedding, fitted from feedback for a user the checkpoint never saw) and each user, round
-after round: a training prompt, a request with ``n = 2`` sampled choices decoded by that learner,
-the user's choice by its hidden judge, ``POST /v1/feedback`` with ``completion_id`` and
-``chosen_index`` (folded before the next round). Every ``eval_every`` rounds (and at 0) the
-learner's greedy replies to the **held-out** prompts are scored on the hidden metric. References,
-once per user: ``base`` (knows nothing) and ``preference_prompting`` given the hidden preference
-in words (what the user would get by stating it).
+* ``drift``: the user's Drift profile over the **server's default pool** (whatever ``serve`` gives a
+  new user; its size and seed are recorded in ``results.md``). ``drift_oracle`` (off by default,
+  ``"oracle_pool": true``) gives the user a pool picked by hand to match the judges: it is labelled
+  "oracle pool" wherever it appears and is never a learner's result;
+* ``pdpo``: the user's own P-DPO embedding, fitted from their choices (a checkpoint trained once on
+  DSP pairs, the four domains as users; the simulated users are not among them);
+* ``drift_explore`` (not in the default run): ``drift`` whose two alternatives are the estimate and a
+  draw of it (``alternatives: explore``), against two samples of one estimate;
+* ``incontext_examples``, ``incontext_hypothesis``, ``incontext_both``: the ``incontext`` learner
+  (``learners.incontext``) in each form, decoding with ``preference_prompting`` from what it learned.
 
-Before the first choice a Drift user has no pairs to steer with: its alternatives and its 0-choice
-replies are ``base``'s. A P-DPO user starts at the checkpoint's generic embedding ``e_0``.
+Round after round: a training prompt (koala_eval_50), a request with ``n = 2`` sampled choices decoded
+by the learner, the user's choice by its hidden judge, ``POST /v1/feedback`` with ``completion_id`` and
+``chosen_index`` (folded before the next round). At each of ``evals`` (0, 2, 4, 8 and 16 choices)
+the learner's greedy replies to the **held-out** prompts (the first of
+``personal_preference_eval_preference_data.json``, a different source: none is used for training)
+are scored on the hidden metric. References, once: ``base`` (knows nothing) and
+``preference_prompting`` given the hidden preference in words (what stating it would give). Before a
+user's first choice Drift and the in-context learner have nothing to go on: their alternatives and
+0-choice replies are ``base``'s.
 
-Outputs under ``--out``: ``state.json`` (every reply's score; a rerun resumes where it stopped: rounds
-whose feedback is stored are not redone), ``server.db`` and ``server.log``, the P-DPO checkpoint
-(trained once by ``personalign train pdpo`` on DSP pairs, the four domains as users), and
-``results.md`` (the table) and ``curves.png`` (metric vs choices, mean and 95% CI over held-out
-prompts and seeds).
+Statistics are paired per held-out prompt: for each prompt, the learner's metric (the mean over seeds)
+minus base's on the same prompt, and minus the stated preference's, oriented so that positive is
+better for the user; the mean over prompts with a 95 % bootstrap interval (``scipy.stats.bootstrap``,
+10,000 resamples). For the random control the raw difference in words, which should stay near 0.
+
+Outputs under ``--out``: ``state.json`` (every reply; a rerun resumes where it stopped: rounds whose
+feedback is stored are not redone), ``server.db`` and ``server.log``, the P-DPO checkpoint,
+``results.md`` (the tables) and ``curves.png`` (metric vs choices).
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/simulate.py --out runs/simulate`` (the default config,
 ``DEFAULT``; ``--config FILE.json`` overrides any of its keys; ``--quick`` is a 2-round smoke run).
@@ -33,9 +47,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -52,31 +66,48 @@ SHARED = ROOT.parent / "shared"
 
 DEFAULT: dict[str, Any] = {
     "model": "smollm2",
-    "users": ["concise", "elementary", "friendly", "upbeat_brief", "random"],
-    "learners": ["drift", "pdpo"],
-    "rounds": 8,  # choices per user
-    "eval_every": 4,
-    "seeds": [0],
-    "train_prompts": 8,  # cycled through the rounds (koala_eval_50, the first ones)
-    "heldout_prompts": 6,  # the last prompts of koala_eval_50
-    "max_tokens": 32,
+    "users": ["concise", "elementary", "friendly", "upbeat_brief", "listy", "second_person", "random"],
+    "learners": ["drift", "pdpo", "incontext_examples", "incontext_hypothesis", "incontext_both"],
+    "oracle_pool": False,  # also run `drift_oracle`: a hand-picked pool matching the judges (labelled so)
+    "rounds": 16,  # choices per user
+    "evals": [0, 2, 4, 8, 16],  # choices after which the held-out prompts are answered
+    "seeds": [0, 1, 2],
+    "train_prompts": 16,  # cycled through the rounds (koala_eval_50, the first ones)
+    "heldout_prompts": 30,  # the first of personal_preference_eval_preference_data.json
+    "max_tokens": 48,
     "temperature": 1.0,  # the n = 2 alternatives
     "top_p": 0.95,
     "min_words": 3,  # a reply shorter than this is never kept over one that is not (see `choose`)
-    # the Drift attribute pool of the simulated users' profiles (a subset of the default 48, so that a
-    # choice folds in seconds on 2 CPU cores; docs/performance.md has the cost with all 48)
-    "drift_pool": ["concise", "detailed", "easy_words", "academic", "humorous", "optimistic"],
     "pdpo_train": {"pairs": 200, "max_steps": 10, "batch_size": 4, "lr": 1e-4, "max_response_tokens": 96},
     "fit_steps": 3,
     "fit_pairs": 4,
     "fold_share": 1.0,  # the server's --fold-share: folds may take as long as the decoding beside them
+    "serve_flags": [],  # extra `personalign serve` flags (none: the server's defaults)
 }
 
-PREFERENCES = {  # the hidden preference in words (P-SOUPS profiles; seed 001 Table 7), for the reference
+# the hand-picked pool of `drift_oracle`: chosen to match the judges, so never a learner's result
+ORACLE_POOL = ["concise", "detailed", "easy_words", "academic", "humorous", "optimistic"]
+
+# learner -> (the profile it gets, the method its replies decode with)
+LEARNERS: dict[str, tuple[dict[str, Any], str]] = {
+    "drift": ({"method": "drift", "learner": "drift"}, "drift"),
+    # Drift whose two alternatives are the estimate and a draw of it (``alternatives: explore``)
+    "drift_explore": ({"method": "drift", "learner": "drift"}, "drift"),
+    "drift_oracle": ({"method": "drift", "learner": "drift"}, "drift"),  # + the oracle pool (``create_profile``)
+    "pdpo": ({"method": "pdpo", "learner": "pdpo"}, "pdpo"),
+    **{f"incontext_{form}": ({"method": "preference_prompting", "learner": "incontext",
+                              "learner_params": {"form": form}}, "preference_prompting")
+       for form in ("examples", "hypothesis", "both")},
+}
+NOTHING_AT_FIRST = ("drift", "drift_explore", "drift_oracle", "incontext_examples", "incontext_hypothesis", "incontext_both")
+
+PREFERENCES = {  # the hidden preference in words, for the reference (P-SOUPS profiles; seed 001 Table 7)
     "concise": "Generate a response that is concise and to the point, without being verbose.",
     "elementary": "Generate a response that can be easily understood by an elementary school student.",
     "friendly": "Generate a response that is friendly, witty, funny, and humorous, like a close friend.",
     "upbeat_brief": "Generate a response that is cheerful and positive, and keep it short.",
+    "listy": "Generate a response organized as a list of short points.",
+    "second_person": "Generate a response that speaks directly to the reader, addressing them as \"you\".",
     "random": None,
 }
 
@@ -89,8 +120,24 @@ def _judges() -> dict[str, tuple[str, Any, int]]:
         "elementary": ("fk_grade", fk_grade, -1),
         "friendly": ("sentiment", sentiment, +1),
         "upbeat_brief": ("sentiment - words/50", lambda t: sentiment(t) - len(words_of(t)) / 50, +1),
+        "listy": ("list items", list_items, +1),
+        "second_person": ("you-words share", you_share, +1),
         "random": ("words", lambda t: len(words_of(t)), 0),
     }
+
+
+_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
+
+
+def list_items(text: str) -> int:
+    """Lines that start a list item (``-``, ``*``, ``•`` or ``1.``/``1)``)."""
+    return len(_ITEM.findall(text))
+
+
+def you_share(text: str) -> float:
+    """The share of words that address the reader: you, your, yours, yourself, yourselves."""
+    words = [w.lower() for w in words_of(text)]
+    return sum(w in ("you", "your", "yours", "yourself", "yourselves") for w in words) / max(1, len(words))
 
 
 def choose(scores: list[float], words: list[int], direction: int, rng: random.Random, min_words: int) -> int:
@@ -106,9 +153,13 @@ def choose(scores: list[float], words: list[int], direction: int, rng: random.Ra
 
 
 def prompts(cfg: dict) -> tuple[list[str], list[str]]:
+    """Training prompts (koala_eval_50) and held-out ones (personal_preference_eval): two sources."""
     rows = json.loads((SHARED / "data" / "prompts" / "koala_eval_50.json").read_text())
-    allp = [r["prompt"] for r in rows if len(r["prompt"]) < 300]
-    return allp[: cfg["train_prompts"]], allp[-cfg["heldout_prompts"]:]
+    train = [r["prompt"] for r in rows if len(r["prompt"]) < 300][: cfg["train_prompts"]]
+    rows = json.loads((SHARED / "data" / "prompts" / "personal_preference_eval_preference_data.json").read_text())
+    heldout = [r["question"].strip() for r in rows][: cfg["heldout_prompts"]]
+    assert not set(train) & set(heldout)
+    return train, heldout
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -134,16 +185,18 @@ def ensure_checkpoint(cfg: dict, out: Path) -> Path:
     return ckpt
 
 
-def start_server(cfg: dict, ckpt: Path, out: Path) -> tuple[subprocess.Popen, str]:
+def start_server(cfg: dict, ckpt: Path | None, out: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PERSONALIGN_ADMIN_KEY": "simulate-admin"}
     log = (out / "server.log").open("a")
-    proc = subprocess.Popen([sys.executable, "-m", "personalign", "serve", "--model", cfg["model"], "--checkpoint",
-                             str(ckpt), "--db", f"sqlite:///{out / 'server.db'}", "--port", str(port),
+    served = ["--checkpoint", str(ckpt)] if ckpt is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "personalign", "serve", "--model", cfg["model"], *served,
+                             "--db", f"sqlite:///{out / 'server.db'}", "--port", str(port),
                              "--max-batch", "16", "--model-id", "m", "--fit-steps", str(cfg["fit_steps"]), "--fit-pairs",
-                             str(cfg["fit_pairs"]), "--fold-share", str(cfg["fold_share"])], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(cfg["fit_pairs"]), "--fold-share", str(cfg["fold_share"]), *cfg["serve_flags"]],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     import httpx
 
     url = f"http://127.0.0.1:{port}"
@@ -230,8 +283,9 @@ class Sim:
     def create_profile(self, uid: str, learner: str) -> None:
         if self.http.get(f"/v1/profiles/{uid}").status_code == 200:
             return
-        # every choice folds into the user's Drift profile (the server always learns it); the pool is set
-        body: dict[str, Any] = {"user": uid, "method": learner, "drift_profile": self.empty_drift}
+        body: dict[str, Any] = {"user": uid, **LEARNERS[learner][0]}
+        if learner == "drift_oracle":
+            body["drift_profile"] = self.oracle_drift
         r = self.http.post("/v1/profiles", json=body)
         r.raise_for_status()
 
@@ -242,23 +296,26 @@ class Sim:
         self.create_profile(uid, learner)
         rng = random.Random(f"{uid}")
         direction = self.judges[judge][2]
+        method = LEARNERS[learner][1]
         for rnd in range(self.cfg["rounds"] + 1):
-            if rnd % self.cfg["eval_every"] == 0 and str(rnd) not in rec["evals"]:
-                if learner == "drift" and rnd == 0:  # no pair yet: Drift has nothing to steer with
+            if rnd in self.cfg["evals"] and str(rnd) not in rec["evals"]:
+                if learner in NOTHING_AT_FIRST and rnd == 0:  # nothing learned yet: base's replies
                     rec["evals"]["0"] = list(self.state["references"]["base"])
                     self.tick(len(self.heldout))
                 else:
-                    rec["evals"][str(rnd)] = self.evaluate(uid, {"method": learner})
+                    rec["evals"][str(rnd)] = self.evaluate(uid, {"method": method})
                 self.save()
             if rnd == self.cfg["rounds"]:
                 break
             fid = f"{uid}-r{rnd}"
             if self.http.get(f"/v1/feedback/{fid}").status_code == 200:
                 continue  # done before a restart
-            method = "base" if learner == "drift" and rnd == 0 else learner
+            use = {"method": "base" if learner in NOTHING_AT_FIRST and rnd == 0 else method}
+            if learner == "drift_explore" and rnd > 0:
+                use["alternatives"] = "explore"
             prompt = self.train[rnd % len(self.train)]
             for attempt in range(5):  # identical alternatives cannot be compared: sample again
-                comp = self.chat(prompt, uid, {"method": method}, n=2, seed=1000 * seed + 10 * rnd + attempt)
+                comp = self.chat(prompt, uid, use, n=2, seed=1000 * seed + 10 * rnd + attempt)
                 texts = [c.message.content for c in comp.choices]
                 if texts[0].strip() != texts[1].strip():
                     break
@@ -274,39 +331,65 @@ class Sim:
     def run(self) -> None:
         from tqdm import tqdm
 
-        from personalign.personas.attributes import default_pool
-        from personalign.personas.drift import DriftProfile
-        from personalign.personas.identity import steer_identity
-        from personalign.views import load_model
-
-        lm = load_model(self.cfg["model"], dtype="float32")
-        self.empty_drift = DriftProfile.empty(steer_identity(lm.model, lm.tokenizer),
-                                              default_pool().select(self.cfg["drift_pool"]),
-                                              chat_template=lm.tokenizer.chat_template is not None).to_dict()
-        del lm
         cfg = self.cfg
-        jobs = [(le, j, s) for s in cfg["seeds"] for le in cfg["learners"] for j in cfg["users"]]
-        evals = len(range(0, cfg["rounds"] + 1, cfg["eval_every"]))
+        health = self.http.get("/health").json()
+        self.state["server"] = {"learners": health.get("learners"), "methods": health.get("methods")}
+        if cfg["oracle_pool"]:
+            from personalign.personas.attributes import default_pool
+            from personalign.personas.drift import DriftProfile
+            from personalign.personas.identity import steer_identity
+            from personalign.views import load_model
+
+            lm = load_model(cfg["model"], dtype="float32")
+            self.oracle_drift = DriftProfile.empty(steer_identity(lm.model, lm.tokenizer),
+                                                   default_pool().select(ORACLE_POOL),
+                                                   chat_template=lm.tokenizer.chat_template is not None).to_dict()
+            del lm
+        learners = [*cfg["learners"], *(["drift_oracle"] if cfg["oracle_pool"] else [])]
+        jobs = [(le, j, s) for s in cfg["seeds"] for le in learners for j in cfg["users"]]
         n_refs = 1 + sum(PREFERENCES[j] is not None for j in cfg["users"])
-        total = n_refs * len(self.heldout) + len(jobs) * (cfg["rounds"] + evals * len(self.heldout))
+        total = n_refs * len(self.heldout) + len(jobs) * (cfg["rounds"] + len(cfg["evals"]) * len(self.heldout))
         done = len(self.state.get("references", {})) * len(self.heldout) + sum(
             len(u["choices"]) + len(u["evals"]) * len(self.heldout) for u in self.state.get("users", {}).values())
         self.bar = tqdm(total=total, initial=done, desc="simulate (requests)", unit="req", smoothing=0.05)
         self.references()
-        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # users talk at once
+        with concurrent.futures.ThreadPoolExecutor(min(len(jobs), 16)) as pool:  # users talk at once
             for f in concurrent.futures.as_completed([pool.submit(self.run_user, *j) for j in jobs]):
                 f.result()
         self.bar.close()
+        pool_info = self.http.get(f"/v1/profiles/{self.user_id('drift', cfg['users'][0], cfg['seeds'][0])}")
+        if "drift" in cfg["learners"] and pool_info.status_code == 200:
+            dp = pool_info.json().get("drift_profile") or {}
+            self.state["drift_pool"] = sorted(dp.get("weights") or {})
+        self.save()
 
 
 # ----------------------------------------------------------------------------- report
-def ci95(xs: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, 0.0
+def paired(diffs: list[float]) -> tuple[float, float, float]:
+    """The mean of per-prompt differences and its 95 % bootstrap interval (percentile, 10,000 resamples)."""
+    import numpy as np
     from scipy import stats
 
-    return m, float(stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)))
+    x = np.asarray(diffs, dtype=float)
+    if len(x) < 2 or np.all(x == x[0]):
+        return float(x.mean()), float(x.mean()), float(x.mean())
+    ci = stats.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
+                         random_state=0).confidence_interval
+    return float(x.mean()), float(ci.low), float(ci.high)
+
+
+def _fmt(m: float, lo: float, hi: float) -> str:
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{m:+.3g} [{lo:+.3g}, {hi:+.3g}]{mark}"
+
+
+def per_prompt(state: dict, fn: Any, learner: str, judge: str, rnd: int) -> list[float] | None:
+    """The learner's metric on each held-out prompt after ``rnd`` choices, the mean over seeds."""
+    runs = [u["evals"][str(rnd)] for u in state["users"].values()
+            if u["learner"] == learner and u["judge"] == judge and str(rnd) in u["evals"]]
+    if not runs:
+        return None
+    return [statistics.fmean(fn(r[i]) for r in runs) for i in range(len(runs[0]))]
 
 
 def report(cfg: dict, out: Path, wall: float) -> str:
@@ -319,49 +402,81 @@ def report(cfg: dict, out: Path, wall: float) -> str:
     state = json.loads((out / "state.json").read_text())
     judges = _judges()
     refs = state["references"]
-    rounds = list(range(0, cfg["rounds"] + 1, cfg["eval_every"]))
-    last = str(rounds[-1])
-    lines = [f"device: CPU, {os.cpu_count()} cores, torch {torch.__version__}; model {cfg['model']}; "
+    learners = [*cfg["learners"], *(["drift_oracle"] if cfg["oracle_pool"] else [])]
+    label = {le: (f"{le} (oracle pool)" if le == "drift_oracle" else le) for le in learners}
+    pool = state.get("drift_pool")
+    lines = [f"device: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; model {cfg['model']}; "
              f"{len(cfg['seeds'])} seed(s), {cfg['heldout_prompts']} held-out prompts, {cfg['rounds']} choices per "
-             f"user; wall time {state.get('wall_s', wall) / 60:.1f} min (the loop, summed over resumes)", "",
-             f"| user (hidden metric, better) | base | stated preference | learner | 0 choices | {last} choices | "
-             "share of the way base → stated (at the end) |", "|---|---|---|---|---|---|---|"]
+             f"user; wall time {state.get('wall_s', wall) / 60:.1f} min (the loop, summed over resumes)",
+             f"drift pool (the server's default for a new user): {len(pool)} attributes: {', '.join(pool)}" if pool
+             else "drift pool: —", "",
+             "Per held-out prompt, the learner minus the reference, oriented so that + is better for the user "
+             "(random: the raw difference in words); mean [95 % bootstrap interval]; * the interval excludes 0.", "",
+             "| user (hidden metric) | learner | " + " | ".join(f"− base, {r} choices" for r in cfg["evals"][1:]) +
+             " | − stated, " + str(_at(cfg, 8)) + " choices | − stated, " + str(cfg["evals"][-1]) + " choices |",
+             "|---|---|" + "---|" * (len(cfg["evals"]) - 1) + "---|---|"]
+    beats_base: dict[str, dict] = {}  # directed user -> learner -> (mean, lo, hi) vs base at 8 choices
+    matches: dict[str, dict] = {}  # ... vs the stated preference
+    random_ok: dict[str, dict] = {}  # the random control's change
     fig, axes = plt.subplots(1, len(cfg["users"]), figsize=(4.2 * len(cfg["users"]), 3.6), squeeze=False)
     for ax, judge in zip(axes[0], cfg["users"]):
         metric, fn, direction = judges[judge]
+        sign = direction or 1
         base = [fn(t) for t in refs["base"]]
-        b_m, b_h = ci95(base)
         ref = refs.get(f"preference_prompting/{judge}")
-        r_m = ci95([fn(t) for t in ref])[0] if ref else None
-        ax.axhline(b_m, color="gray", ls="--", label="base")
-        if r_m is not None:
-            ax.axhline(r_m, color="black", ls=":", label="stated preference")
-        for learner in cfg["learners"]:
-            per_round = {r: [] for r in rounds}
-            for u in state["users"].values():
-                if u["learner"] == learner and u["judge"] == judge:
-                    for r in rounds:
-                        per_round[r] += [fn(t) for t in u["evals"].get(str(r), [])]
-            pts = [(r, *ci95(v)) for r, v in per_round.items() if v]
-            if not pts:
-                continue
-            xs, ms, hs = zip(*pts)
-            ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=learner)
-            m0, m_end = ms[0], ms[-1]
-            if r_m is None:
-                share = "—"
-            elif abs(r_m - b_m) <= b_h:  # stating the preference did not move the metric out of base's CI
-                share = f"— (stated within base's CI; {'beyond' if direction * (m_end - r_m) > 0 else 'short of'} it)"
-            else:
-                share = f"{100 * (m_end - b_m) / (r_m - b_m):+.0f} %"
-            h_end = hs[-1]
+        stated = [fn(t) for t in ref] if ref else None
+        ax.axhline(statistics.fmean(base), color="gray", ls="--", label="base")
+        if stated is not None:
+            ax.axhline(statistics.fmean(stated), color="black", ls=":", label="stated preference")
+        for learner in learners:
+            cells, xs, ms = [], [], []
+            for rnd in cfg["evals"]:
+                v = per_prompt(state, fn, learner, judge, rnd)
+                if v is not None:
+                    xs.append(rnd)
+                    ms.append(statistics.fmean(v))
+                if rnd == 0:
+                    continue
+                if v is None:
+                    cells.append("—")
+                    continue
+                got = paired([sign * (a - b) for a, b in zip(v, base)])
+                cells.append(_fmt(*got))
+                if rnd == _at(cfg, 8) and learner != "drift_oracle":
+                    (random_ok if direction == 0 else beats_base).setdefault(judge, {})[learner] = got
+            vs_stated = []
+            for rnd in (_at(cfg, 8), cfg["evals"][-1]):
+                v = per_prompt(state, fn, learner, judge, rnd)
+                if v is None or stated is None:
+                    vs_stated.append("—")
+                    continue
+                got = paired([sign * (a - b) for a, b in zip(v, stated)])
+                vs_stated.append(_fmt(*got))
+                if rnd == _at(cfg, 8) and learner != "drift_oracle":
+                    matches.setdefault(judge, {})[learner] = got
+            if xs:
+                ax.plot(xs, ms, marker="o", label=label[learner])
             better = {-1: "lower", 1: "higher", 0: "random choices"}[direction]
-            lines.append(f"| {judge} ({metric}, {better}) | {b_m:.3g} ± {b_h:.2g} | "
-                         f"{'—' if r_m is None else f'{r_m:.3g}'} | {learner} | {m0:.3g} | {m_end:.3g} ± {h_end:.2g} | "
-                         f"{share} |")
+            lines.append(f"| {judge} ({metric}, {better}) | {label[learner]} | " + " | ".join(cells) + " | " +
+                         " | ".join(vs_stated) + " |")
         ax.set_title(f"{judge}: {metric}")
         ax.set_xlabel("choices")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+    at = _at(cfg, 8)
+    directed = [j for j in cfg["users"] if judges[j][2] != 0]
+    better = {j: sorted(le for le, (_, lo, _) in beats_base.get(j, {}).items() if lo > 0) for j in directed}
+    level = {j: sorted(le for le, (_, _, hi) in matches.get(j, {}).items() if hi >= 0) for j in directed}
+    lines += ["", f"Targets, after {at} choices (the oracle pool never counts):",
+              f"- some learner better than base (interval above 0): {sum(bool(v) for v in better.values())} of "
+              f"{len(directed)} directed users (" + "; ".join(f"{j}: {', '.join(v) or 'none'}" for j, v in better.items())
+              + ")",
+              f"- some learner matching or beating the stated preference (interval of learner − stated not below 0): "
+              f"{sum(bool(v) for v in level.values())} of {len(directed)} (" +
+              "; ".join(f"{j}: {', '.join(v) or 'none'}" for j, v in level.items()) + ")"]
+    for j, per in random_ok.items():
+        inside = sorted(le for le, (_, lo, hi) in per.items() if lo <= 0 <= hi)
+        lines.append(f"- the {j} control's change in words within an interval around 0: {len(inside)} of {len(per)} "
+                     f"learners ({', '.join(inside) or 'none'})")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
     text = "\n".join(lines) + "\n"
@@ -369,18 +484,34 @@ def report(cfg: dict, out: Path, wall: float) -> str:
     return text
 
 
+def _at(cfg: dict, n: int) -> int:
+    """The evaluation point nearest ``n`` choices (the targets are read at 8)."""
+    return min(cfg["evals"], key=lambda r: abs(r - n))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/simulate", help="output directory (a rerun resumes from its state)")
     ap.add_argument("--config", help="JSON file overriding keys of the default config")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds, 2 held-out prompts, 2 users")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds, 3 held-out prompts, 2 users")
     ap.add_argument("--model", help="the served model (default: the config's)")
     a = ap.parse_args()
     cfg = json.loads(json.dumps(DEFAULT))
     if a.quick:
-        cfg.update(rounds=2, eval_every=2, heldout_prompts=2, train_prompts=2, users=["concise", "random"],
-                   max_tokens=12, pdpo_train={**cfg["pdpo_train"], "pairs": 8, "max_steps": 1, "batch_size": 2,
-                                              "max_response_tokens": 16})
+        cfg.update(rounds=2, evals=[0, 2], heldout_prompts=3, train_prompts=2, users=["concise", "random"], seeds=[0],
+                   learners=["drift", "pdpo", "incontext_both"], max_tokens=12,
+                   pdpo_train={**cfg["pdpo_train"], "pairs": 8, "max_steps": 1, "batch_size": 2,
+                               "max_response_tokens": 16})
     if a.config:
         extra = json.loads(Path(a.config).read_text())
         unknown = sorted(set(extra) - set(DEFAULT))
@@ -392,11 +523,17 @@ def main() -> int:
     for u in cfg["users"]:
         if u not in PREFERENCES:
             ap.error(f"unknown simulated user {u!r}; valid: {sorted(PREFERENCES)}")
+    for le in cfg["learners"]:
+        if le not in LEARNERS or le == "drift_oracle":
+            ap.error(f"unknown learner {le!r}; valid: {sorted(set(LEARNERS) - {'drift_oracle'})} (the oracle pool: "
+                     "\"oracle_pool\": true)")
+    if sorted(set(cfg["evals"])) != cfg["evals"] or cfg["evals"][0] != 0 or cfg["evals"][-1] != cfg["rounds"]:
+        ap.error("`evals` must rise from 0 to `rounds`")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     t0 = time.perf_counter()
-    ckpt = ensure_checkpoint(cfg, out)
+    ckpt = ensure_checkpoint(cfg, out) if "pdpo" in cfg["learners"] else None  # trained only where it is used
     proc, url = start_server(cfg, ckpt, out)
     try:
         Sim(cfg, out, url).run()

@@ -64,7 +64,7 @@ class DriftLearnerConfig:
         top_m: attributes a profile decodes with.
     """
 
-    pool_size: int = 0
+    pool_size: int = 16
     pool_seed: int = 0
     max_response_tokens: int = drift.FIT_RESPONSE_TOKENS
     top_m: int = 7

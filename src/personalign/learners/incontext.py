@@ -43,6 +43,7 @@ from personalign.learners.base import (
     Tasks,
     Undo,
 )
+from personalign.personas.prompts import build_prompt_ids
 
 __all__ = ["InContextLearner", "InContextConfig", "hypothesis_window", "hypothesis_messages", "rank_examples",
            "FORMS"]
@@ -191,7 +192,31 @@ class InContextLearner(Learner):
         if based and since < plan.hypothesis_every:
             return {}
         window = [item, *prior[: plan.hypothesis_items - 1]]
-        text = await tasks.generate(hypothesis_messages(window, plan.example_chars), plan.hypothesis_tokens)
+        return await self._infer(window, plan, tasks)
+
+    def _bounded(self, window: Sequence[Item], cfg: InContextConfig) -> list[dict[str, str]] | None:
+        """The inference chat, fitted to the model's context with room for the answer: the oldest choices
+        go first, then each text is clipped shorter; None when not even one short choice fits."""
+        tok = self.env.backend.tokenizer("main")
+        room = (self.env.backend.context_length("main") or 1 << 16) - cfg.hypothesis_tokens - 1
+        items, chars = list(window), cfg.example_chars
+        while True:
+            msgs = hypothesis_messages(items, chars)
+            if len(build_prompt_ids(tok, msgs, chat_template=self.env.chat_template)) <= room:
+                return msgs
+            if len(items) > 1:
+                items = items[:-1]
+            elif chars > 32:
+                chars //= 2
+            else:
+                return None
+
+    async def _infer(self, window: Sequence[Item], cfg: InContextConfig, tasks: Tasks) -> dict[str, Any] | None:
+        """A new hypothesis from ``window`` (newest first); {} when nothing fits the context."""
+        msgs = self._bounded(window, cfg)
+        if msgs is None:
+            return {}
+        text = await tasks.generate(msgs, cfg.hypothesis_tokens)
         if text is None:
             return None
         return {"hypothesis": _first_sentence(text), "based_on": [f.feedback_id for f in window]}
@@ -225,19 +250,21 @@ class InContextLearner(Learner):
         by_id = {f.feedback_id: f for f in items}
         if not window:
             return {}, {**state, "hypothesis": None, "based_on": [], "choices": len(items)}
-        text = await tasks.generate(hypothesis_messages([by_id[i] for i in window], cfg.example_chars),
-                                    cfg.hypothesis_tokens)
-        if text is None:
+        got = await self._infer([by_id[i] for i in window], cfg, tasks)
+        if got is None:
             return None
-        return {}, {**state, "hypothesis": _first_sentence(text), "based_on": window, "choices": len(items)}
+        return {}, {**state, "hypothesis": None, **got, "based_on": window, "choices": len(items)}
 
     # -------------------------------------------------------------- requests
     async def request(self, state: dict[str, Any] | None, view: RequestView) -> Contribution:
-        if self.usable(view.method_obj) is not None:
+        """The learned text, for a user whose learner this is and a method that reads a preference."""
+        if view.profile.get("learner") != self.name or self.usable(view.method_obj) is not None:
             return Contribution()
         cfg = self.config_for(view.profile)
         tok = self.env.backend.tokenizer("main")
-        budget = cfg.max_tokens
+        ctx = self.env.backend.context_length("main")
+        limit = cfg.max_tokens if ctx is None else min(cfg.max_tokens, ctx // 4)  # the prompt keeps its room
+        budget = limit
         parts: list[str] = []
         hyp = (state or {}).get("hypothesis") if cfg.hypothesis else None
         if hyp:
@@ -270,7 +297,7 @@ class InContextLearner(Learner):
         learned = "\n".join(parts)
         text = learned if not view.stated else f"{view.stated}\n\n{learned}"
         return Contribution(preference=text, info={"incontext": {
-            "hypothesis": hyp, "examples": used, "tokens": cfg.max_tokens - budget, "form": cfg.form}})
+            "hypothesis": hyp, "examples": used, "tokens": limit - budget, "form": cfg.form}})
 
 
 def _count(tokenizer: Any, text: str) -> int:

@@ -12,7 +12,9 @@ server default (``base``; ``preference_prompting`` when only a preference is kno
   hypothesis and examples as the preference text (after the stated one); a ``pdpo`` request of a
   profile without a ``pdpo_user_id`` decodes as the user of the same id (the ``user`` field or
   ``profile_id``), a user the checkpoint never saw getting the generic user embedding;
-* a profile whose learner is ``incontext`` and names no method decodes with ``preference_prompting``.
+* a profile whose learner is ``incontext`` and names no method decodes with ``preference_prompting`` once
+  that learner holds something (``base`` before); a method that reads a preference, for such a user with
+  nothing learned and nothing stated, is a 400 (``nothing_learned_yet``).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Cho
                            param="personalization.methods")
         methods = [(m, f"personalization.methods[{i}]") for i, m in enumerate(pers.methods)]
     else:
-        reads = bool(preference) or (profile or {}).get("learner") == "incontext"
+        # a user whose in-context learner has learned something is answered from it
+        reads = bool(preference) or ((profile or {}).get("learner") == "incontext" and bool(profile.get("incontext")))
         method = (pers.method if pers is not None and pers.method else None) or (profile or {}).get("method") or \
             ("preference_prompting" if reads and "preference_prompting" in ctx.engine.methods else "base")
         methods = [(method, "personalization.method")]
@@ -143,6 +146,11 @@ async def resolve(ctx: ServerContext, owner: str, body: ChatRequest) -> list[Cho
             check_params(ctx.engine.methods[method], pers.params(), "personalization")
             check_text_params(ctx, pers.params(), "personalization")
             params.update(pers.params())
+        if got.preference is None and profile is not None and profile.get("learner") == "incontext" and \
+                getattr(ctx.engine.methods[method], "reads_preference", False):
+            raise APIError(400, f"user {profile['user']!r}'s in-context learner has learned nothing yet and no preference "
+                           "is stated: post feedback (POST /v1/feedback), state a preference, or ask for method "
+                           "`base`.", param="personalization.method", code="nothing_learned_yet")
         info = {"method": method, "preference": got.preference, "profile_id": profile["user"] if profile else None,
                 "params": {k: v for k, v in params.items() if k not in ("profile", "user_embedding") and _jsonable(v)},
                 **got.info}
