@@ -255,7 +255,7 @@ class Sim:
 
     def evaluate(self, user: str | None, personalization: dict) -> list[str]:
         """Greedy replies to every held-out prompt, sent at once (the engine batches them)."""
-        with concurrent.futures.ThreadPoolExecutor(len(self.heldout)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(min(len(self.heldout), 8)) as pool:
             replies = list(pool.map(lambda p: self.chat(p, user, personalization, greedy=True)
                                     .choices[0].message.content, self.heldout))
         self.tick(len(self.heldout))
@@ -353,7 +353,9 @@ class Sim:
             len(u["choices"]) + len(u["evals"]) * len(self.heldout) for u in self.state.get("users", {}).values())
         self.bar = tqdm(total=total, initial=done, desc="simulate (requests)", unit="req", smoothing=0.05)
         self.references()
-        with concurrent.futures.ThreadPoolExecutor(min(len(jobs), 16)) as pool:  # users talk at once
+        # users talk at once: 6 of them, each with up to 8 requests in flight, stay under the server's
+        # connections per client (64)
+        with concurrent.futures.ThreadPoolExecutor(min(len(jobs), 6)) as pool:
             for f in concurrent.futures.as_completed([pool.submit(self.run_user, *j) for j in jobs]):
                 f.result()
         self.bar.close()

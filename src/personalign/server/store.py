@@ -51,7 +51,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personalign.learners import LEARNERS, state_fields
 from personalign.server.store_migrate import add_missing_columns, migrate_ids, migrate_learner_states
 from personalign.server.store_tables import (
     PROFILE_FIELDS,
@@ -65,6 +64,8 @@ from personalign.server.store_tables import (
     StoreMeta,
     feedback_record,
     profile_dict,
+    read_states,
+    write_states,
 )
 
 __all__ = ["Store", "hash_key", "new_key", "ProfileConflict", "FeedbackConflict", "ChoiceConflict", "StoredFeedback",
@@ -292,8 +293,8 @@ class Store:
                 p = Profile(owner=owner, user_id=user_id, created_at=now, updated_at=now, version=1, **values)
                 s.add(p)
                 s.flush()
-                _write_states(s, owner, user_id, fields)
-                return profile_dict(p, _states(s, owner, user_id))
+                write_states(s, owner, user_id, fields)
+                return profile_dict(p, read_states(s, owner, user_id))
             return self._tx(fn)
         except IntegrityError:
             return None
@@ -301,7 +302,7 @@ class Store:
     def get_profile(self, owner: str, user_id: str) -> dict[str, Any] | None:
         def fn(s: Session) -> dict[str, Any] | None:
             p = s.scalar(select(Profile).where(Profile.owner == owner, Profile.user_id == user_id))
-            return profile_dict(p, _states(s, owner, user_id)) if p is not None else None
+            return profile_dict(p, read_states(s, owner, user_id)) if p is not None else None
         return self._read(fn)
 
     def list_profiles(self, owner: str, limit: int = 100, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
@@ -310,7 +311,7 @@ class Store:
             q = select(Profile).where(Profile.owner == owner)
             if after is not None:
                 q = q.where(Profile.user_id > after)
-            rows = [profile_dict(p, _states(s, owner, p.user_id))
+            rows = [profile_dict(p, read_states(s, owner, p.user_id))
                     for p in s.scalars(q.order_by(Profile.user_id).limit(limit + 1))]
             return rows[:limit], len(rows) > limit
         return self._read(fn)
@@ -324,11 +325,11 @@ class Store:
             for k, v in fields.items():
                 if k in PROFILE_FIELDS:
                     setattr(p, k, v)
-            _write_states(s, owner, user_id, fields)
+            write_states(s, owner, user_id, fields)
             p.version += 1
             p.updated_at = time.time()
             s.flush()
-            return profile_dict(p, _states(s, owner, user_id))
+            return profile_dict(p, read_states(s, owner, user_id))
         return self._tx(fn)
 
     def delete_profile(self, owner: str, user_id: str, *, keep_history: bool = False) -> dict[str, int] | None:
@@ -576,34 +577,7 @@ def _apply_profile_update(s: Session, owner: str, user_id: str, profile_update: 
     )
     if res.rowcount != 1:
         raise ProfileConflict(user_id)
-    _write_states(s, owner, user_id, profile_update)
-
-
-def _states(s: Session, owner: str, user_id: str) -> dict[str, Any]:
-    """Learner name -> state of one user."""
-    q = select(LearnerState.learner, LearnerState.state).where(LearnerState.owner == owner,
-                                                                 LearnerState.user_id == user_id)
-    return {name: state for name, state in s.execute(q)}
-
-
-def _write_states(s: Session, owner: str, user_id: str, fields: dict[str, Any]) -> None:
-    """Write the learner states among ``fields`` (by profile field; None deletes the state)."""
-    names = state_fields()
-    for f, value in fields.items():
-        if f not in names:
-            continue
-        learner = names[f]
-        row = s.scalar(select(LearnerState).where(LearnerState.owner == owner, LearnerState.user_id == user_id,
-                                                  LearnerState.learner == learner))
-        if value is None:
-            if row is not None:
-                s.delete(row)
-        elif row is None:
-            s.add(LearnerState(owner=owner, user_id=user_id, learner=learner, state=value,
-                               format=LEARNERS.get(learner).format, updated_at=time.time()))
-        else:
-            row.state, row.updated_at = value, time.time()
-    s.flush()
+    write_states(s, owner, user_id, profile_update)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from personalign.learners import state_fields
+from personalign.learners import LEARNERS, state_fields
 from personalign.personas.drift import PreferencePair
 
 __all__ = ["Base", "ApiKey", "Profile", "LearnerState", "Completion", "Feedback", "StoreMeta", "StoredFeedback", "PROFILE_FIELDS",
-           "profile_dict", "feedback_record", "drift_prompt"]
+           "profile_dict", "feedback_record", "drift_prompt", "read_states", "write_states"]
 
 
 def drift_prompt(messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
@@ -181,3 +193,30 @@ def feedback_record(f: Feedback) -> StoredFeedback:
     return StoredFeedback(f.feedback_id, f.user_id, f.prompt, f.chosen, f.rejected, f.completion_id, f.folded,
                           f.created_at, f.fold_error, f.chosen_index, tuple(f.also_rejected or ()), f.learned,
                           f.pk)
+
+
+def read_states(s: Session, owner: str, user_id: str) -> dict[str, Any]:
+    """Learner name -> state of one user."""
+    q = select(LearnerState.learner, LearnerState.state).where(LearnerState.owner == owner,
+                                                                 LearnerState.user_id == user_id)
+    return {name: state for name, state in s.execute(q)}
+
+
+def write_states(s: Session, owner: str, user_id: str, fields: dict[str, Any]) -> None:
+    """Write the learner states among ``fields`` (by profile field; None deletes the state)."""
+    names = state_fields()
+    for f, value in fields.items():
+        if f not in names:
+            continue
+        learner = names[f]
+        row = s.scalar(select(LearnerState).where(LearnerState.owner == owner, LearnerState.user_id == user_id,
+                                                  LearnerState.learner == learner))
+        if value is None:
+            if row is not None:
+                s.delete(row)
+        elif row is None:
+            s.add(LearnerState(owner=owner, user_id=user_id, learner=learner, state=value,
+                               format=LEARNERS.get(learner).format, updated_at=time.time()))
+        else:
+            row.state, row.updated_at = value, time.time()
+    s.flush()
