@@ -17,8 +17,8 @@ import pytest
 import torch
 from tests.numerics import drift_weights_atol
 
+from personalign.learners.drift import DriftLearnerConfig
 from personalign.personas import drift
-from personalign.personas.attributes import default_pool
 from personalign.personas.identity import steer_identity
 from personalign.records import choice_pairs
 from personalign.server.folding import drift_prompt, item_pair_id
@@ -174,7 +174,7 @@ def test_a_choice_folds_n_minus_one_pairs_as_add_choice_does(live, client):
 
     # the same fold through the Python API, on the same model
     be = live.backend
-    local = drift.DriftProfile.empty(steer_identity(be.models["main"], be.tokenizer()), default_pool())
+    local = drift.DriftProfile.empty(steer_identity(be.models["main"], be.tokenizer()), DriftLearnerConfig().pool)
     assert local.add_choice(be, drift_prompt(MSG), choices, 1) == added
     served = drift.DriftProfile.from_dict(prof)
     keep = [served.pair_ids.index(i) for i in ids]

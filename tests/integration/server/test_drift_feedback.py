@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from personalign.learners.drift import DriftLearnerConfig
+
 drift = pytest.importorskip("personalign.personas.drift", reason="the Drift profile API is not on this branch")
 
 from tests.numerics import drift_weights_atol  # noqa: E402
@@ -21,6 +23,7 @@ from personalign.types import Request  # noqa: E402
 PAIRS = [("tell me a story", "the cat was very happy and kind", "the dog was sad"),
          ("what is the sky", "the sky is blue", "no , the sky is big and old and cold")]
 MSG = [{"role": "user", "content": "tell me a story about the moon"}]
+POOL = DriftLearnerConfig().pool  # the pool a new user's profile scores (the server's default)
 
 
 def _weights(d: dict) -> torch.Tensor:
@@ -43,7 +46,7 @@ def test_feedback_updates_drift_online_and_the_next_request_uses_it(live):
             assert r.status_code == 201 and r.json()["folded"] is True, r.text
             pairs.append(drift.PreferencePair(prompt, chosen, rejected))
             stored = c.get("/v1/profiles/gina").json()["drift_profile"]
-            fitted = drift.fit_profile(live.backend, pairs).to_dict()
+            fitted = drift.fit_profile(live.backend, pairs, POOL).to_dict()  # a new user's pool on the server
             assert stored["num_pairs"] == len(pairs)
             # the server scored each pair alone, the fit all at once: float32 rounding of the forwards
             atol = drift_weights_atol(live.backend, pairs, float(drift.DriftProfile.from_dict(fitted).v.norm()))
@@ -58,7 +61,7 @@ def test_feedback_updates_drift_online_and_the_next_request_uses_it(live):
         assert c.delete("/v1/feedback/g1").json()["unfolded"] is True
         stored = c.get("/v1/profiles/gina").json()["drift_profile"]
         assert stored["num_pairs"] == 1
-        one = drift.fit_profile(live.backend, pairs[:1]).to_dict()
+        one = drift.fit_profile(live.backend, pairs[:1], POOL).to_dict()
         atol = drift_weights_atol(live.backend, pairs[:1], float(drift.DriftProfile.from_dict(one).v.norm()))
         assert float((_weights(stored) - _weights(one)).abs().max()) <= atol
 
