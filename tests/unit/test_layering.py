@@ -20,6 +20,7 @@ LAYERS = [
     {"training"},
     {"decoding"},
     {"methods"},
+    {"learners"},
     {"assembly"},
     {"eval", "server"},
     {"cli"},

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from personalign.config import check_int
 from personalign.learners.base import (
     LEARNERS,
@@ -214,8 +216,6 @@ def thompson_profile(state: dict[str, Any], seed: int) -> dict[str, Any]:
     profile's pairs resampled with replacement (``seed``), so an attribute that only some of the user's
     choices support may win or lose weight. Alternatives decoded with a draw explore what the
     estimate is unsure of, where two samples of one estimate differ only by sampling noise."""
-    import torch
-
     prof = drift.DriftProfile.from_dict(state)
     n = prof.num_pairs
     if n == 0 or prof.manual_weights is not None:
