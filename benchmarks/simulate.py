@@ -349,8 +349,9 @@ class Sim:
         jobs = [(le, j, s) for s in cfg["seeds"] for le in learners for j in cfg["users"]]
         n_refs = 1 + sum(PREFERENCES[j] is not None for j in cfg["users"])
         total = n_refs * len(self.heldout) + len(jobs) * (cfg["rounds"] + len(cfg["evals"]) * len(self.heldout))
-        done = len(self.state.get("references", {})) * len(self.heldout) + sum(
-            len(u["choices"]) + len(u["evals"]) * len(self.heldout) for u in self.state.get("users", {}).values())
+        done = len(self.state.get("references", {})) * len(self.heldout) + sum(  # this config's part only
+            len(u["choices"]) + sum(str(r) in u["evals"] for r in cfg["evals"]) * len(self.heldout)
+            for u in self.state.get("users", {}).values() if u["learner"] in learners)
         self.bar = tqdm(total=total, initial=done, desc="simulate (requests)", unit="req", smoothing=0.05)
         self.references()
         # users talk at once: 6 of them, each with up to 8 requests in flight, stay under the server's

@@ -509,9 +509,14 @@ class FoldManager:
             n += 1
         if n:
             logger.info("folding %d feedback item(s) left unfolded by the last run", n)
-        for owner, user, pk in await self.run_sync(self.store.stale_users):
+        stale = await self.run_sync(self.store.stale_users)
+        for owner, user, pk in stale:
             async with self.user_lock(owner, user):
                 self.replay(owner, user, pk)
+        for owner, user in await self.run_sync(self.store.stale_states):  # a learner's state, no item stale
+            if not any((o, u) == (owner, user) for o, u, _ in stale):
+                async with self.user_lock(owner, user):
+                    self.replay(owner, user, 1 << 62)
         return n
 
     def load(self) -> dict[str, int]:

@@ -548,6 +548,14 @@ class Store:
             return [(o, u, pk) for (o, u), pk in first.items()]
         return self._read(fn)
 
+    def stale_states(self) -> list[tuple[str, str]]:
+        """``(owner, user)`` of every user with a learner state marked stale (a delete left it to be
+        inferred again, e.g. the in-context hypothesis): the replays a stopped server left undone."""
+        def fn(s: Session) -> list[tuple[str, str]]:
+            q = select(LearnerState.owner, LearnerState.user_id, LearnerState.state)
+            return sorted({(o, u) for o, u, st in s.execute(q) if isinstance(st, dict) and st.get("stale")})
+        return self._read(fn)
+
     def write_replay(self, owner: str, user_id: str, learned: dict[str, dict[str, Any]],
                      profile_update: dict[str, Any], expect_version: int) -> None:
         """A replay's result in one transaction guarded by the profile's version: each item's learned

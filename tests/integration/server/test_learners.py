@@ -144,3 +144,37 @@ def test_explore_alternatives_decode_draws_of_the_drift_weights(served):
                 "personalization.alternatives", "personalization.method"), r.text
         r = c.post("/v1/chat/completions", json={**body, "personalization": {"method": "drift", "alternatives": "x"}})
         assert r.status_code == 400 and "alternatives" in r.text
+
+
+def test_a_stale_in_context_state_left_by_a_stop_is_inferred_again_at_the_next_start(served):
+    import time
+
+    from personalign.learners.incontext import hypothesis_window
+
+    with served.client(served.new_key("ic-stale")) as c:
+        assert c.post("/v1/profiles", json={"user": "u", "learner": "incontext"}).status_code == 201
+        for i, (chosen, rejected) in enumerate([("a happy cat", "no"), ("the sun", "hot"), ("a story", "x")]):
+            r = c.post("/v1/feedback", json={"id": f"s{i}", "user": "u", "prompt": f"q{i}", "chosen": chosen,
+                                             "rejected": rejected})
+            assert r.status_code == 201, r.text
+        owner = served.store.owner_of(c.headers["Authorization"].split()[1])
+    # as a stopped server leaves a delete that changed the items the hypothesis reads
+    state = served.store.get_profile(owner, "u")["incontext"]
+    served.store.update_profile(owner, "u", {"incontext": {**state, "hypothesis": None, "based_on": [],
+                                                           "stale": True}})
+    assert (owner, "u") in served.store.stale_states()
+    engine = EngineWorker(served.backend, dict(served.engine.methods), max_batch=8)
+    app = create_app(engine, served.store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN)
+    url, server, thread = start_server(app)  # its start-up infers it again
+    try:
+        deadline = time.time() + 120
+        while (owner, "u") in served.store.stale_states():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        got = served.store.get_profile(owner, "u")["incontext"]
+        items = served.store.folded_items(owner, "u")
+        assert got["based_on"] == hypothesis_window(items, 2, 6) == state["based_on"]
+        assert got["hypothesis"] == state["hypothesis"] and got["choices"] == 3  # as before the stop
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
