@@ -416,8 +416,8 @@ def report(cfg: dict, out: Path, wall: float) -> str:
              "Per held-out prompt, the learner minus the reference, oriented so that + is better for the user "
              "(random: the raw difference in words); mean [95 % bootstrap interval]; * the interval excludes 0.", "",
              "| user (hidden metric) | learner | " + " | ".join(f"− base, {r} choices" for r in cfg["evals"][1:]) +
-             " | − stated, " + str(_at(cfg, 8)) + " choices | − stated, " + str(cfg["evals"][-1]) + " choices |",
-             "|---|---|" + "---|" * (len(cfg["evals"]) - 1) + "---|---|"]
+             "".join(f" | − stated, {r} choices" for r in _stated_at(cfg)) + " |",
+             "|---|---|" + "---|" * (len(cfg["evals"]) - 1) + "---|" * len(_stated_at(cfg))]
     beats_base: dict[str, dict] = {}  # directed user -> learner -> (mean, lo, hi) vs base at 8 choices
     matches: dict[str, dict] = {}  # ... vs the stated preference
     random_ok: dict[str, dict] = {}  # the random control's change
@@ -448,7 +448,7 @@ def report(cfg: dict, out: Path, wall: float) -> str:
                 if rnd == _at(cfg, 8) and learner != "drift_oracle":
                     (random_ok if direction == 0 else beats_base).setdefault(judge, {})[learner] = got
             vs_stated = []
-            for rnd in (_at(cfg, 8), cfg["evals"][-1]):
+            for rnd in _stated_at(cfg):
                 v = per_prompt(state, fn, learner, judge, rnd)
                 if v is None or stated is None:
                     vs_stated.append("—")
@@ -485,6 +485,11 @@ def report(cfg: dict, out: Path, wall: float) -> str:
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
+
+
+def _stated_at(cfg: dict) -> list[int]:
+    """The evaluation points compared with the stated preference: 8 choices and the last."""
+    return sorted({_at(cfg, 8), cfg["evals"][-1]})
 
 
 def _at(cfg: dict, n: int) -> int:

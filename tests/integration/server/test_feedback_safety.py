@@ -506,11 +506,13 @@ def test_sigterm_while_a_choice_is_learned_answers_the_waiting_client_in_json(mo
 
     db = tmp_path / "term.db"
     log = tmp_path / "term.log"
-    proc, url = start_subprocess_server(model_dir, f"sqlite:///{db}", log, "--drain-seconds", "0.5")
+    # every attribute and whole replies scored: a queue of folds that takes many seconds on the tiny model
+    proc, url = start_subprocess_server(model_dir, f"sqlite:///{db}", log, "--drain-seconds", "0.5",
+                                        "--drift-pool-size", "0", "--drift-response-tokens", "0")
     try:
         key = httpx.post(f"{url}/v1/keys", json={"name": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
         h = {"Authorization": f"Bearer {key}"}
-        long = "the cat sat on the mat and looked at the dog " * 60
+        long = "the cat sat on the mat and looked at the dog " * 20
         for i in range(24):  # a queue of long folds ahead of the waiting item (many seconds of scoring)
             r = httpx.post(f"{url}/v1/feedback", headers=h, timeout=60, json={
                 "id": f"q{i}", "user": "u", "prompt": f"story {i}", "chosen": long + str(i), "rejected": str(i),
