@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from personalign.environment import cpu_name
 
 ADMIN = "bench-admin"
 CONFIGS = {
@@ -51,16 +52,6 @@ CONFIGS = {
 }
 PROMPTS = ["Why is the sky blue?", "How do vaccines work?", "Explain what a mortgage is.",
            "How should I start running?", "What makes a good story?", "Plan a weekend in a city I do not know."]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def serve(flags: list[str], log: Path) -> tuple[subprocess.Popen, str]:

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from personalign.environment import cpu_name
 from personalign.eval.style_metrics import words_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -495,16 +496,6 @@ def _stated_at(cfg: dict) -> list[int]:
 def _at(cfg: dict, n: int) -> int:
     """The evaluation point nearest ``n`` choices (the targets are read at 8)."""
     return min(cfg["evals"], key=lambda r: abs(r - n))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> int:

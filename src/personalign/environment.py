@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import platform
 import subprocess
 from pathlib import Path
@@ -11,9 +13,19 @@ from typing import Any
 import torch
 import transformers
 
-__all__ = ["environment_record", "git_commit", "__version__"]
+__all__ = ["environment_record", "git_commit", "cpu_name", "__version__"]
 
 __version__ = "0.1.0"  # the package's version (pyproject.toml's)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; what ``platform`` says elsewhere), read once a process."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str | None:

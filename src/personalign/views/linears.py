@@ -38,11 +38,9 @@ weights off the CPU (an accelerator's kernels are neither timed on the host cloc
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import platform
 import statistics
 import threading
 import time
@@ -54,6 +52,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from personalign.environment import cpu_name
 
 __all__ = ["DecodeLinears", "linear", "machine_fingerprint", "FORMULATIONS", "from_env", "pick"]
 
@@ -74,19 +74,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return tuner.run(x, weight, bias)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; what ``platform`` says elsewhere), read once a process."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_fingerprint() -> str:
     """What the choices depend on: CPU model, threads, torch version and its BLAS / oneDNN build."""
-    return (f"{_cpu_name()} | threads={torch.get_num_threads()} | torch={torch.__version__} | "
+    return (f"{cpu_name()} | threads={torch.get_num_threads()} | torch={torch.__version__} | "
             f"mkl={torch.backends.mkl.is_available()} | onednn={torch.backends.mkldnn.is_available()}")
 
 
