@@ -88,7 +88,6 @@ def feedback_pairs(fb: StoredFeedback) -> list[PreferencePair]:
 class FoldPlan:
     """What each learner that learns for the user will do with one item (in registration order)."""
 
-    pairs: list[PreferencePair]
     plans: dict[str, Any]
 
 
@@ -121,15 +120,19 @@ class EngineTasks:
         self.engine, self.label, self.cancelled = engine, label, cancelled
         self.jobs = jobs if jobs is not None else []
 
-    async def _fold(self, job: FoldJob) -> Any:
+    async def _submit(self, submit: Callable[[Any], None], job: Any) -> bool:
+        """Queue ``job`` with ``submit``, waiting while the engine's queue is full; False once cancelled."""
         self.jobs.append(job)
         while not self.cancelled():
             try:
-                self.engine.submit_fold(job)
-                break
+                submit(job)
+                return True
             except QueueFull:
                 await asyncio.sleep(0.05)
-        if self.cancelled():
+        return False
+
+    async def _fold(self, job: FoldJob) -> Any:
+        if not await self._submit(self.engine.submit_fold, job):
             job.cancel()
             return None
         try:
@@ -154,14 +157,7 @@ class EngineTasks:
         loop = asyncio.get_running_loop()
         job = Job(method="base", request=GenRequest(prompt=messages), max_tokens=max_tokens,
                   sampling=SamplingConfig(temperature=0.0), stop=[], loop=loop, events=asyncio.Queue())
-        self.jobs.append(job)
-        while not self.cancelled():
-            try:
-                self.engine.submit(job)
-                break
-            except QueueFull:
-                await asyncio.sleep(0.05)
-        if self.cancelled():
+        if not await self._submit(self.engine.submit, job):
             return None
         reader = EventReader([job], _Cancelled(self.cancelled), poll=0.1)  # type: ignore[arg-type]
         while (event := await reader.next()) is not None:
@@ -260,7 +256,7 @@ class FoldManager:
             raise ValueError("an item's pairs must share the prompt and the chosen reply.")
         if any(pair.chosen.strip() == p.rejected.strip() for p in pairs):
             raise FoldRejected("rejected", "`chosen` and `rejected` are the same text; a preference needs two replies.")
-        return FoldPlan(pairs=list(pairs), plans={lr.name: lr.prepare(list(pairs), profile)
+        return FoldPlan(plans={lr.name: lr.prepare(list(pairs), profile)
                                                   for lr in self.active(profile)})
 
     def check_capacity(self) -> None:
@@ -312,7 +308,11 @@ class FoldManager:
             self._settle(ticket, failed)
 
     async def _learn(self, ticket: FoldTicket, ahead: dict[str, Any]) -> dict[str, Any] | None:
-        """Each learner's ``learn`` from the user's state after their earlier items (None: cancelled)."""
+        """Each learner's ``learn`` from the user's state after their earlier items (None: cancelled). The
+        user's profile and earlier items are read only when a learner does such work (overrides ``learn``);
+        for the others ``learn`` passes ``ahead``'s result on."""
+        if all(type(self.learners[n]).learn is Learner.learn for n in ticket.plan.plans):
+            return ahead
         profile = await self.run_sync(self.store.get_profile, ticket.owner, ticket.user)
         if profile is None:
             return None

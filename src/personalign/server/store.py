@@ -520,21 +520,6 @@ class Store:
             return [feedback_record(f) for f in s.scalars(q.order_by(Feedback.pk))]
         return self._read(fn)
 
-    def learned_before(self, owner: str, feedback_id: str) -> dict[str, Any] | None:
-        """What the user's learners held before item ``feedback_id``: the learned state of the latest earlier
-        item that has one and is not stale; None when there is none (or the item is gone)."""
-        def fn(s: Session) -> dict[str, Any] | None:
-            f = s.scalar(select(Feedback).where(Feedback.owner == owner, Feedback.feedback_id == feedback_id))
-            if f is None:
-                return None
-            q = select(Feedback.learned).where(Feedback.owner == owner, Feedback.user_id == f.user_id,
-                                               Feedback.pk < f.pk, Feedback.learned.is_not(None))
-            for learned in s.scalars(q.order_by(Feedback.pk.desc())):
-                if learned and not learned.get("stale"):
-                    return learned
-            return None
-        return self._read(fn)
-
     def stale_users(self) -> list[tuple[str, str, int]]:
         """``(owner, user, pk)`` of every user with stale learned state, ``pk`` the first stale item: the
         replays a stopped server left undone."""

@@ -293,6 +293,7 @@ def test_a_database_without_the_learned_column_opens_and_gets_it(tmp_path):
     open: the column is added, their items read as having taught nothing, and deletes work."""
     import sqlite3
 
+    from personalign.learners import state_before
     from personalign.server.store import StoredFeedback
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -307,7 +308,8 @@ def test_a_database_without_the_learned_column_opens_and_gets_it(tmp_path):
     con.commit()
     con.close()
     s = Store(url)
-    assert s.get_feedback(kid, "f1").learned is None and s.learned_before(kid, "f2") is None
+    items = s.folded_items(kid, "u")  # the state before f2, by the rule a delete and a replay use
+    assert s.get_feedback(kid, "f1").learned is None and state_before(items, 1, "pdpo") is None
     assert s.stale_users() == []
     assert s.delete_feedback(kid, "f1", stale_after=True)
     s.complete_fold(kid, "f2", {}, s.get_profile(kid, "u")["version"], {"pdpo_embedding": {"x": 1}})
