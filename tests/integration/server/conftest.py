@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -142,3 +143,27 @@ def live_factory(tmp_path, tiny_lm, tiny_chat_tokenizer):
         server.should_exit = True
         thread.join(timeout=30)
         lv.store.close()
+
+
+@contextlib.contextmanager
+def pdpo_live(db_dir: Path, model: Any, tokenizer: Any) -> Any:
+    """A live server on the tiny model that also serves ``pdpo`` with an individual user model knowing
+    one user ("seen"): yields ``(Live, users)``; stopped and its store closed on exit."""
+    from personalign.methods.pdpo import PDPOMethod
+    from personalign.training.user_model import UserIndex, UserModel
+
+    backend = HFBackend(model, tokenizer)
+    methods, unavailable = build_methods(METHODS.names(), backend)
+    users = UserModel.for_model(model, kind="individual", num_users=1, user_tokens=2)
+    methods["pdpo"] = PDPOMethod(users=users, index=UserIndex(["seen"]), model="main")
+    engine = EngineWorker(backend, methods, max_batch=8)
+    store = Store(f"sqlite:///{db_dir / 's.db'}")
+    app = create_app(engine, store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN,
+                     unavailable=unavailable)
+    url, server, thread = start_server(app)
+    try:
+        yield Live(url, store, engine, unavailable, backend), users
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        store.close()

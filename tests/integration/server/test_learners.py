@@ -11,17 +11,12 @@ import random
 
 import pytest
 import torch
-from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, Live, start_server
+from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, pdpo_live, start_server
 from tests.integration.server.feedback_ops import random_ops
 
-from personalign.assembly import build_methods
 from personalign.learners import LEARNERS, field_learner
-from personalign.methods import METHODS
-from personalign.methods.pdpo import PDPOMethod
-from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.server import EngineWorker, Limits, create_app
 from personalign.training.pdpo.user_fit import UserEmbedding
-from personalign.training.user_model import UserIndex, UserModel
-from personalign.views import HFBackend
 
 # the method each learner's user decodes with, and what of its state must equal the from-scratch fold
 METHOD = {"drift": "drift", "pdpo": "pdpo", "incontext": "preference_prompting"}
@@ -50,19 +45,8 @@ def _same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
-    backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
-    methods, unavailable = build_methods(METHODS.names(), backend)
-    users = UserModel.for_model(tiny_lm, kind="individual", num_users=1, user_tokens=2)
-    methods["pdpo"] = PDPOMethod(users=users, index=UserIndex(["seen"]), model="main")
-    engine = EngineWorker(backend, methods, max_batch=8)
-    store = Store(f"sqlite:///{tmp_path_factory.mktemp('learners') / 's.db'}")
-    app = create_app(engine, store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN,
-                     unavailable=unavailable)
-    url, server, thread = start_server(app)
-    yield Live(url, store, engine, unavailable, backend)
-    server.should_exit = True
-    thread.join(timeout=30)
-    store.close()
+    with pdpo_live(tmp_path_factory.mktemp("learners"), tiny_lm, tiny_chat_tokenizer) as (lv, _):
+        yield lv
 
 
 def test_every_learner_has_a_conformance_view():

@@ -18,41 +18,24 @@ import time
 
 import pytest
 import torch
-from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, Live, start_server
+from tests.integration.server.conftest import ADMIN, MODEL_ID, TEST_LIMITS, pdpo_live, start_server
 from tests.integration.server.feedback_ops import CONTENTS, random_ops
 
-from personalign.assembly import build_methods
 from personalign.decoding.loop import generate
-from personalign.methods import METHODS
-from personalign.methods.pdpo import PDPOMethod
-from personalign.server import EngineWorker, Limits, Store, create_app
+from personalign.server import EngineWorker, Limits, create_app
 from personalign.training.pdpo.data import PreferencePair, tokenize_pairs
 from personalign.training.pdpo.model import sequence_logps
 from personalign.training.pdpo.user_fit import UserEmbedding, generic_embedding
-from personalign.training.user_model import UserIndex, UserModel
 from personalign.types import Request
-from personalign.views import HFBackend
 
 MSG = [{"role": "user", "content": "tell me a story about the cat"}]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_lm, tiny_chat_tokenizer):
-    backend = HFBackend(tiny_lm, tiny_chat_tokenizer)
-    methods, unavailable = build_methods(METHODS.names(), backend)
-    users = UserModel.for_model(tiny_lm, kind="individual", num_users=1, user_tokens=2)
-    methods["pdpo"] = PDPOMethod(users=users, index=UserIndex(["seen"]), model="main")
-    engine = EngineWorker(backend, methods, max_batch=8)
-    store = Store(f"sqlite:///{tmp_path_factory.mktemp('pdpo') / 's.db'}")
-    app = create_app(engine, store, limits=Limits(**TEST_LIMITS), model_id=MODEL_ID, admin_key=ADMIN,
-                     unavailable=unavailable)
-    url, server, thread = start_server(app)
-    lv = Live(url, store, engine, unavailable, backend)
-    with lv.client(lv.new_key("pdpo")) as c:
+    with pdpo_live(tmp_path_factory.mktemp("pdpo"), tiny_lm, tiny_chat_tokenizer) as (lv, users), \
+            lv.client(lv.new_key("pdpo")) as c:
         yield lv, c, users
-    server.should_exit = True
-    thread.join(timeout=30)
-    store.close()
 
 
 def choose(c, user: str, fid: str, seed: int = 3) -> tuple[dict, dict]:
